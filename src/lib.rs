@@ -1,1 +1,7 @@
+//! orbitmq: a RocketMQ-style message broker, thread-per-core on io_uring.
+
+pub mod dma;
 pub mod log;
+pub mod sync;
+
+pub use orbitmq_proto as proto;

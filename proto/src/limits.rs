@@ -19,13 +19,15 @@ pub const MAX_RECORD_LEN: usize =
 pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
 
 /// Why a topic name is refused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum TopicError {
     #[error("topic is empty")]
     Empty,
     #[error("topic is {0} bytes, over the limit of {MAX_TOPIC_LEN}")]
     TooLong(usize),
-    #[error("topic {topic:?} has the character {ch:?}; allowed: letters, digits, '%', '|', '-', '_'")]
+    #[error(
+        "topic {topic:?} has the character {ch:?}; allowed: letters, digits, '%', '|', '-', '_'"
+    )]
     BadChar { topic: String, ch: char },
 }
 
@@ -58,9 +60,21 @@ mod tests {
         assert_eq!(validate_topic("Orders-2024_%RETRY%|x"), Ok(()));
         assert_eq!(validate_topic(""), Err(TopicError::Empty));
         assert_eq!(validate_topic(&"a".repeat(127)), Ok(()));
-        assert_eq!(validate_topic(&"a".repeat(128)), Err(TopicError::TooLong(128)));
-        assert!(matches!(validate_topic("a.b"), Err(TopicError::BadChar { ch: '.', .. })));
-        assert!(matches!(validate_topic("a b"), Err(TopicError::BadChar { ch: ' ', .. })));
-        assert!(matches!(validate_topic("é"), Err(TopicError::BadChar { ch: 'é', .. })));
+        assert_eq!(
+            validate_topic(&"a".repeat(128)),
+            Err(TopicError::TooLong(128))
+        );
+        assert!(matches!(
+            validate_topic("a.b"),
+            Err(TopicError::BadChar { ch: '.', .. })
+        ));
+        assert!(matches!(
+            validate_topic("a b"),
+            Err(TopicError::BadChar { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            validate_topic("é"),
+            Err(TopicError::BadChar { ch: 'é', .. })
+        ));
     }
 }

@@ -105,7 +105,7 @@ pub struct Placement {
 }
 
 /// Errors of a message that cannot be encoded: the producer's input is wrong.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum EncodeError {
     #[error("topic is invalid: {0}")]
     Topic(#[from] limits::TopicError),
@@ -122,7 +122,7 @@ pub enum EncodeError {
 }
 
 /// Why bytes are not a whole, valid record.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("need {need} bytes, have {have}")]
     Truncated { need: usize, have: usize },
@@ -189,7 +189,11 @@ pub fn encode_into(msg: &Message, at: Placement, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(msg.topic.as_bytes());
     put_str16(out, &msg.tags);
     put_str16(out, &msg.keys);
-    let props_len: usize = msg.properties.iter().map(|(k, v)| 4 + k.len() + v.len()).sum();
+    let props_len: usize = msg
+        .properties
+        .iter()
+        .map(|(k, v)| 4 + k.len() + v.len())
+        .sum();
     out.extend_from_slice(&(props_len as u32).to_le_bytes());
     for (k, v) in &msg.properties {
         put_str16(out, k);
@@ -226,7 +230,10 @@ pub fn encode_into(msg: &Message, at: Placement, out: &mut Vec<u8>) -> usize {
 /// Writes a blank record of `len` bytes (at least [`BLANK_RECORD_MIN_LEN`]) at the start of `out`.
 /// Only its size and magic are written; the rest is left as the caller has it (zeros).
 pub fn encode_blank(out: &mut [u8], len: u32) {
-    assert!(len as usize >= BLANK_RECORD_MIN_LEN, "blank record too short");
+    assert!(
+        len as usize >= BLANK_RECORD_MIN_LEN,
+        "blank record too short"
+    );
     put_u32(out, OFF_TOTAL, len);
     put_u32(out, OFF_MAGIC, BLANK_MAGIC);
 }
@@ -436,7 +443,12 @@ pub fn decode(buf: &[u8]) -> Result<RecordView<'_>, DecodeError> {
     })
 }
 
-fn take_len(r: &[u8], pos: &mut usize, width: usize, field: &'static str) -> Result<usize, DecodeError> {
+fn take_len(
+    r: &[u8],
+    pos: &mut usize,
+    width: usize,
+    field: &'static str,
+) -> Result<usize, DecodeError> {
     let b = take(r, pos, width, field)?;
     Ok(match width {
         2 => u16::from_le_bytes([b[0], b[1]]) as usize,
@@ -444,14 +456,24 @@ fn take_len(r: &[u8], pos: &mut usize, width: usize, field: &'static str) -> Res
     })
 }
 
-fn take<'a>(r: &'a [u8], pos: &mut usize, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+fn take<'a>(
+    r: &'a [u8],
+    pos: &mut usize,
+    n: usize,
+    field: &'static str,
+) -> Result<&'a [u8], DecodeError> {
     let end = pos.checked_add(n).ok_or(DecodeError::FieldOverrun(field))?;
     let s = r.get(*pos..end).ok_or(DecodeError::FieldOverrun(field))?;
     *pos = end;
     Ok(s)
 }
 
-fn take_str<'a>(r: &'a [u8], pos: &mut usize, n: usize, field: &'static str) -> Result<&'a str, DecodeError> {
+fn take_str<'a>(
+    r: &'a [u8],
+    pos: &mut usize,
+    n: usize,
+    field: &'static str,
+) -> Result<&'a str, DecodeError> {
     std::str::from_utf8(take(r, pos, n, field)?).map_err(|_| DecodeError::Utf8(field))
 }
 
@@ -485,7 +507,10 @@ mod tests {
             prepared_tx_offset: 99,
             tags: "TagA".into(),
             keys: "order-1 order-2".into(),
-            properties: vec![("UNIQ_KEY".into(), "abc".into()), ("x".into(), String::new())],
+            properties: vec![
+                ("UNIQ_KEY".into(), "abc".into()),
+                ("x".into(), String::new()),
+            ],
             body: b"hello world".to_vec(),
         }
     }
@@ -542,7 +567,10 @@ mod tests {
         let n = encode_into(&sample(), AT, &mut out);
         assert_eq!(
             decode(&out[..n - 1]),
-            Err(DecodeError::Truncated { need: n, have: n - 1 })
+            Err(DecodeError::Truncated {
+                need: n,
+                have: n - 1
+            })
         );
     }
 
@@ -561,7 +589,10 @@ mod tests {
     fn bounds_are_enforced_with_clear_errors() {
         let mut m = sample();
         m.body = vec![0; limits::MAX_MESSAGE_SIZE + 1];
-        assert!(matches!(encoded_len(&m), Err(EncodeError::BodyTooLarge { .. })));
+        assert!(matches!(
+            encoded_len(&m),
+            Err(EncodeError::BodyTooLarge { .. })
+        ));
         let mut m = sample();
         m.topic = "bad topic".into();
         assert!(matches!(encoded_len(&m), Err(EncodeError::Topic(_))));

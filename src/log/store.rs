@@ -1,0 +1,1566 @@
+//! One shard's store: the I/O shell around the CommitLog staging, the ConsumeQueues, the tail
+//! cache and consumer offsets. Runs inside one glommio executor; nothing here is shared across
+//! threads. State sits in one `RefCell` that is never borrowed across an `.await`.
+//!
+//! Tasks of a store:
+//! - the committer takes staged batches one at a time, writes each with one O_DIRECT write
+//!   (plus an fdatasync under SYNC_FLUSH), then dispatches its ConsumeQueue entries and
+//!   acknowledges its appends. One write is in flight at a time, so the acknowledged
+//!   (written) offset is always a contiguous watermark.
+//! - the flusher (ASYNC_FLUSH) fdatasyncs written segments every flush interval.
+//! - the persister writes ConsumeQueue entries below the synced offset and the checkpoint.
+//! - segment preparation creates the next segment ahead of need.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use glommio::io::{BufferedFile, DmaFile, OpenOptions};
+use orbitmq_proto::record::{self, Message, Placement};
+use tracing::{debug, error, info, warn};
+
+use super::commitlog::{align_down, align_up, Batch, DispatchEntry, Need, Staging};
+use super::config::{FlushMode, StoreConfig, IO_ALIGN, MAX_WRITE_BYTES};
+use super::cq::{ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
+use super::error::{gio, Result, StoreError};
+use super::offsets::ConsumerOffsets;
+use super::recovery::{self, Checkpoint, Scanned, Stop};
+use super::retention::{self, SegmentInfo};
+use crate::sync::{Event, Signal};
+
+/// After a failed segment preparation (e.g. a full disk), appends needing the segment fail
+/// at once for this long before preparation is tried again.
+const PREPARE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+/// Bytes read per I/O when scanning the log at recovery: at least one maximal record.
+const RECOVERY_READ_BYTES: usize = MAX_WRITE_BYTES + IO_ALIGN as usize;
+/// Zeros written per I/O when pre-writing a segment.
+const PREWRITE_CHUNK: usize = 1 << 20;
+/// Consumer offsets are persisted this often (RocketMQ: 5 s).
+const OFFSETS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
+/// Most records one read returns.
+pub const MAX_READ_MESSAGES: usize = 1024;
+
+const COMMITLOG_DIR: &str = "commitlog";
+const CQ_DIR: &str = "consumequeue";
+const CHECKPOINT_FILE: &str = "checkpoint";
+const OFFSETS_FILE: &str = "consumer-offsets";
+
+/// Where an appended message was stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendResult {
+    pub physical_offset: u64,
+    pub queue_offset: u64,
+    pub store_timestamp: u64,
+    pub size: u32,
+}
+
+/// How a read by queue offset went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadStatus {
+    Found,
+    /// Nothing at or after the offset yet (a long poll parks on this).
+    NoNewMessage,
+    /// The offset is below the queue's minimum (retention removed it): start at `min_offset`.
+    OffsetTooSmall,
+    /// The offset is past the queue's end: start at `max_offset`.
+    OffsetOverflow,
+    /// The queue has never had a message on this shard.
+    NoSuchQueue,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    pub status: ReadStatus,
+    /// Whole stored records, CRC-checked, in queue order.
+    pub records: Vec<Bytes>,
+    /// Where the next read of this queue should start.
+    pub next_offset: u64,
+    pub min_offset: u64,
+    pub max_offset: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub next_offset: u64,
+    pub written_offset: u64,
+    pub synced_offset: u64,
+    pub min_offset: u64,
+    pub segments: usize,
+    pub queues: usize,
+}
+
+/// Recently written log bytes, by their first log offset, for readers at the tail.
+struct TailCache {
+    chunks: BTreeMap<u64, Bytes>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl TailCache {
+    fn insert(&mut self, at: u64, b: Bytes) {
+        if self.cap == 0 || b.is_empty() {
+            return;
+        }
+        self.bytes += b.len();
+        self.chunks.insert(at, b);
+        while self.bytes > self.cap {
+            match self.chunks.pop_first() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, phys: u64, size: u32) -> Option<Bytes> {
+        let (start, b) = self.chunks.range(..=phys).next_back()?;
+        let from = (phys - start) as usize;
+        let to = from + size as usize;
+        (to <= b.len()).then(|| b.slice(from..to))
+    }
+
+    fn drop_below(&mut self, phys: u64) {
+        while let Some((&start, b)) = self.chunks.first_key_value() {
+            if start + b.len() as u64 > phys {
+                break;
+            }
+            self.bytes -= b.len();
+            self.chunks.pop_first();
+        }
+    }
+}
+
+struct State {
+    staging: Staging,
+    segments: BTreeMap<u64, Rc<DmaFile>>,
+    preparing: Option<Rc<Signal<()>>>,
+    prepare_failed: Option<(Instant, String)>,
+    /// All log bytes below this are written: acknowledged under ASYNC_FLUSH.
+    written: u64,
+    /// All log bytes below this are fdatasynced.
+    synced: u64,
+    /// Segments written since their last fdatasync.
+    dirty: BTreeSet<u64>,
+    fenced: Option<String>,
+    closing: bool,
+    topics: HashMap<Rc<str>, BTreeMap<u32, ConsumeQueue>>,
+    cache: TailCache,
+    last_store_ts: u64,
+    offsets: ConsumerOffsets,
+}
+
+struct Inner {
+    cfg: StoreConfig,
+    st: RefCell<State>,
+    /// Something was staged, or the store is closing.
+    staged: Event,
+    /// A batch finished or a segment was prepared: appenders waiting for room look again.
+    room: Event,
+    /// New ConsumeQueue entries are readable (long polls wake on this).
+    dispatched: Event,
+    committer_done: Rc<Signal<()>>,
+    stop: Cell<bool>,
+}
+
+/// A shard's store. Cheap to clone; all clones share one state on one thread.
+#[derive(Clone)]
+pub struct Store {
+    inner: Rc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn segment_name(base: u64) -> String {
+    format!("{base:020}")
+}
+
+fn parse_name(name: &str) -> Option<u64> {
+    (name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.parse().ok())
+        .flatten()
+}
+
+fn io_err(context: String) -> impl FnOnce(std::io::Error) -> StoreError {
+    move |e| StoreError::io(context, e)
+}
+
+/// Lists `dir`'s files named by 20-digit offsets, ascending.
+fn list_numbered(dir: &Path) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io(format!("listing {}", dir.display()), e)),
+    };
+    for ent in rd {
+        let ent = ent.map_err(io_err(format!("listing {}", dir.display())))?;
+        if let Some(n) = ent.file_name().to_str().and_then(parse_name) {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(format!("syncing directory {}", dir.display())))
+}
+
+/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    r.map_err(io_err(format!("writing {}", path.display())))
+}
+
+impl Store {
+    fn log_dir(&self) -> PathBuf {
+        self.inner.cfg.dir.join(COMMITLOG_DIR)
+    }
+
+    fn cq_root(&self) -> PathBuf {
+        self.inner.cfg.dir.join(CQ_DIR)
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.cfg
+    }
+
+    /// Opens (recovering) or creates the store in `cfg.dir` and starts its tasks.
+    /// Must run inside a glommio executor.
+    pub async fn open(cfg: StoreConfig) -> Result<Store> {
+        cfg.validate().map_err(StoreError::Config)?;
+        let log_dir = cfg.dir.join(COMMITLOG_DIR);
+        let cq_root = cfg.dir.join(CQ_DIR);
+        for d in [&cfg.dir, &log_dir, &cq_root] {
+            std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
+        }
+        crate::dma::probe_device(&cfg.dir)
+            .await
+            .map_err(io_err(format!(
+                "probing the device of {}",
+                cfg.dir.display()
+            )))?;
+        let offsets = ConsumerOffsets::load(&cfg.dir.join(OFFSETS_FILE))
+            .map_err(|e| StoreError::Config(format!("consumer offsets: {e}")))?;
+        let cache = TailCache {
+            chunks: BTreeMap::new(),
+            bytes: 0,
+            cap: cfg.tail_cache_bytes,
+        };
+        let seg_size = cfg.segment_size;
+        let store = Store {
+            inner: Rc::new(Inner {
+                st: RefCell::new(State {
+                    staging: Staging::new(seg_size, 0, Vec::new(), 0),
+                    segments: BTreeMap::new(),
+                    preparing: None,
+                    prepare_failed: None,
+                    written: 0,
+                    synced: 0,
+                    dirty: BTreeSet::new(),
+                    fenced: None,
+                    closing: false,
+                    topics: HashMap::new(),
+                    cache,
+                    last_store_ts: 0,
+                    offsets,
+                }),
+                cfg,
+                staged: Event::default(),
+                room: Event::default(),
+                dispatched: Event::default(),
+                committer_done: Signal::new(),
+                stop: Cell::new(false),
+            }),
+        };
+        store.recover().await?;
+        store.spawn_tasks();
+        Ok(store)
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    async fn recover(&self) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let seg_size = cfg.segment_size;
+        let log_dir = self.log_dir();
+        let mut bases = list_numbered(&log_dir)?;
+        if let Some(bad) = bases.iter().find(|b| *b % seg_size != 0) {
+            return Err(StoreError::Config(format!(
+                "segment {} is not a multiple of the segment size {seg_size}: was the data \
+                 directory created with another mappedFileSizeCommitLog?",
+                segment_name(*bad)
+            )));
+        }
+        if bases.is_empty() {
+            self.prepare_segment(0).await?;
+            bases.push(0);
+        }
+        for b in &bases {
+            let f = self.open_segment(*b).await?;
+            self.inner.st.borrow_mut().segments.insert(*b, f);
+        }
+        let log_min = bases[0];
+
+        // ConsumeQueues as persisted, and where the rescan must start.
+        let checkpoint = std::fs::read(cfg.dir.join(CHECKPOINT_FILE))
+            .ok()
+            .and_then(|b| Checkpoint::decode(&b));
+        let mut scan_from = checkpoint.as_ref().map_or(log_min, |c| c.scan_from);
+        let loaded = self.load_consume_queues().await?;
+        if let Some(c) = &checkpoint {
+            for (topic, qid, count) in &c.queues {
+                let have = loaded.get(&(topic.clone(), *qid));
+                let point = match have {
+                    Some((n, last_end)) if n >= count => continue,
+                    Some((_, Some(end))) => *end,
+                    _ => log_min,
+                };
+                warn!(
+                    topic,
+                    queue = qid,
+                    "ConsumeQueue shorter than its checkpoint: rebuilding"
+                );
+                scan_from = scan_from.min(point);
+            }
+        }
+        let mut scan_from =
+            scan_from.clamp(log_min, *bases.last().expect("one segment") + seg_size);
+
+        // Scan the log from there, re-dispatching idempotently by queue offset.
+        let (cut, last_seg_ended) = loop {
+            match self.scan_log(&bases, scan_from).await? {
+                Ok(r) => break r,
+                Err(gap_at) if scan_from > log_min => {
+                    warn!(gap_at, "ConsumeQueue gap found: rescanning the whole log");
+                    scan_from = log_min;
+                }
+                Err(gap_at) => {
+                    return Err(StoreError::Config(format!(
+                        "ConsumeQueue offsets have a gap at log offset {gap_at} that the log cannot fill"
+                    )))
+                }
+            }
+        };
+        self.truncate_consume_queues(cut).await?;
+
+        // Make the cut the end: drop later segments, zero stale bytes after it.
+        let active = if last_seg_ended {
+            cut
+        } else {
+            cut - cut % seg_size
+        };
+        let active = active - active % seg_size;
+        for b in bases.iter().filter(|b| **b > active) {
+            warn!(segment = %segment_name(*b), "removing segment past the recovered end");
+            let f = self.inner.st.borrow_mut().segments.remove(b);
+            if let Some(f) = f {
+                let _ = f.close_rc().await;
+            }
+            std::fs::remove_file(log_dir.join(segment_name(*b)))
+                .map_err(io_err(format!("removing segment {b}")))?;
+        }
+        if !self.inner.st.borrow().segments.contains_key(&active) {
+            self.prepare_segment(active).await?;
+            let f = self.open_segment(active).await?;
+            self.inner.st.borrow_mut().segments.insert(active, f);
+        }
+        let tail = self.zero_after(cut).await?;
+
+        {
+            let mut st = self.inner.st.borrow_mut();
+            st.staging = Staging::new(seg_size, cut, tail, active);
+            st.written = cut;
+            st.synced = cut;
+            let bounds: HashMap<(String, u32), (u64, u64)> = st
+                .topics
+                .iter()
+                .flat_map(|(t, qs)| {
+                    qs.values()
+                        .map(move |q| ((t.to_string(), q.queue_id), (q.min_offset, q.max_offset())))
+                })
+                .collect();
+            st.offsets
+                .clamp(|t, q| bounds.get(&(t.to_owned(), q)).copied());
+        }
+        // Persist the rebuilt ConsumeQueues before serving, so the next open starts from here.
+        self.persist_consume_queues().await?;
+        info!(dir = %cfg.dir.display(), next_offset = cut, "store recovered");
+        Ok(())
+    }
+
+    /// Loads every ConsumeQueue's persisted prefix: returns (entries, end of last record).
+    async fn load_consume_queues(&self) -> Result<HashMap<(String, u32), (u64, Option<u64>)>> {
+        let root = self.cq_root();
+        let per_file = self.inner.cfg.cq_entries_per_file;
+        let mut out = HashMap::new();
+        let rd = std::fs::read_dir(&root).map_err(io_err(format!("listing {}", root.display())))?;
+        for t in rd {
+            let t = t.map_err(io_err("listing consumequeue".into()))?;
+            let Some(topic) = t.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if orbitmq_proto::limits::validate_topic(&topic).is_err() {
+                continue;
+            }
+            let topic: Rc<str> = topic.into();
+            for q in std::fs::read_dir(t.path()).map_err(io_err("listing consumequeue".into()))? {
+                let q = q.map_err(io_err("listing consumequeue".into()))?;
+                let Some(qid) = q.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let mut cq = ConsumeQueue::new(&root, topic.clone(), qid, per_file);
+                let files = list_numbered(&cq.dir)?;
+                // Files must be contiguous; a hole means lost data: keep the contiguous tail.
+                let mut count = 0u64;
+                let mut first = None;
+                for base in files.iter().rev() {
+                    let len = std::fs::metadata(cq.path_of(*base))
+                        .map_err(io_err(format!("stat {}", cq.path_of(*base).display())))?
+                        .len();
+                    let n = (len / CQ_ENTRY_LEN).min(per_file);
+                    if count == 0 {
+                        count = base + n;
+                    } else if base + n != first.unwrap_or(0) {
+                        warn!(%topic, queue = qid, "ConsumeQueue files are not contiguous");
+                        break;
+                    }
+                    first = Some(*base);
+                    cq.files.insert(*base, ());
+                    if n < per_file && count != base + n {
+                        break;
+                    }
+                }
+                // Cut a partial last entry.
+                if let Some((&last_base, _)) = cq.files.last_key_value() {
+                    let p = cq.path_of(last_base);
+                    let want = (count - last_base) * CQ_ENTRY_LEN;
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&p)
+                        .map_err(io_err(format!("{}", p.display())))?;
+                    f.set_len(want)
+                        .map_err(io_err(format!("truncating {}", p.display())))?;
+                }
+                cq.min_offset = first.unwrap_or(0);
+                cq.persisted = count;
+                cq.mem_base = count;
+                cq.next_assign = count;
+                let last_end = if count > cq.min_offset {
+                    Some(self.read_file_entry(&cq, count - 1).await?.end())
+                } else {
+                    None
+                };
+                out.insert((topic.to_string(), qid), (count, last_end));
+                self.inner
+                    .st
+                    .borrow_mut()
+                    .topics
+                    .entry(topic.clone())
+                    .or_default()
+                    .insert(qid, cq);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_file_entry(&self, cq: &ConsumeQueue, offset: u64) -> Result<CqEntry> {
+        let (base, pos) = cq.locate(offset);
+        let p = cq.path_of(base);
+        let f = BufferedFile::open(&p)
+            .await
+            .map_err(|e| gio("opening ConsumeQueue", e))?;
+        let r = f.read_at(pos, CQ_ENTRY_LEN as usize).await;
+        let _ = f.close().await;
+        let r = r.map_err(|e| gio("reading ConsumeQueue", e))?;
+        if r.len() < CQ_ENTRY_LEN as usize {
+            return Err(StoreError::io(
+                format!("reading {}", p.display()),
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ));
+        }
+        Ok(CqEntry::decode(&r))
+    }
+
+    /// Scans from `from` to the end of the log. Ok((cut, cut ends a segment)), or Err(log
+    /// offset) when a record's queue offset is past its ConsumeQueue's end (a gap).
+    async fn scan_log(
+        &self,
+        bases: &[u64],
+        from: u64,
+    ) -> Result<std::result::Result<(u64, bool), u64>> {
+        let seg_size = self.inner.cfg.segment_size;
+        let mut pos = from;
+        let mut found = Vec::new();
+        loop {
+            let base = pos - pos % seg_size;
+            if !bases.contains(&base) {
+                return Ok(Ok((pos, pos % seg_size == 0 && pos > from)));
+            }
+            let file = self.inner.st.borrow().segments[&base].clone();
+            let seg_end = base + seg_size;
+            let read_at = align_down(pos - base);
+            let r = file
+                .read_at_aligned(read_at, RECOVERY_READ_BYTES)
+                .await
+                .map_err(|e| gio("reading CommitLog at recovery", e))?;
+            let skip = (pos - base - read_at) as usize;
+            let eof = read_at + (r.len() as u64) >= seg_size || r.len() < RECOVERY_READ_BYTES;
+            found.clear();
+            let (next, stop) =
+                recovery::scan(&r[skip.min(r.len())..], pos, seg_end, eof, &mut found);
+            for s in found.drain(..) {
+                if let Err(at) = self.redispatch(s) {
+                    return Ok(Err(at));
+                }
+            }
+            match stop {
+                Stop::NeedMore => pos = next,
+                Stop::SegmentEnd => {
+                    pos = seg_end;
+                    if !bases.contains(&seg_end) {
+                        return Ok(Ok((pos, true)));
+                    }
+                }
+                Stop::Empty => return Ok(Ok((next, false))),
+                Stop::Invalid(why) => {
+                    warn!(
+                        offset = next,
+                        why, "cutting the CommitLog at a torn or invalid record"
+                    );
+                    return Ok(Ok((next, false)));
+                }
+            }
+        }
+    }
+
+    fn redispatch(&self, s: Scanned) -> std::result::Result<(), u64> {
+        let mut st = self.inner.st.borrow_mut();
+        st.last_store_ts = st.last_store_ts.max(s.store_timestamp);
+        let root = self.cq_root();
+        let per_file = self.inner.cfg.cq_entries_per_file;
+        let topic: Rc<str> = match st.topics.get_key_value(s.topic.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => s.topic.as_str().into(),
+        };
+        let cq = st
+            .topics
+            .entry(topic.clone())
+            .or_default()
+            .entry(s.queue_id)
+            .or_insert_with(|| ConsumeQueue::new(&root, topic, s.queue_id, per_file));
+        let max = cq.max_offset();
+        if s.queue_offset < max {
+            return Ok(()); // already indexed
+        }
+        if s.queue_offset > max {
+            if max == 0 && cq.mem.is_empty() && cq.persisted == 0 {
+                // A queue whose early entries retention removed: it starts here.
+                cq.min_offset = s.queue_offset;
+                cq.persisted = s.queue_offset;
+                cq.mem_base = s.queue_offset;
+            } else {
+                return Err(s.phys);
+            }
+        }
+        cq.push(
+            s.queue_offset,
+            CqEntry {
+                phys: s.phys,
+                size: s.size,
+                tag_hash: s.tag_hash,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops persisted ConsumeQueue entries that point at or past the log's cut.
+    async fn truncate_consume_queues(&self, cut: u64) -> Result<()> {
+        let queues: Vec<(Rc<str>, u32)> = {
+            let st = self.inner.st.borrow();
+            st.topics
+                .iter()
+                .flat_map(|(t, qs)| qs.keys().map(move |q| (t.clone(), *q)))
+                .collect()
+        };
+        for (t, q) in queues {
+            loop {
+                let (persisted, min, cq_dir_entry) = {
+                    let st = self.inner.st.borrow();
+                    let cq = &st.topics[&t][&q];
+                    (
+                        cq.persisted,
+                        cq.min_offset,
+                        cq.locate(cq.persisted.saturating_sub(1)),
+                    )
+                };
+                if persisted <= min {
+                    break;
+                }
+                let last = {
+                    let st = self.inner.st.borrow();
+                    let cq = &st.topics[&t][&q];
+                    match cq.mem_entry(persisted - 1) {
+                        Some(e) => e,
+                        None => {
+                            let dummy = ConsumeQueue::new(
+                                &self.cq_root(),
+                                t.clone(),
+                                q,
+                                cq.entries_per_file,
+                            );
+                            drop(st);
+                            self.read_file_entry(&dummy, persisted - 1).await?
+                        }
+                    }
+                };
+                if last.phys < cut {
+                    break;
+                }
+                let mut st = self.inner.st.borrow_mut();
+                let cq = st
+                    .topics
+                    .get_mut(&t)
+                    .and_then(|m| m.get_mut(&q))
+                    .expect("queue");
+                let path = cq.path_of(cq_dir_entry.0);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(cq_dir_entry.1))
+                    .map_err(io_err(format!("truncating {}", path.display())))?;
+                cq.persisted -= 1;
+                cq.truncate_mem_from_phys(cut);
+                if cq.mem_base > cq.persisted {
+                    cq.mem.clear();
+                    cq.mem_base = cq.persisted;
+                }
+                cq.next_assign = cq.max_offset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes the log after `cut` (stale bytes of a torn write could otherwise look like
+    /// records once new appends reach them) and returns the partial block before `cut`.
+    async fn zero_after(&self, cut: u64) -> Result<Vec<u8>> {
+        let seg_size = self.inner.cfg.segment_size;
+        let base = cut - cut % seg_size;
+        let file = self.inner.st.borrow().segments[&base].clone();
+        let pos = cut - base;
+        let start = align_down(pos);
+        let keep = (pos - start) as usize;
+        let tail = if keep > 0 {
+            let r = file
+                .read_at_aligned(start, IO_ALIGN as usize)
+                .await
+                .map_err(|e| gio("reading the CommitLog tail", e))?;
+            r[..keep].to_vec()
+        } else {
+            Vec::new()
+        };
+        // A torn group-commit write reaches at most MAX_WRITE_BYTES past the cut.
+        let end = (align_up(pos) + MAX_WRITE_BYTES as u64 + IO_ALIGN).min(seg_size);
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(PREWRITE_CHUNK);
+            let mut buf = file.alloc_dma_buffer(n);
+            buf.as_bytes_mut().fill(0);
+            if at == start {
+                buf.as_bytes_mut()[..keep].copy_from_slice(&tail);
+            }
+            file.write_at(buf, at)
+                .await
+                .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
+            at += n as u64;
+        }
+        file.fdatasync()
+            .await
+            .map_err(|e| gio("syncing the CommitLog", e))?;
+        Ok(tail)
+    }
+
+    // ---------------------------------------------------------------- segments
+
+    async fn open_segment(&self, base: u64) -> Result<Rc<DmaFile>> {
+        let p = self.log_dir().join(segment_name(base));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .dma_open(&p)
+            .await
+            .map_err(|e| gio(&format!("opening segment {}", p.display()), e))?;
+        Ok(Rc::new(f))
+    }
+
+    /// Creates segment `base` at full size (pre-written with zeros if configured), syncs it
+    /// and its directory: an append is never acknowledged into a segment a crash could lose.
+    async fn prepare_segment(&self, base: u64) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        let dir = self.log_dir();
+        let p = dir.join(segment_name(base));
+        let tmp = dir.join(format!("{}.prepare", segment_name(base)));
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&tmp)
+            .await
+            .map_err(|e| gio("creating a segment", e))?;
+        let r: Result<()> = async {
+            f.pre_allocate(cfg.segment_size, false)
+                .await
+                .map_err(|e| gio("allocating a segment", e))?;
+            if cfg.prewrite_segments {
+                let mut at = 0;
+                while at < cfg.segment_size {
+                    let n = ((cfg.segment_size - at) as usize).min(PREWRITE_CHUNK);
+                    let mut buf = f.alloc_dma_buffer(n);
+                    buf.as_bytes_mut().fill(0);
+                    f.write_at(buf, at)
+                        .await
+                        .map_err(|e| gio("pre-writing a segment", e))?;
+                    at += n as u64;
+                }
+            }
+            f.fdatasync()
+                .await
+                .map_err(|e| gio("syncing a new segment", e))?;
+            Ok(())
+        }
+        .await;
+        let _ = f.close().await;
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &p).map_err(io_err(format!("renaming {}", p.display())))?;
+        sync_dir(&dir)?;
+        debug!(segment = %segment_name(base), "segment prepared");
+        Ok(())
+    }
+
+    /// Starts preparing `base` in the background unless that is under way.
+    fn start_prepare(&self, base: u64) {
+        let signal = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.preparing.is_some() || st.segments.contains_key(&base) {
+                return;
+            }
+            let s = Signal::new();
+            st.preparing = Some(s.clone());
+            st.prepare_failed = None;
+            s
+        };
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let r = match me.prepare_segment(base).await {
+                Ok(()) => me.open_segment(base).await,
+                Err(e) => Err(e),
+            };
+            {
+                let mut st = me.inner.st.borrow_mut();
+                st.preparing = None;
+                match r {
+                    Ok(f) => {
+                        st.segments.insert(base, f);
+                        st.staging.segment_prepared(base);
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot prepare the next CommitLog segment");
+                        st.prepare_failed = Some((Instant::now(), e.to_string()));
+                    }
+                }
+            }
+            signal.set(());
+            me.inner.room.notify();
+        })
+        .detach();
+    }
+
+    // ---------------------------------------------------------------- append
+
+    /// Appends one message; resolves when it is durable per the flush mode.
+    pub async fn append(&self, msg: &Message) -> Result<AppendResult> {
+        let mut r = self.append_batch(std::slice::from_ref(msg)).await?;
+        Ok(r.pop().expect("one result"))
+    }
+
+    /// Appends messages of one topic and queue contiguously (a batch send); resolves when all
+    /// are durable per the flush mode.
+    pub async fn append_batch(&self, msgs: &[Message]) -> Result<Vec<AppendResult>> {
+        let Some(first) = msgs.first() else {
+            return Ok(Vec::new());
+        };
+        let mut lens = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            if m.topic != first.topic || m.queue_id != first.queue_id {
+                return Err(StoreError::BadBatch(
+                    "all messages of a batch must have one topic and queue".into(),
+                ));
+            }
+            lens.push(record::encoded_len(m)?);
+        }
+        let total: usize = lens.iter().sum();
+        let (done, results) = loop {
+            let wait = {
+                let mut st = self.inner.st.borrow_mut();
+                if let Some(f) = &st.fenced {
+                    return Err(StoreError::Fenced(f.clone()));
+                }
+                if st.closing {
+                    return Err(StoreError::Closed);
+                }
+                let max = st.staging.max_reservation();
+                if total > max {
+                    return Err(StoreError::BadBatch(format!(
+                        "{total} bytes do not fit one write of this store (at most {max})"
+                    )));
+                }
+                let listener = self.inner.room.listen();
+                match self.place(&mut st, msgs, &lens, total) {
+                    Ok(r) => break r,
+                    Err(Need::Space) => listener,
+                    Err(Need::Segment(base)) => {
+                        if let Some((at, why)) = &st.prepare_failed {
+                            if at.elapsed() < PREPARE_RETRY_BACKOFF {
+                                return Err(StoreError::DiskFull(why.clone()));
+                            }
+                        }
+                        drop(st);
+                        self.start_prepare(base);
+                        listener
+                    }
+                }
+            };
+            wait.await;
+        };
+        self.inner.staged.notify();
+        // Prepare the next segment early, so a roll never waits for it.
+        let next = {
+            let st = self.inner.st.borrow();
+            let next = st.staging.active_segment() + self.inner.cfg.segment_size;
+            (st.staging.prepared_upto() < next
+                && st.preparing.is_none()
+                && st.prepare_failed.is_none())
+            .then_some(next)
+        };
+        if let Some(next) = next {
+            self.start_prepare(next);
+        }
+        done.wait().await?;
+        Ok(results)
+    }
+
+    /// Places the records in the active batch, assigning offsets and store time, with no
+    /// await in between so the batch's order is the offsets' order.
+    fn place(
+        &self,
+        st: &mut State,
+        msgs: &[Message],
+        lens: &[usize],
+        total: usize,
+    ) -> std::result::Result<(super::commitlog::BatchDone, Vec<AppendResult>), Need> {
+        let ts = now_ms().max(st.last_store_ts);
+        let first = &msgs[0];
+        let root = self.cq_root();
+        let per_file = self.inner.cfg.cq_entries_per_file;
+        let State {
+            staging, topics, ..
+        } = st;
+        let batch: &mut Batch = staging.reserve(total)?;
+        let topic: Rc<str> = match topics.get_key_value(first.topic.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => first.topic.as_str().into(),
+        };
+        let cq = topics
+            .entry(topic.clone())
+            .or_default()
+            .entry(first.queue_id)
+            .or_insert_with(|| ConsumeQueue::new(&root, topic.clone(), first.queue_id, per_file));
+        let mut results = Vec::with_capacity(msgs.len());
+        for (m, len) in msgs.iter().zip(lens) {
+            let at = Placement {
+                queue_offset: cq.next_assign,
+                physical_offset: batch.log_end(),
+                store_timestamp: ts,
+            };
+            let n = record::encode_into(m, at, &mut batch.buf);
+            assert_eq!(n, *len, "encoded length matches the reservation");
+            cq.next_assign += 1;
+            batch.dispatch.push(DispatchEntry {
+                topic: topic.clone(),
+                queue_id: m.queue_id,
+                queue_offset: at.queue_offset,
+                physical_offset: at.physical_offset,
+                size: n as u32,
+                tag_hash: record::tag_hash(&m.tags),
+                store_timestamp: ts,
+            });
+            results.push(AppendResult {
+                physical_offset: at.physical_offset,
+                queue_offset: at.queue_offset,
+                store_timestamp: ts,
+                size: n as u32,
+            });
+        }
+        let done = batch.done.clone();
+        st.last_store_ts = ts;
+        Ok((done, results))
+    }
+
+    // ---------------------------------------------------------------- tasks
+
+    fn spawn_tasks(&self) {
+        let me = self.clone();
+        glommio::spawn_local(async move { me.committer().await }).detach();
+        if self.inner.cfg.flush == FlushMode::Async {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                while !me.inner.stop.get() {
+                    glommio::timer::sleep(me.inner.cfg.flush_interval).await;
+                    me.flush_dirty().await;
+                }
+            })
+            .detach();
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let mut last_offsets = Instant::now();
+            while !me.inner.stop.get() {
+                glommio::timer::sleep(me.inner.cfg.cq_flush_interval).await;
+                if me.inner.stop.get() {
+                    break;
+                }
+                if let Err(e) = me.persist_consume_queues().await {
+                    error!(error = %e, "persisting ConsumeQueues failed");
+                }
+                if last_offsets.elapsed() >= OFFSETS_PERSIST_INTERVAL {
+                    last_offsets = Instant::now();
+                    if let Err(e) = me.persist_offsets() {
+                        error!(error = %e, "persisting consumer offsets failed");
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+
+    async fn committer(&self) {
+        loop {
+            let (batch, file) = {
+                let mut st = self.inner.st.borrow_mut();
+                let listener = self.inner.staged.listen();
+                match st.staging.take_batch() {
+                    Some(b) => {
+                        let f = st.segments.get(&b.seg_base).cloned();
+                        (b, f)
+                    }
+                    None if st.closing => break,
+                    None => {
+                        drop(st);
+                        listener.await;
+                        continue;
+                    }
+                }
+            };
+            let result = match file {
+                Some(f) => self.write_batch(&f, &batch).await,
+                None => Err(format!("segment {} is missing", batch.seg_base)),
+            };
+            self.batch_done(batch, result);
+        }
+        self.inner.committer_done.set(());
+    }
+
+    /// One O_DIRECT write of the batch (and an fdatasync under SYNC_FLUSH).
+    async fn write_batch(&self, file: &DmaFile, b: &Batch) -> std::result::Result<(), String> {
+        let len = align_up(b.buf.len() as u64) as usize;
+        let mut dma = file.alloc_dma_buffer(len);
+        let dst = dma.as_bytes_mut();
+        dst[..b.buf.len()].copy_from_slice(&b.buf);
+        dst[b.buf.len()..].fill(0);
+        match file.write_at(dma, b.file_pos).await {
+            Ok(n) if n == len => {}
+            Ok(n) => return Err(format!("short write: {n} of {len} bytes")),
+            Err(e) => return Err(std::io::Error::from(e).to_string()),
+        }
+        if self.inner.cfg.flush == FlushMode::Sync {
+            file.fdatasync()
+                .await
+                .map_err(|e| format!("fdatasync: {}", std::io::Error::from(e)))?;
+        }
+        Ok(())
+    }
+
+    fn batch_done(&self, mut batch: Batch, result: std::result::Result<(), String>) {
+        let mut st = self.inner.st.borrow_mut();
+        if let Err(why) = result {
+            error!(
+                why,
+                segment = batch.seg_base,
+                "CommitLog write failed: fencing the log"
+            );
+            let err = StoreError::Fenced(why.clone());
+            st.fenced = Some(why);
+            batch.done.set(Err(err.clone()));
+            st.staging.fail_all(&err);
+            drop(st);
+            self.inner.room.notify();
+            return;
+        }
+        let end = batch.log_end();
+        debug_assert!(end >= st.written, "the written offset only grows");
+        st.written = end;
+        if self.inner.cfg.flush == FlushMode::Sync {
+            st.synced = end;
+        } else {
+            st.dirty.insert(batch.seg_base);
+        }
+        for d in batch.dispatch.drain(..) {
+            let cq = st
+                .topics
+                .get_mut(&d.topic)
+                .and_then(|m| m.get_mut(&d.queue_id))
+                .expect("queue created at placement");
+            cq.push(
+                d.queue_offset,
+                CqEntry {
+                    phys: d.physical_offset,
+                    size: d.size,
+                    tag_hash: d.tag_hash,
+                },
+            );
+        }
+        let start = batch.log_start();
+        let mut buf = std::mem::take(&mut batch.buf);
+        if batch.ends_segment {
+            // The blank record is not worth caching.
+            let blank_at = buf.len() - (end - start) as usize;
+            let _ = blank_at;
+        }
+        if buf.capacity() > 2 * buf.len() {
+            buf.shrink_to_fit();
+        }
+        let bytes = Bytes::from(buf).slice(batch.carried..);
+        st.cache.insert(start, bytes);
+        drop(st);
+        batch.done.set(Ok(()));
+        self.inner.room.notify();
+        self.inner.dispatched.notify();
+    }
+
+    /// fdatasync every segment written since its last sync (ASYNC_FLUSH).
+    async fn flush_dirty(&self) {
+        let (segs, upto) = {
+            let mut st = self.inner.st.borrow_mut();
+            if st.fenced.is_some() || st.dirty.is_empty() {
+                return;
+            }
+            let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut st.dirty)
+                .into_iter()
+                .filter_map(|b| st.segments.get(&b).cloned())
+                .collect();
+            (segs, st.written)
+        };
+        for f in segs {
+            if let Err(e) = f.fdatasync().await {
+                let why = format!("fdatasync: {}", std::io::Error::from(e));
+                error!(why, "CommitLog fdatasync failed: fencing the log");
+                let mut st = self.inner.st.borrow_mut();
+                let err = StoreError::Fenced(why.clone());
+                st.fenced = Some(why);
+                st.staging.fail_all(&err);
+                return;
+            }
+        }
+        let mut st = self.inner.st.borrow_mut();
+        st.synced = st.synced.max(upto);
+    }
+
+    /// Writes ConsumeQueue entries of records below the synced offset, then the checkpoint.
+    pub async fn persist_consume_queues(&self) -> Result<()> {
+        let (durable, work) = {
+            let st = self.inner.st.borrow();
+            let durable = st.synced;
+            let mut work = Vec::new();
+            for (t, qs) in &st.topics {
+                for (q, cq) in qs {
+                    let (upto, writes) = cq.unpersisted_upto(durable);
+                    if !writes.is_empty() {
+                        let paths: Vec<_> = writes
+                            .into_iter()
+                            .map(|(base, pos, bytes)| (cq.path_of(base), pos, bytes))
+                            .collect();
+                        work.push((t.clone(), *q, cq.dir.clone(), upto, paths));
+                    }
+                }
+            }
+            (durable, work)
+        };
+        for (t, q, dir, upto, writes) in work {
+            std::fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+            for (path, pos, bytes) in writes {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .buffered_open(&path)
+                    .await
+                    .map_err(|e| gio("opening a ConsumeQueue file", e))?;
+                let n = bytes.len();
+                let r = f.write_at(bytes, pos).await;
+                let _ = f.close().await;
+                match r {
+                    Ok(w) if w == n => {}
+                    Ok(w) => {
+                        return Err(StoreError::io(
+                            format!("writing {}", path.display()),
+                            std::io::Error::other(format!("short write {w} of {n}")),
+                        ))
+                    }
+                    Err(e) => return Err(gio("writing a ConsumeQueue file", e)),
+                }
+            }
+            let mut st = self.inner.st.borrow_mut();
+            if let Some(cq) = st.topics.get_mut(&t).and_then(|m| m.get_mut(&q)) {
+                cq.mark_persisted(upto);
+            }
+        }
+        // Every record below `durable` is now in the persisted ConsumeQueues.
+        let cp = {
+            let st = self.inner.st.borrow();
+            let mut queues: Vec<(String, u32, u64)> = st
+                .topics
+                .iter()
+                .flat_map(|(t, qs)| {
+                    qs.values()
+                        .map(move |q| (t.to_string(), q.queue_id, q.persisted))
+                })
+                .collect();
+            queues.sort();
+            let min_pending = st
+                .topics
+                .values()
+                .flat_map(|qs| qs.values())
+                .filter_map(|q| q.mem_entry(q.persisted).map(|e| e.phys))
+                .min()
+                .unwrap_or(durable);
+            Checkpoint {
+                scan_from: durable.min(min_pending),
+                queues,
+            }
+        };
+        write_atomic(&self.inner.cfg.dir.join(CHECKPOINT_FILE), &cp.encode())
+    }
+
+    fn persist_offsets(&self) -> Result<()> {
+        let mut st = self.inner.st.borrow_mut();
+        if !st.offsets.is_dirty() {
+            return Ok(());
+        }
+        let p = self.inner.cfg.dir.join(OFFSETS_FILE);
+        st.offsets
+            .save(&p)
+            .map_err(io_err(format!("writing {}", p.display())))
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// Reads up to `max_msgs` records (and about `max_bytes`, at least one record) of a queue
+    /// from `offset`, skipping records whose tag hash is not in `tags` (when given).
+    pub async fn read(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        max_msgs: usize,
+        max_bytes: usize,
+        tags: Option<&[u64]>,
+    ) -> Result<ReadResult> {
+        let max_msgs = max_msgs.clamp(1, MAX_READ_MESSAGES);
+        let (min, max) = match self.queue_bounds(topic, queue_id) {
+            Some(b) => b,
+            None => {
+                return Ok(ReadResult {
+                    status: ReadStatus::NoSuchQueue,
+                    records: Vec::new(),
+                    next_offset: 0,
+                    min_offset: 0,
+                    max_offset: 0,
+                })
+            }
+        };
+        let empty = |status, next| ReadResult {
+            status,
+            records: Vec::new(),
+            next_offset: next,
+            min_offset: min,
+            max_offset: max,
+        };
+        if offset < min {
+            return Ok(empty(ReadStatus::OffsetTooSmall, min));
+        }
+        if offset > max {
+            return Ok(empty(ReadStatus::OffsetOverflow, max));
+        }
+        if offset == max {
+            return Ok(empty(ReadStatus::NoNewMessage, max));
+        }
+        let mut records = Vec::new();
+        let mut bytes = 0usize;
+        let mut off = offset;
+        let end = max.min(offset + (max_msgs as u64) * 8);
+        while off < end && records.len() < max_msgs {
+            let entries = self
+                .entries(topic, queue_id, off, (end - off) as usize)
+                .await?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                if records.len() >= max_msgs || (bytes > 0 && bytes + e.size as usize > max_bytes) {
+                    return Ok(ReadResult {
+                        status: ReadStatus::Found,
+                        records,
+                        next_offset: off,
+                        min_offset: min,
+                        max_offset: max,
+                    });
+                }
+                off += 1;
+                if let Some(want) = tags {
+                    if !want.contains(&e.tag_hash) {
+                        continue;
+                    }
+                }
+                let r = self.record_at(e.phys, e.size).await?;
+                bytes += r.len();
+                records.push(r);
+            }
+        }
+        let status = if records.is_empty() {
+            ReadStatus::NoNewMessage
+        } else {
+            ReadStatus::Found
+        };
+        Ok(ReadResult {
+            status,
+            records,
+            next_offset: off,
+            min_offset: min,
+            max_offset: max,
+        })
+    }
+
+    /// (min, max) offsets of a queue; `None` if it has never had a message here.
+    pub fn queue_bounds(&self, topic: &str, queue_id: u32) -> Option<(u64, u64)> {
+        let st = self.inner.st.borrow();
+        let cq = st.topics.get(topic)?.get(&queue_id)?;
+        Some((cq.min_offset, cq.max_offset()))
+    }
+
+    /// Up to `n` ConsumeQueue entries from `offset` (fewer at a file boundary).
+    async fn entries(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        n: usize,
+    ) -> Result<Vec<CqEntry>> {
+        let (path, pos, count) = {
+            let st = self.inner.st.borrow();
+            let Some(cq) = st.topics.get(topic).and_then(|m| m.get(&queue_id)) else {
+                return Ok(Vec::new());
+            };
+            let n = (n as u64).min(cq.max_offset().saturating_sub(offset));
+            if offset >= cq.mem_base {
+                return Ok((offset..offset + n)
+                    .filter_map(|o| cq.mem_entry(o))
+                    .collect());
+            }
+            let (base, pos) = cq.locate(offset);
+            let in_file = (base + cq.entries_per_file - offset)
+                .min(cq.mem_base - offset)
+                .min(n);
+            (cq.path_of(base), pos, in_file)
+        };
+        let f = BufferedFile::open(&path)
+            .await
+            .map_err(|e| gio("opening a ConsumeQueue file", e))?;
+        let r = f.read_at(pos, (count * CQ_ENTRY_LEN) as usize).await;
+        let _ = f.close().await;
+        let r = r.map_err(|e| gio("reading a ConsumeQueue file", e))?;
+        Ok(r.chunks_exact(CQ_ENTRY_LEN as usize)
+            .map(CqEntry::decode)
+            .collect())
+    }
+
+    /// The CRC-checked record at `phys`: from the tail cache, else read from its segment.
+    async fn record_at(&self, phys: u64, size: u32) -> Result<Bytes> {
+        let (cached, file, base) = {
+            let st = self.inner.st.borrow();
+            let base = phys - phys % self.inner.cfg.segment_size;
+            (
+                st.cache.get(phys, size),
+                st.segments.get(&base).cloned(),
+                base,
+            )
+        };
+        let b = match cached {
+            Some(b) => b,
+            None => {
+                let f = file.ok_or_else(|| {
+                    StoreError::io(
+                        format!("reading log offset {phys}"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                })?;
+                let r = f
+                    .read_at(phys - base, size as usize)
+                    .await
+                    .map_err(|e| gio("reading the CommitLog", e))?;
+                Bytes::copy_from_slice(&r)
+            }
+        };
+        match record::decode(&b) {
+            Ok(v) if v.physical_offset == phys => Ok(b),
+            Ok(_) => Err(StoreError::Corrupt {
+                offset: phys,
+                source: record::DecodeError::BadMagic(0),
+            }),
+            Err(e) => Err(StoreError::Corrupt {
+                offset: phys,
+                source: e,
+            }),
+        }
+    }
+
+    /// The store timestamp of the record at a queue offset.
+    async fn store_time_at(&self, topic: &str, queue_id: u32, offset: u64) -> Result<u64> {
+        let e = self.entries(topic, queue_id, offset, 1).await?;
+        let e = e.first().ok_or(StoreError::Closed)?;
+        let b = self.record_at(e.phys, e.size).await?;
+        Ok(record::decode(&b).map(|v| v.store_timestamp).unwrap_or(0))
+    }
+
+    /// The first queue offset whose record was stored at or after `ts_ms` (max offset if
+    /// none): where a replay from a point in time starts. Binary search: store timestamps
+    /// are monotone per shard.
+    pub async fn offset_by_time(&self, topic: &str, queue_id: u32, ts_ms: u64) -> Result<u64> {
+        let Some((mut lo, mut hi)) = self.queue_bounds(topic, queue_id) else {
+            return Ok(0);
+        };
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.store_time_at(topic, queue_id, mid).await? < ts_ms {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Waits for new ConsumeQueue entries (any queue of this shard). Take it before checking.
+    pub fn dispatched(&self) -> crate::sync::SignalWait<()> {
+        self.inner.dispatched.listen()
+    }
+
+    // ---------------------------------------------------------------- offsets
+
+    pub fn commit_offset(
+        &self,
+        group: &str,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+    ) -> Result<()> {
+        let mut st = self.inner.st.borrow_mut();
+        st.offsets
+            .commit(group, topic, queue_id, offset)
+            .map_err(|e| StoreError::BadBatch(e.to_string()))
+    }
+
+    pub fn query_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
+        self.inner.st.borrow().offsets.query(group, topic, queue_id)
+    }
+
+    // ---------------------------------------------------------------- retention
+
+    /// Deletes expired segments (see [`retention::plan`]) and advances ConsumeQueue minimums.
+    pub async fn run_retention(
+        &self,
+        now_ms: u64,
+        local_hour: u8,
+        disk_used_ratio: f64,
+    ) -> Result<Vec<u64>> {
+        let seg_size = self.inner.cfg.segment_size;
+        let infos: Vec<SegmentInfo> = {
+            let st = self.inner.st.borrow();
+            let active = st.staging.active_segment();
+            st.segments
+                .keys()
+                .filter(|b| **b <= active)
+                .map(|b| {
+                    let p = self.log_dir().join(segment_name(*b));
+                    let mtime = std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(now_ms, |d| d.as_millis() as u64);
+                    SegmentInfo {
+                        base: *b,
+                        len: seg_size,
+                        last_modified_ms: mtime,
+                    }
+                })
+                .collect()
+        };
+        let victims = retention::plan(
+            &infos,
+            now_ms,
+            local_hour,
+            disk_used_ratio,
+            &self.inner.cfg.retention,
+        );
+        // Never delete what the ConsumeQueues have not persisted: recovery rescans from there.
+        let scan_floor = {
+            let st = self.inner.st.borrow();
+            st.synced
+        };
+        let victims: Vec<u64> = victims
+            .into_iter()
+            .filter(|b| b + seg_size <= scan_floor)
+            .collect();
+        for b in &victims {
+            let f = self.inner.st.borrow_mut().segments.remove(b);
+            if let Some(f) = f {
+                let _ = f.close_rc().await;
+            }
+            std::fs::remove_file(self.log_dir().join(segment_name(*b)))
+                .map_err(io_err(format!("deleting segment {b}")))?;
+            info!(segment = %segment_name(*b), "retention deleted a CommitLog segment");
+        }
+        if let Some(last) = victims.last() {
+            let new_min = last + seg_size;
+            self.advance_queue_minimums(new_min).await?;
+            self.inner.st.borrow_mut().cache.drop_below(new_min);
+        }
+        Ok(victims)
+    }
+
+    /// Moves each queue's minimum to its first entry at or after log offset `log_min`, and
+    /// deletes ConsumeQueue files wholly below it.
+    async fn advance_queue_minimums(&self, log_min: u64) -> Result<()> {
+        let queues: Vec<(Rc<str>, u32, u64, u64)> = {
+            let st = self.inner.st.borrow();
+            st.topics
+                .iter()
+                .flat_map(|(t, qs)| {
+                    qs.values()
+                        .map(move |q| (t.clone(), q.queue_id, q.min_offset, q.max_offset()))
+                })
+                .collect()
+        };
+        for (t, q, min, max) in queues {
+            // Entries are in log order within a queue: binary search the first kept one.
+            let (mut lo, mut hi) = (min, max);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let e = self.entries(&t, q, mid, 1).await?;
+                if e.first().is_some_and(|e| e.phys < log_min) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            let mut st = self.inner.st.borrow_mut();
+            let Some(cq) = st.topics.get_mut(&t).and_then(|m| m.get_mut(&q)) else {
+                continue;
+            };
+            cq.min_offset = lo;
+            let files: Vec<(u64, u64)> =
+                cq.files.keys().map(|b| (*b, cq.entries_per_file)).collect();
+            for base in retention::cq_files_to_delete(&files, lo) {
+                let _ = std::fs::remove_file(cq.path_of(base));
+                cq.files.remove(&base);
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- state
+
+    pub fn stats(&self) -> StoreStats {
+        let st = self.inner.st.borrow();
+        StoreStats {
+            next_offset: st.staging.next_offset(),
+            written_offset: st.written,
+            synced_offset: st.synced,
+            min_offset: st.segments.keys().next().copied().unwrap_or(0),
+            segments: st.segments.len(),
+            queues: st.topics.values().map(|q| q.len()).sum(),
+        }
+    }
+
+    /// Lists the queues this store has, with their bounds.
+    pub fn queues(&self) -> Vec<(String, u32, u64, u64)> {
+        let st = self.inner.st.borrow();
+        let mut v: Vec<_> = st
+            .topics
+            .iter()
+            .flat_map(|(t, qs)| {
+                qs.values()
+                    .map(move |q| (t.to_string(), q.queue_id, q.min_offset, q.max_offset()))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Writes everything staged, syncs the log, persists ConsumeQueues, checkpoint and
+    /// offsets, and stops the store's tasks.
+    pub async fn close(&self) -> Result<()> {
+        {
+            let mut st = self.inner.st.borrow_mut();
+            if st.closing {
+                return Ok(());
+            }
+            st.closing = true;
+        }
+        self.inner.staged.notify();
+        self.inner.committer_done.wait().await;
+        self.inner.stop.set(true);
+        self.flush_dirty().await;
+        if let Some(f) = self.inner.st.borrow().fenced.clone() {
+            return Err(StoreError::Fenced(f));
+        }
+        self.persist_consume_queues().await?;
+        self.persist_offsets()?;
+        let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)
+            .into_values()
+            .collect();
+        for f in segs {
+            let _ = f.close_rc().await;
+        }
+        info!(dir = %self.inner.cfg.dir.display(), "store closed");
+        Ok(())
+    }
+}
