@@ -2,6 +2,7 @@
 
 pub mod dma;
 pub mod log;
+pub mod shard;
 pub mod sync;
 
 pub use orbitmq_proto as proto;

@@ -1,1 +1,208 @@
-fn main() {}
+//! The `orbitmq` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use clap::{Args, Parser, Subcommand};
+use orbitmq::log::{FlushMode, Store, StoreConfig};
+use orbitmq::proto::record::Message;
+use orbitmq::shard::{self, ShardSet, ShardSetConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "orbitmq",
+    version,
+    about = "A RocketMQ-style message broker, thread-per-core on io_uring"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the storage shards of a broker on one host (the network arrives in a later release).
+    Standalone(StandaloneArgs),
+    /// Append numbered messages to one store and print each acknowledgement (crash tests).
+    #[command(hide = true)]
+    DebugWriter(WriterArgs),
+}
+
+#[derive(Args)]
+struct StoreArgs {
+    /// Data directory (`storePathRootDir`).
+    #[arg(long, default_value = "./orbitmq-data")]
+    data_dir: PathBuf,
+    /// SYNC_FLUSH or ASYNC_FLUSH (`flushDiskType`; also `sync` / `async`).
+    #[arg(long, default_value = "async")]
+    flush: FlushMode,
+    /// CommitLog segment size in bytes (`mappedFileSizeCommitLog`).
+    #[arg(long, default_value_t = orbitmq::log::config::DEFAULT_SEGMENT_SIZE)]
+    segment_size: u64,
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Number of shards (default: one per available core).
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Cores to pin shards to, e.g. `0,2-3` (default: the available cores).
+    #[arg(long)]
+    cores: Option<String>,
+}
+
+#[derive(Args)]
+struct WriterArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Messages to append (0: until killed).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Concurrent appenders.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+    /// Queues of the topic `crash` the appenders spread over.
+    #[arg(long, default_value_t = 4)]
+    queues: u32,
+    /// Body size in bytes.
+    #[arg(long, default_value_t = 100)]
+    body_size: usize,
+}
+
+fn store_config(a: &StoreArgs, dir: PathBuf) -> StoreConfig {
+    let mut c = StoreConfig::new(dir, a.flush);
+    c.segment_size = a.segment_size;
+    c
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ORBITMQ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Standalone(a) => standalone(a),
+        Cmd::DebugWriter(a) => debug_writer(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orbitmq: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), to wait for them.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask calls on a zeroed, initialized set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: sigwait reads the set and writes the signal number.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn standalone(a: StandaloneArgs) -> Result<(), String> {
+    let cores = match &a.cores {
+        Some(s) => shard::parse_cores(s)?,
+        None => shard::available_cores(),
+    };
+    let shards = a.shards.unwrap_or(cores.len().max(1) as u32);
+    if shards == 0 {
+        return Err("--shards must be at least 1".into());
+    }
+    let store = store_config(&a.store, PathBuf::new());
+    store.validate()?;
+    let sigs = block_stop_signals();
+    let set = ShardSet::start(ShardSetConfig {
+        data_dir: a.store.data_dir.clone(),
+        shards,
+        cores: if a.cores.is_some() || shards as usize <= cores.len() {
+            cores
+        } else {
+            Vec::new()
+        },
+        store,
+    })
+    .map_err(|e| e.to_string())?;
+    println!(
+        "ready data-dir={} shards={} flush={:?} (storage only: no network listener in this build)",
+        a.store.data_dir.display(),
+        set.shape.shards,
+        a.store.flush
+    );
+    let _ = std::io::stdout().flush();
+    let sig = wait_for_stop_signal(&sigs);
+    tracing::info!(signal = sig, "stopping: flushing every shard");
+    set.stop()
+}
+
+/// Appends `crash` topic messages with bodies `q<queue>-n<seq>-` padded to `body_size`,
+/// printing `ack <queue> <queue offset> <seq>` once each is acknowledged.
+fn debug_writer(a: WriterArgs) -> Result<(), String> {
+    let cfg = store_config(&a.store, a.store.data_dir.clone());
+    let io_memory = shard::io_memory_per_shard(1).map_err(|e| e.to_string())?;
+    let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .io_memory(io_memory)
+        .spawn(move || async move {
+            let store = Store::open(cfg).await.map_err(|e| e.to_string())?;
+            let next = Rc::new(std::cell::Cell::new(0u64));
+            let mut tasks = Vec::new();
+            for _ in 0..a.concurrency {
+                let (store, next) = (store.clone(), next.clone());
+                tasks.push(glommio::spawn_local(async move {
+                    loop {
+                        let seq = next.get();
+                        if a.count > 0 && seq >= a.count {
+                            return Ok::<(), String>(());
+                        }
+                        next.set(seq + 1);
+                        let queue = (seq % a.queues as u64) as u32;
+                        let m = Message {
+                            topic: "crash".into(),
+                            queue_id: queue,
+                            body: writer_body(queue, seq, a.body_size),
+                            ..Default::default()
+                        };
+                        let r = store.append(&m).await.map_err(|e| e.to_string())?;
+                        let mut out = std::io::stdout().lock();
+                        writeln!(out, "ack {queue} {} {seq}", r.queue_offset)
+                            .map_err(|e| e.to_string())?;
+                        out.flush().map_err(|e| e.to_string())?;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await?;
+            }
+            store.close().await.map_err(|e| e.to_string())
+        })
+        .map_err(|e| e.to_string())?;
+    h.join().map_err(|e| e.to_string())?
+}
+
+/// The body the debug writer stores for a sequence number; crash tests rebuild it to compare.
+pub fn writer_body(queue: u32, seq: u64, size: usize) -> Vec<u8> {
+    let mut b = format!("q{queue}-n{seq}-").into_bytes();
+    b.resize(size.max(b.len()), b'.');
+    b
+}

@@ -1,0 +1,230 @@
+//! Shards: one glommio executor per core, each owning its queues and its own store.
+//!
+//! A shard's store lives in `<data-dir>/shard-<k>`. The shard count and the queue -> shard map
+//! are recorded in the data directory when it is created ([`crate::log::shape`]); a restart with
+//! another count is refused.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use thiserror::Error;
+use tracing::{error, info};
+
+use crate::log::shape::{self, Shape};
+use crate::log::{Store, StoreConfig};
+
+/// glommio refuses to start below this locked-memory limit.
+pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
+/// glommio's registered I/O memory per shard is at most this share of the locked-memory
+/// limit: it needs that memory for its three rings, and more falls back to the heap anyway.
+pub const MEMLOCK_SHARE_PER_SHARD: u64 = 3;
+/// Upper bound of a shard's registered I/O memory.
+pub const MAX_IO_MEMORY: u64 = 8 << 20;
+/// How often a shard checks for the stop request.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Error)]
+pub enum ShardError {
+    #[error("locked-memory limit is {have} KiB, glommio needs at least {need} KiB: run `ulimit -l {suggest}` (or LimitMEMLOCK={suggest}K in a systemd unit) before starting orbitmq", have = .0 / 1024, need = MIN_MEMLOCK_BYTES / 1024, suggest = 65536)]
+    MemLock(u64),
+    #[error(transparent)]
+    Shape(#[from] shape::ShapeError),
+    #[error("shard {shard} could not start: {why} (io_uring needs Linux 5.8+ and must not be disabled by kernel.io_uring_disabled or a seccomp profile)")]
+    Start { shard: u32, why: String },
+    #[error("shard {shard}: {why}")]
+    Store { shard: u32, why: String },
+}
+
+/// The locked-memory limit in bytes (RLIMIT_MEMLOCK, soft).
+pub fn memlock_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
+        u64::MAX
+    } else {
+        r.rlim_cur
+    }
+}
+
+/// Registered I/O memory per shard that fits the locked-memory limit.
+pub fn io_memory_per_shard(shards: u32) -> Result<usize, ShardError> {
+    let limit = memlock_limit();
+    if limit < MIN_MEMLOCK_BYTES {
+        return Err(ShardError::MemLock(limit));
+    }
+    let share = limit / (MEMLOCK_SHARE_PER_SHARD * shards as u64);
+    Ok(share.min(MAX_IO_MEMORY) as usize)
+}
+
+/// The online CPUs this process may run on.
+pub fn available_cores() -> Vec<usize> {
+    // SAFETY: CPU_* macros work on the zeroed set; sched_getaffinity fills it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|c| libc::CPU_ISSET(*c, &set))
+            .collect()
+    }
+}
+
+/// Parses a core list such as `0,2-3`.
+pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("invalid core list {s:?}: expected numbers and ranges like 0,2-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("invalid core list {s:?}: no cores"));
+    }
+    Ok(out)
+}
+
+/// How to start the shards of one broker.
+#[derive(Clone, Debug)]
+pub struct ShardSetConfig {
+    pub data_dir: PathBuf,
+    pub shards: u32,
+    /// Core of each shard (pinned); empty: not pinned.
+    pub cores: Vec<usize>,
+    /// Store settings; `dir` is replaced by each shard's directory.
+    pub store: StoreConfig,
+}
+
+/// Running shards; dropping it does not stop them: call [`ShardSet::stop`].
+pub struct ShardSet {
+    pub shape: Shape,
+    stop: Arc<AtomicBool>,
+    handles: Vec<ExecutorJoinHandle<Result<(), String>>>,
+}
+
+pub fn shard_dir(data_dir: &Path, shard: u32) -> PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+impl ShardSet {
+    /// Starts one executor per shard, opens (recovering) each store, and returns once all
+    /// are serving.
+    pub fn start(cfg: ShardSetConfig) -> Result<ShardSet, ShardError> {
+        let io_memory = io_memory_per_shard(cfg.shards)?;
+        let shape = shape::open_or_create(&cfg.data_dir, cfg.shards)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel::<(u32, Result<(), String>)>();
+        let mut handles = Vec::new();
+        for k in 0..cfg.shards {
+            let placement = match cfg.cores.get(k as usize % cfg.cores.len().max(1)) {
+                Some(c) if !cfg.cores.is_empty() => Placement::Fixed(*c),
+                _ => Placement::Unbound,
+            };
+            let mut store_cfg = cfg.store.clone();
+            store_cfg.dir = shard_dir(&cfg.data_dir, k);
+            let stop = stop.clone();
+            let ready = ready_tx.clone();
+            let h = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{k}"))
+                .io_memory(io_memory)
+                .spawn(move || async move {
+                    let store = match Store::open(store_cfg).await {
+                        Ok(s) => {
+                            let _ = ready.send((k, Ok(())));
+                            s
+                        }
+                        Err(e) => {
+                            let _ = ready.send((k, Err(e.to_string())));
+                            return Err(e.to_string());
+                        }
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        glommio::timer::sleep(STOP_POLL).await;
+                    }
+                    store.close().await.map_err(|e| e.to_string())
+                })
+                .map_err(|e| ShardError::Start {
+                    shard: k,
+                    why: e.to_string(),
+                })?;
+            handles.push(h);
+        }
+        drop(ready_tx);
+        let mut set = ShardSet {
+            shape,
+            stop,
+            handles,
+        };
+        for _ in 0..cfg.shards {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(why))) => {
+                    set.stop_and_join();
+                    return Err(ShardError::Store { shard, why });
+                }
+                Err(_) => {
+                    // A shard thread died before reporting: glommio failed to start it.
+                    let why = set
+                        .stop_and_join()
+                        .unwrap_or_else(|| "executor exited".into());
+                    return Err(ShardError::Start { shard: 0, why });
+                }
+            }
+        }
+        info!(shards = cfg.shards, "shards serving");
+        Ok(set)
+    }
+
+    fn stop_and_join(&mut self) -> Option<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut first = None;
+        for h in self.handles.drain(..) {
+            let r = match h.join() {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => e.to_string(),
+            };
+            error!(error = %r, "shard stopped with an error");
+            first.get_or_insert(r);
+        }
+        first
+    }
+
+    /// Stops every shard after closing its store (everything staged is written and synced).
+    pub fn stop(mut self) -> Result<(), String> {
+        match self.stop_and_join() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists() {
+        assert_eq!(parse_cores("0,2-3"), Ok(vec![0, 2, 3]));
+        assert_eq!(parse_cores(" 1 "), Ok(vec![1]));
+        assert!(parse_cores("3-1").is_err());
+        assert!(parse_cores("x").is_err());
+        assert!(parse_cores("").is_err());
+    }
+}
