@@ -1,5 +1,9 @@
-//! The orbitmq wire protocol crate: limits and the record format shared by broker and client.
-//! (Frames, headers and request codes arrive with the broker issue.)
+//! The orbitmq wire protocol: frames, headers, codes, message ids, limits, and the stored
+//! record format that a pull returns.
 
+pub mod codes;
+pub mod frame;
+pub mod header;
 pub mod limits;
+pub mod msgid;
 pub mod record;

@@ -15,6 +15,24 @@ pub const MAX_PROPERTIES_LEN: usize = 32 * 1024;
 /// Largest stored record: a maximal body plus the largest header and variable fields.
 pub const MAX_RECORD_LEN: usize =
     MAX_MESSAGE_SIZE + MAX_PROPERTIES_LEN + MAX_KEYS_LEN + MAX_TAGS_LEN + MAX_TOPIC_LEN + 256;
+/// Largest frame on the wire: a maximal batch or pull response and its header.
+pub const MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
+/// Largest frame header (an rkyv archive).
+pub const MAX_HEADER_LEN: usize = 4 * 1024 * 1024;
+/// Bodies of one batch send, together (RocketMQ: 4 MiB).
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Messages of one batch send.
+pub const MAX_BATCH_MESSAGES: usize = 1024;
+/// Record bytes one pull response carries at most.
+pub const MAX_PULL_BYTES: usize = 8 * 1024 * 1024;
+/// Messages one pull returns per queue at most (RocketMQ's pull batch is 32 by default).
+pub const MAX_PULL_MESSAGES: u32 = 1024;
+/// Queues one pull request may cover.
+pub const MAX_PULL_QUEUES: usize = 256;
+/// Longest a pull may park waiting for messages (RocketMQ holds 15 s by default).
+pub const MAX_PULL_SUSPEND_MS: u32 = 60_000;
+/// Longest consumer group, producer group or client id.
+pub const MAX_GROUP_LEN: usize = 255;
 /// Most queues one topic may have on one broker.
 pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
 

@@ -1,0 +1,86 @@
+//! Request and response codes. Numbers follow RocketMQ's where it has the same request.
+
+/// Request codes.
+pub mod request {
+    pub const SEND_MESSAGE: u16 = 10;
+    pub const PULL_MESSAGE: u16 = 11;
+    pub const QUERY_CONSUMER_OFFSET: u16 = 14;
+    pub const UPDATE_CONSUMER_OFFSET: u16 = 15;
+    pub const SEARCH_OFFSET_BY_TIMESTAMP: u16 = 29;
+    pub const GET_MAX_OFFSET: u16 = 30;
+    pub const GET_MIN_OFFSET: u16 = 31;
+    pub const HEART_BEAT: u16 = 34;
+    pub const GET_ROUTEINFO_BY_TOPIC: u16 = 105;
+
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            SEND_MESSAGE => "SEND_MESSAGE",
+            PULL_MESSAGE => "PULL_MESSAGE",
+            QUERY_CONSUMER_OFFSET => "QUERY_CONSUMER_OFFSET",
+            UPDATE_CONSUMER_OFFSET => "UPDATE_CONSUMER_OFFSET",
+            SEARCH_OFFSET_BY_TIMESTAMP => "SEARCH_OFFSET_BY_TIMESTAMP",
+            GET_MAX_OFFSET => "GET_MAX_OFFSET",
+            GET_MIN_OFFSET => "GET_MIN_OFFSET",
+            HEART_BEAT => "HEART_BEAT",
+            GET_ROUTEINFO_BY_TOPIC => "GET_ROUTEINFO_BY_TOPIC",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Response codes.
+pub mod response {
+    pub const SUCCESS: u16 = 0;
+    pub const SYSTEM_ERROR: u16 = 1;
+    pub const SYSTEM_BUSY: u16 = 2;
+    pub const REQUEST_CODE_NOT_SUPPORTED: u16 = 3;
+    /// The header failed validation or does not fit the request.
+    pub const BAD_REQUEST: u16 = 4;
+    pub const FLUSH_DISK_TIMEOUT: u16 = 10;
+    pub const SLAVE_NOT_AVAILABLE: u16 = 11;
+    pub const MESSAGE_ILLEGAL: u16 = 13;
+    /// The store cannot take writes (I/O error fenced it, or the disk is full).
+    pub const SERVICE_NOT_AVAILABLE: u16 = 14;
+    pub const TOPIC_NOT_EXIST: u16 = 17;
+    pub const PULL_NOT_FOUND: u16 = 19;
+    pub const PULL_RETRY_IMMEDIATELY: u16 = 20;
+    pub const PULL_OFFSET_MOVED: u16 = 21;
+    pub const QUERY_NOT_FOUND: u16 = 22;
+    /// The queue lives on another shard: the header names its endpoint.
+    pub const WRONG_SHARD: u16 = 40;
+
+    pub fn name(code: u16) -> &'static str {
+        match code {
+            SUCCESS => "SUCCESS",
+            SYSTEM_ERROR => "SYSTEM_ERROR",
+            SYSTEM_BUSY => "SYSTEM_BUSY",
+            REQUEST_CODE_NOT_SUPPORTED => "REQUEST_CODE_NOT_SUPPORTED",
+            BAD_REQUEST => "BAD_REQUEST",
+            FLUSH_DISK_TIMEOUT => "FLUSH_DISK_TIMEOUT",
+            SLAVE_NOT_AVAILABLE => "SLAVE_NOT_AVAILABLE",
+            MESSAGE_ILLEGAL => "MESSAGE_ILLEGAL",
+            SERVICE_NOT_AVAILABLE => "SERVICE_NOT_AVAILABLE",
+            TOPIC_NOT_EXIST => "TOPIC_NOT_EXIST",
+            PULL_NOT_FOUND => "PULL_NOT_FOUND",
+            PULL_RETRY_IMMEDIATELY => "PULL_RETRY_IMMEDIATELY",
+            PULL_OFFSET_MOVED => "PULL_OFFSET_MOVED",
+            QUERY_NOT_FOUND => "QUERY_NOT_FOUND",
+            WRONG_SHARD => "WRONG_SHARD",
+            _ => "UNKNOWN",
+        }
+    }
+}
+
+/// Push codes (broker to client).
+pub mod push {
+    /// The broker is shutting down: refresh routes.
+    pub const GOING_AWAY: u16 = 1;
+    /// A free-form notice (also used to prove the push channel in tests).
+    pub const NOTICE: u16 = 2;
+}
+
+/// QUIC application error codes used to close a stream or connection.
+pub mod quic {
+    pub const FRAME_INVALID: u32 = 1;
+    pub const SHUTDOWN: u32 = 2;
+}
