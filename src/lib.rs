@@ -2,6 +2,8 @@
 
 pub mod dma;
 pub mod log;
+pub mod nameserver;
+pub mod net;
 pub mod shard;
 pub mod sync;
 

@@ -1,6 +1,8 @@
 //! The `orbitmq` command.
 
 use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -8,7 +10,10 @@ use std::rc::Rc;
 use clap::{Args, Parser, Subcommand};
 use orbitmq::log::{FlushMode, Store, StoreConfig};
 use orbitmq::proto::record::Message;
-use orbitmq::shard::{self, ShardSet, ShardSetConfig};
+use orbitmq::nameserver::topics::{Topics, DEFAULT_TOPIC_QUEUE_NUMS};
+use orbitmq::nameserver::{NameServer, NameServerHandle};
+use orbitmq::net::tls;
+use orbitmq::shard::{self, NetConfig, ShardSet, ShardSetConfig};
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start the storage shards of a broker on one host (the network arrives in a later release).
+    /// Start a name server and a broker in one process: the embedded default.
     Standalone(StandaloneArgs),
     /// Append numbered messages to one store and print each acknowledgement (crash tests).
     #[command(hide = true)]
@@ -53,6 +58,15 @@ struct StandaloneArgs {
     /// Cores to pin shards to, e.g. `0,2-3` (default: the available cores).
     #[arg(long)]
     cores: Option<String>,
+    /// Name server address.
+    #[arg(long, default_value = "127.0.0.1:9876")]
+    namesrv_listen: SocketAddr,
+    /// Broker address: shard k listens on this port + k (port 0: ephemeral ports).
+    #[arg(long, default_value = "127.0.0.1:10911")]
+    listen: SocketAddr,
+    /// Refuse sends and routes for topics that were not created (`autoCreateTopicEnable=false`).
+    #[arg(long)]
+    no_auto_create: bool,
 }
 
 #[derive(Args)]
@@ -72,6 +86,9 @@ struct WriterArgs {
     #[arg(long, default_value_t = 100)]
     body_size: usize,
 }
+
+/// RocketMQ's default `brokerName` for a one-broker setup.
+const DEFAULT_BROKER_NAME: &str = "broker-a";
 
 fn store_config(a: &StoreArgs, dir: PathBuf) -> StoreConfig {
     let mut c = StoreConfig::new(dir, a.flush);
@@ -132,6 +149,13 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     }
     let store = store_config(&a.store, PathBuf::new());
     store.validate()?;
+    std::fs::create_dir_all(&a.store.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", a.store.data_dir.display()))?;
+    let identity = tls::load_or_create(&a.store.data_dir).map_err(|e| e.to_string())?;
+    let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
+    let topics = Arc::new(
+        Topics::load(&a.store.data_dir, !a.no_auto_create, DEFAULT_TOPIC_QUEUE_NUMS).map_err(|e| e.to_string())?,
+    );
     let sigs = block_stop_signals();
     let set = ShardSet::start(ShardSetConfig {
         data_dir: a.store.data_dir.clone(),
@@ -142,17 +166,41 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
             Vec::new()
         },
         store,
+        net: Some(NetConfig {
+            listen: a.listen,
+            server: server.clone(),
+            topics,
+        }),
     })
     .map_err(|e| e.to_string())?;
+    let shared = set.shared.clone().expect("networked shards");
+    let ns = NameServerHandle::start(
+        a.namesrv_listen,
+        server,
+        NameServer {
+            broker_name: DEFAULT_BROKER_NAME.into(),
+            broker: shared,
+        },
+    );
+    let ns = match ns {
+        Ok(ns) => ns,
+        Err(e) => {
+            let _ = set.stop();
+            return Err(e);
+        }
+    };
+    let eps: Vec<String> = set.endpoints().iter().map(|e| e.to_string()).collect();
     println!(
-        "ready data-dir={} shards={} flush={:?} (storage only: no network listener in this build)",
-        a.store.data_dir.display(),
-        set.shape.shards,
-        a.store.flush
+        "ready namesrv={} broker={} shards={} ca={}",
+        ns.addr,
+        eps[0],
+        eps.join(","),
+        identity.paths.ca.display()
     );
     let _ = std::io::stdout().flush();
     let sig = wait_for_stop_signal(&sigs);
     tracing::info!(signal = sig, "stopping: flushing every shard");
+    ns.stop();
     set.stop()
 }
 

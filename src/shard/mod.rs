@@ -4,9 +4,14 @@
 //! are recorded in the data directory when it is created ([`crate::log::shape`]); a restart with
 //! another count is refused.
 
+pub mod broker;
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::Duration;
 
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
@@ -15,6 +20,9 @@ use tracing::{error, info};
 
 use crate::log::shape::{self, Shape};
 use crate::log::{Store, StoreConfig};
+use crate::nameserver::topics::{TopicView, Topics};
+use crate::net::server::Connections;
+use broker::BrokerShared;
 
 /// glommio refuses to start below this locked-memory limit.
 pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
@@ -100,8 +108,17 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
+/// The network side of a broker's shards.
+#[derive(Clone)]
+pub struct NetConfig {
+    /// Shard k listens on this port + k (port 0: ephemeral ports).
+    pub listen: SocketAddr,
+    pub server: quinn::ServerConfig,
+    pub topics: Arc<Topics>,
+}
+
 /// How to start the shards of one broker.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ShardSetConfig {
     pub data_dir: PathBuf,
     pub shards: u32,
@@ -109,11 +126,15 @@ pub struct ShardSetConfig {
     pub cores: Vec<usize>,
     /// Store settings; `dir` is replaced by each shard's directory.
     pub store: StoreConfig,
+    /// `None`: storage only (tests and tools).
+    pub net: Option<NetConfig>,
 }
 
 /// Running shards; dropping it does not stop them: call [`ShardSet::stop`].
 pub struct ShardSet {
     pub shape: Shape,
+    /// Set when the shards serve the network.
+    pub shared: Option<Arc<BrokerShared>>,
     stop: Arc<AtomicBool>,
     handles: Vec<ExecutorJoinHandle<Result<(), String>>>,
 }
@@ -122,14 +143,76 @@ pub fn shard_dir(data_dir: &Path, shard: u32) -> PathBuf {
     data_dir.join(format!("shard-{shard}"))
 }
 
+/// Waits for the stop flag, checking it every [`STOP_POLL`].
+async fn until_stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        glommio::timer::sleep(STOP_POLL).await;
+    }
+}
+
+/// One shard's life: open the store, bind its endpoint, serve until stopped, close.
+async fn run_shard(
+    k: u32,
+    store_cfg: StoreConfig,
+    net: Option<(NetConfig, Arc<BrokerShared>)>,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<(u32, Result<Option<SocketAddr>, String>)>,
+) -> Result<(), String> {
+    let store = match Store::open(store_cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = ready.send((k, Err(e.to_string())));
+            return Err(e.to_string());
+        }
+    };
+    let Some((net, shared)) = net else {
+        let _ = ready.send((k, Ok(None)));
+        until_stopped(&stop).await;
+        return store.close().await.map_err(|e| e.to_string());
+    };
+    let port = if net.listen.port() == 0 { 0 } else { net.listen.port() + k as u16 };
+    let addr = SocketAddr::new(net.listen.ip(), port);
+    let endpoint = match crate::net::runtime::server_endpoint(addr, net.server.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            let why = format!("cannot listen on {addr}: {e}");
+            let _ = ready.send((k, Err(why.clone())));
+            let _ = store.close().await;
+            return Err(why);
+        }
+    };
+    let bound = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let _ = ready.send((k, Ok(Some(bound))));
+    let handler = Rc::new(broker::ShardHandler {
+        shard: k,
+        store: store.clone(),
+        view: RefCell::new(TopicView::new(&shared.topics)),
+        shared,
+    });
+    let conns = Rc::new(Connections::default());
+    let server = glommio::spawn_local(crate::net::server::serve(endpoint.clone(), handler, conns.clone()));
+    until_stopped(&stop).await;
+    conns.going_away("broker shutting down").await;
+    endpoint.close(orbitmq_proto::codes::quic::SHUTDOWN.into(), b"shutdown");
+    server.await;
+    store.close().await.map_err(|e| e.to_string())
+}
+
 impl ShardSet {
-    /// Starts one executor per shard, opens (recovering) each store, and returns once all
-    /// are serving.
+    /// Starts one executor per shard, opens (recovering) each store, binds each shard's
+    /// endpoint, and returns once all are serving.
     pub fn start(cfg: ShardSetConfig) -> Result<ShardSet, ShardError> {
         let io_memory = io_memory_per_shard(cfg.shards)?;
         let shape = shape::open_or_create(&cfg.data_dir, cfg.shards)?;
+        let shared = cfg.net.as_ref().map(|n| {
+            Arc::new(BrokerShared {
+                shape: shape.clone(),
+                topics: n.topics.clone(),
+                endpoints: OnceLock::new(),
+            })
+        });
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = mpsc::channel::<(u32, Result<(), String>)>();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let mut handles = Vec::new();
         for k in 0..cfg.shards {
             let placement = match cfg.cores.get(k as usize % cfg.cores.len().max(1)) {
@@ -138,27 +221,12 @@ impl ShardSet {
             };
             let mut store_cfg = cfg.store.clone();
             store_cfg.dir = shard_dir(&cfg.data_dir, k);
-            let stop = stop.clone();
-            let ready = ready_tx.clone();
+            let net = cfg.net.clone().zip(shared.clone());
+            let (stop, ready) = (stop.clone(), ready_tx.clone());
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{k}"))
                 .io_memory(io_memory)
-                .spawn(move || async move {
-                    let store = match Store::open(store_cfg).await {
-                        Ok(s) => {
-                            let _ = ready.send((k, Ok(())));
-                            s
-                        }
-                        Err(e) => {
-                            let _ = ready.send((k, Err(e.to_string())));
-                            return Err(e.to_string());
-                        }
-                    };
-                    while !stop.load(Ordering::Relaxed) {
-                        glommio::timer::sleep(STOP_POLL).await;
-                    }
-                    store.close().await.map_err(|e| e.to_string())
-                })
+                .spawn(move || run_shard(k, store_cfg, net, stop, ready))
                 .map_err(|e| ShardError::Start {
                     shard: k,
                     why: e.to_string(),
@@ -168,27 +236,39 @@ impl ShardSet {
         drop(ready_tx);
         let mut set = ShardSet {
             shape,
+            shared,
             stop,
             handles,
         };
+        let mut endpoints = vec![None; cfg.shards as usize];
         for _ in 0..cfg.shards {
             match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
+                Ok((k, Ok(addr))) => endpoints[k as usize] = addr,
                 Ok((shard, Err(why))) => {
                     set.stop_and_join();
                     return Err(ShardError::Store { shard, why });
                 }
                 Err(_) => {
                     // A shard thread died before reporting: glommio failed to start it.
-                    let why = set
-                        .stop_and_join()
-                        .unwrap_or_else(|| "executor exited".into());
+                    let why = set.stop_and_join().unwrap_or_else(|| "executor exited".into());
                     return Err(ShardError::Start { shard: 0, why });
                 }
             }
         }
+        if let Some(shared) = &set.shared {
+            let eps: Vec<SocketAddr> = endpoints.into_iter().map(|e| e.expect("every shard bound")).collect();
+            let _ = shared.endpoints.set(eps);
+        }
         info!(shards = cfg.shards, "shards serving");
         Ok(set)
+    }
+
+    /// Endpoint of each shard (empty without networking).
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.shared
+            .as_ref()
+            .and_then(|s| s.endpoints.get().cloned())
+            .unwrap_or_default()
     }
 
     fn stop_and_join(&mut self) -> Option<String> {

@@ -1,0 +1,253 @@
+//! Topic configs of a broker (RocketMQ's TopicConfig): queue counts and permissions, persisted
+//! in `<data-dir>/topics.conf`, shared by the shards of one process.
+//!
+//! Writes are rare (topic creation); reads are on every send. Shards keep their own copy and
+//! refresh it when the table's epoch moves, so the hot path reads one atomic, never a lock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use orbitmq_proto::limits::{self, MAX_QUEUES_PER_TOPIC};
+use thiserror::Error;
+
+/// RocketMQ's `defaultTopicQueueNums`.
+pub const DEFAULT_TOPIC_QUEUE_NUMS: u32 = 8;
+/// Permission bits, as RocketMQ.
+pub const PERM_READ: u32 = 4;
+pub const PERM_WRITE: u32 = 2;
+pub const PERM_RW: u32 = PERM_READ | PERM_WRITE;
+const TOPICS_FILE: &str = "topics.conf";
+const TOPICS_HEADER: &str = "# orbitmq topics: name read_queues write_queues perm";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicConfig {
+    pub name: String,
+    pub read_queues: u32,
+    pub write_queues: u32,
+    pub perm: u32,
+}
+
+impl TopicConfig {
+    pub fn new(name: &str, queues: u32) -> TopicConfig {
+        TopicConfig {
+            name: name.to_owned(),
+            read_queues: queues,
+            write_queues: queues,
+            perm: PERM_RW,
+        }
+    }
+
+    /// Queues that exist (the larger of the read and write counts).
+    pub fn queues(&self) -> u32 {
+        self.read_queues.max(self.write_queues)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TopicError {
+    #[error(transparent)]
+    Name(#[from] limits::TopicError),
+    #[error("queue count {0} is out of range 1..={MAX_QUEUES_PER_TOPIC}")]
+    QueueCount(u32),
+    #[error("{path}:{line}: {why}")]
+    Parse { path: String, line: usize, why: String },
+    #[error("writing {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The topic table of one broker process.
+pub struct Topics {
+    path: PathBuf,
+    table: Mutex<BTreeMap<String, TopicConfig>>,
+    epoch: AtomicU64,
+    pub auto_create: bool,
+    pub default_queues: u32,
+}
+
+impl Topics {
+    /// Loads `<data_dir>/topics.conf` (missing: empty).
+    pub fn load(data_dir: &Path, auto_create: bool, default_queues: u32) -> Result<Topics, TopicError> {
+        let path = data_dir.join(TOPICS_FILE);
+        let mut table = BTreeMap::new();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for (i, line) in text.lines().enumerate() {
+                    let line = line.trim();
+                    if line.is_empty() || line.starts_with('#') {
+                        continue;
+                    }
+                    let bad = |why: &str| TopicError::Parse {
+                        path: path.display().to_string(),
+                        line: i + 1,
+                        why: why.to_owned(),
+                    };
+                    let w: Vec<&str> = line.split_whitespace().collect();
+                    if w.len() != 4 {
+                        return Err(bad("expected: name read_queues write_queues perm"));
+                    }
+                    let num = |s: &str| s.parse::<u32>().map_err(|_| bad("not a number"));
+                    let t = TopicConfig {
+                        name: w[0].to_owned(),
+                        read_queues: num(w[1])?,
+                        write_queues: num(w[2])?,
+                        perm: num(w[3])?,
+                    };
+                    limits::validate_topic(&t.name).map_err(|e| bad(&e.to_string()))?;
+                    table.insert(t.name.clone(), t);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(TopicError::Io {
+                    path: path.display().to_string(),
+                    source: e,
+                })
+            }
+        }
+        Ok(Topics {
+            path,
+            table: Mutex::new(table),
+            epoch: AtomicU64::new(1),
+            auto_create,
+            default_queues,
+        })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, TopicConfig> {
+        self.table.lock().expect("topic table lock").clone()
+    }
+
+    pub fn get(&self, name: &str) -> Option<TopicConfig> {
+        self.table.lock().expect("topic table lock").get(name).cloned()
+    }
+
+    /// Creates or updates a topic and persists the table.
+    pub fn upsert(&self, t: TopicConfig) -> Result<TopicConfig, TopicError> {
+        limits::validate_topic(&t.name)?;
+        for n in [t.read_queues, t.write_queues] {
+            if n == 0 || n > MAX_QUEUES_PER_TOPIC {
+                return Err(TopicError::QueueCount(n));
+            }
+        }
+        let mut table = self.table.lock().expect("topic table lock");
+        table.insert(t.name.clone(), t.clone());
+        self.persist(&table)?;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(t)
+    }
+
+    /// The topic's config, creating it with the default queue count when auto-creation is on.
+    pub fn get_or_auto_create(&self, name: &str) -> Result<Option<TopicConfig>, TopicError> {
+        if let Some(t) = self.get(name) {
+            return Ok(Some(t));
+        }
+        if !self.auto_create {
+            return Ok(None);
+        }
+        limits::validate_topic(name)?;
+        let mut table = self.table.lock().expect("topic table lock");
+        if let Some(t) = table.get(name) {
+            return Ok(Some(t.clone()));
+        }
+        let t = TopicConfig::new(name, self.default_queues);
+        table.insert(name.to_owned(), t.clone());
+        self.persist(&table)?;
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        tracing::info!(topic = name, queues = self.default_queues, "topic auto-created");
+        Ok(Some(t))
+    }
+
+    fn persist(&self, table: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
+        let mut s = format!("{TOPICS_HEADER}\n");
+        for t in table.values() {
+            s.push_str(&format!("{} {} {} {}\n", t.name, t.read_queues, t.write_queues, t.perm));
+        }
+        let tmp = self.path.with_extension("tmp");
+        let r = std::fs::write(&tmp, s)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, &self.path));
+        r.map_err(|e| TopicError::Io {
+            path: self.path.display().to_string(),
+            source: e,
+        })
+    }
+}
+
+/// A shard's cached view of the topic table.
+pub struct TopicView {
+    epoch: u64,
+    table: BTreeMap<String, TopicConfig>,
+}
+
+impl TopicView {
+    pub fn new(topics: &Topics) -> TopicView {
+        TopicView {
+            epoch: topics.epoch(),
+            table: topics.snapshot(),
+        }
+    }
+
+    /// The topic's config, from the cache while the table is unchanged.
+    pub fn get(&mut self, topics: &Topics, name: &str) -> Result<Option<TopicConfig>, TopicError> {
+        let epoch = topics.epoch();
+        if epoch != self.epoch {
+            self.table = topics.snapshot();
+            self.epoch = epoch;
+        }
+        if let Some(t) = self.table.get(name) {
+            return Ok(Some(t.clone()));
+        }
+        let t = topics.get_or_auto_create(name)?;
+        if let Some(t) = &t {
+            self.table.insert(name.to_owned(), t.clone());
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_persist_and_auto_create() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Topics::load(d.path(), true, 8).unwrap();
+        let c = t.get_or_auto_create("Orders").unwrap().unwrap();
+        assert_eq!((c.read_queues, c.write_queues, c.perm), (8, 8, PERM_RW));
+        t.upsert(TopicConfig::new("Big", 16)).unwrap();
+        assert!(t.upsert(TopicConfig::new("Zero", 0)).is_err());
+        assert!(t.get_or_auto_create("bad topic").is_err());
+        let t2 = Topics::load(d.path(), false, 8).unwrap();
+        assert_eq!(t2.get("Big").unwrap().queues(), 16);
+        assert_eq!(t2.get("Orders"), Some(c));
+        assert_eq!(t2.get_or_auto_create("Nope").unwrap(), None);
+    }
+
+    #[test]
+    fn views_refresh_when_the_epoch_moves() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Topics::load(d.path(), false, 8).unwrap();
+        let mut v = TopicView::new(&t);
+        assert_eq!(v.get(&t, "A").unwrap(), None);
+        t.upsert(TopicConfig::new("A", 4)).unwrap();
+        assert_eq!(v.get(&t, "A").unwrap().unwrap().queues(), 4);
+    }
+
+    #[test]
+    fn a_malformed_line_names_its_line() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(TOPICS_FILE), "A 1 1 6\nB x 1 6\n").unwrap();
+        let e = Topics::load(d.path(), true, 8).err().unwrap().to_string();
+        assert!(e.contains(":2:"), "{e}");
+    }
+}

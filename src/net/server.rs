@@ -1,0 +1,263 @@
+//! The server side of the protocol on one glommio executor: connections, streams, frames.
+//!
+//! Stream layout (see the protocol doc in the README):
+//! - a client opens bidirectional streams and sends request frames on them; many requests fly
+//!   at once on one stream, each handled in its own task, and each response is written back on
+//!   the same stream with the request's id as soon as it is ready — so a pull parked in a long
+//!   poll never holds up a send behind it;
+//! - the broker opens unidirectional streams to push frames to a client (notices, and later
+//!   rebalance and transaction check-backs);
+//! - bytes of responses queued for a connection are bounded; a handler waits for room.
+//!
+//! A frame that breaks the framing rules closes its stream with [`quic::FRAME_INVALID`]; a request
+//! with an unknown code or an invalid header gets an error response. Either way the connection
+//! and the shard live on.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use glommio::sync::Semaphore;
+use orbitmq_proto::codes::{push, quic, response};
+use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
+use orbitmq_proto::header::{self, ErrorResponse, Notice};
+use orbitmq_proto::limits::MAX_FRAME_LEN;
+use tracing::{debug, warn};
+
+use crate::sync::Event;
+
+/// Response bytes queued for one connection before handlers wait (at least one max frame).
+pub const MAX_OUTBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
+/// Bytes read from a stream at a time.
+const READ_CHUNK: usize = 256 * 1024;
+/// Requests in progress on one stream before the reader stops reading (back-pressure).
+pub const MAX_INFLIGHT_PER_STREAM: usize = 4096;
+
+/// What a request handler sees of its connection.
+#[derive(Clone)]
+pub struct Peer {
+    pub conn: quinn::Connection,
+    pub remote: SocketAddr,
+}
+
+impl Peer {
+    /// Pushes a frame to the client on a new unidirectional stream.
+    pub async fn push(&self, code: u16, message: &str) -> Result<(), String> {
+        let h = header::encode(&Notice {
+            message: message.to_owned(),
+        });
+        let f = Frame::new(Kind::Push, code, 0, h, Bytes::new());
+        let mut s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
+        s.write_all(&f.to_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.finish().map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Frame>>>;
+
+/// Turns a request into its response (same request id).
+pub trait Handler: 'static {
+    fn handle(self: Rc<Self>, req: Frame, peer: &Peer) -> HandlerFuture;
+}
+
+/// A response carrying only an error message.
+pub fn error_frame(req_id: u64, code: u16, message: impl Into<String>) -> Frame {
+    error_frame_redirect(req_id, code, message, String::new())
+}
+
+pub fn error_frame_redirect(
+    req_id: u64,
+    code: u16,
+    message: impl Into<String>,
+    redirect: String,
+) -> Frame {
+    let h = header::encode(&ErrorResponse {
+        message: message.into(),
+        redirect,
+    });
+    Frame::new(Kind::Response, code, req_id, h, Bytes::new())
+}
+
+pub fn ok_frame(req_id: u64, header: Bytes, body: Bytes) -> Frame {
+    Frame::new(Kind::Response, response::SUCCESS, req_id, header, body)
+}
+
+/// Live connections of one endpoint, to push notices to all of them.
+#[derive(Default)]
+pub struct Connections {
+    live: RefCell<Vec<quinn::Connection>>,
+}
+
+impl Connections {
+    /// Tells every client the server is going away (they refresh routes) and closes them.
+    pub async fn going_away(&self, why: &str) {
+        let conns: Vec<_> = self.live.borrow_mut().drain(..).collect();
+        for c in conns {
+            let p = Peer {
+                remote: c.remote_address(),
+                conn: c.clone(),
+            };
+            let _ = p.push(push::GOING_AWAY, why).await;
+            c.close(quic::SHUTDOWN.into(), b"shutdown");
+        }
+    }
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, handler: Rc<dyn Handler>, conns: Rc<Connections>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (handler, conns) = (handler.clone(), conns.clone());
+        glommio::spawn_local(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    debug!(error = %e, "handshake failed");
+                    return;
+                }
+            };
+            conns
+                .live
+                .borrow_mut()
+                .retain(|c| c.close_reason().is_none());
+            conns.live.borrow_mut().push(conn.clone());
+            serve_connection(conn, handler).await;
+        })
+        .detach();
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, handler: Rc<dyn Handler>) {
+    let peer = Peer {
+        remote: conn.remote_address(),
+        conn: conn.clone(),
+    };
+    let outbound = Rc::new(Semaphore::new(MAX_OUTBOUND_BYTES_PER_CONN as u64));
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(remote = %peer.remote, error = %e, "connection ended");
+                return;
+            }
+        };
+        let (handler, peer, outbound) = (handler.clone(), peer.clone(), outbound.clone());
+        glommio::spawn_local(serve_stream(send, recv, handler, peer, outbound)).detach();
+    }
+}
+
+/// Frames waiting to be written on one stream, in completion order.
+struct Outbox {
+    queue: RefCell<VecDeque<Frame>>,
+    ready: Event,
+    closed: Cell<bool>,
+    inflight: Cell<usize>,
+    room: Event,
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: Rc<dyn Handler>,
+    peer: Peer,
+    outbound: Rc<Semaphore>,
+) {
+    let outbox = Rc::new(Outbox {
+        queue: RefCell::new(VecDeque::new()),
+        ready: Event::default(),
+        closed: Cell::new(false),
+        inflight: Cell::new(0),
+        room: Event::default(),
+    });
+    // Writer: drains the outbox in order of completion.
+    let writer = {
+        let (outbox, outbound) = (outbox.clone(), outbound.clone());
+        glommio::spawn_local(async move {
+            loop {
+                let listener = outbox.ready.listen();
+                let next = outbox.queue.borrow_mut().pop_front();
+                match next {
+                    Some(f) => {
+                        let n = f.encoded_len();
+                        let mut parts = [Bytes::copy_from_slice(&f.prefix()), f.header, f.body];
+                        let r = send.write_all_chunks(&mut parts).await;
+                        outbound.signal(n as u64);
+                        if r.is_err() {
+                            outbox.closed.set(true);
+                            return send;
+                        }
+                    }
+                    None if outbox.closed.get() && outbox.inflight.get() == 0 => return send,
+                    None => listener.await,
+                }
+            }
+        })
+    };
+
+    let mut decoder = FrameDecoder::new();
+    let mut failure = None;
+    'read: loop {
+        while outbox.inflight.get() >= MAX_INFLIGHT_PER_STREAM {
+            outbox.room.listen().await;
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+            Ok(None) => break,
+            Err(e) => {
+                debug!(remote = %peer.remote, error = %e, "stream read ended");
+                break;
+            }
+        }
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e.to_string());
+                    break 'read;
+                }
+            };
+            if frame.kind != Kind::Request {
+                failure = Some(format!("a client sent a {:?} frame", frame.kind));
+                break 'read;
+            }
+            outbox.inflight.set(outbox.inflight.get() + 1);
+            let (handler, peer, outbox, outbound) = (
+                handler.clone(),
+                peer.clone(),
+                outbox.clone(),
+                outbound.clone(),
+            );
+            glommio::spawn_local(async move {
+                let resp = handler.handle(frame, &peer).await;
+                let n = resp.encoded_len() as u64;
+                // Bound what waits for the network; a closed semaphore only means shutdown.
+                if outbound.acquire(n).await.is_ok() {
+                    outbox.queue.borrow_mut().push_back(resp);
+                }
+                outbox.inflight.set(outbox.inflight.get() - 1);
+                outbox.ready.notify();
+                outbox.room.notify();
+            })
+            .detach();
+        }
+    }
+    if let Some(why) = &failure {
+        warn!(remote = %peer.remote, why, "closing a stream after an invalid frame");
+        let _ = recv.stop(quic::FRAME_INVALID.into());
+    }
+    outbox.closed.set(true);
+    outbox.ready.notify();
+    let mut send = writer.await;
+    if failure.is_some() {
+        let _ = send.reset(quic::FRAME_INVALID.into());
+    } else {
+        let _ = send.finish();
+    }
+}

@@ -1,0 +1,419 @@
+//! The requests a shard serves: send, pull (with long polling), consumer offsets, queue
+//! offsets, heartbeats. Each shard answers only for the queues it owns and redirects the rest.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::frame::Frame;
+use orbitmq_proto::header::{
+    self, HeartbeatRequest, OffsetResponse, PullQueueResult, PullRequest, PullResponse, QueueRequest,
+    QueueValueRequest, SendRequest, SendResponse, SendResult,
+};
+use orbitmq_proto::limits::{
+    MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_MESSAGES, MAX_PULL_QUEUES,
+    MAX_PULL_SUSPEND_MS,
+};
+use orbitmq_proto::msgid::OffsetId;
+use orbitmq_proto::record::{self, Message};
+use tracing::debug;
+
+use crate::log::shape::Shape;
+use crate::log::{ReadStatus, Store, StoreError};
+use crate::nameserver::topics::{TopicView, Topics, PERM_READ, PERM_WRITE};
+use crate::net::server::{error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer};
+
+/// What every shard of a broker shares (read-only after start, or behind its own sync).
+pub struct BrokerShared {
+    pub shape: Shape,
+    pub topics: Arc<Topics>,
+    /// Endpoint of each shard, known once every shard has bound its port.
+    pub endpoints: OnceLock<Vec<SocketAddr>>,
+}
+
+/// One shard's request handler.
+pub struct ShardHandler {
+    pub shard: u32,
+    pub store: Store,
+    pub shared: Arc<BrokerShared>,
+    pub view: RefCell<TopicView>,
+}
+
+/// Parsed tag expression: `None` for `*`, else the accepted tag hashes.
+pub fn tag_hashes(expr: &str) -> Option<Vec<u64>> {
+    let expr = expr.trim();
+    if expr.is_empty() || expr == "*" {
+        return None;
+    }
+    Some(
+        expr.split("||")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(record::tag_hash)
+            .collect(),
+    )
+}
+
+fn store_error_code(e: &StoreError) -> u16 {
+    match e {
+        StoreError::BadMessage(_) | StoreError::BadBatch(_) => response::MESSAGE_ILLEGAL,
+        StoreError::Fenced(_) | StoreError::DiskFull(_) | StoreError::Closed => response::SERVICE_NOT_AVAILABLE,
+        _ => response::SYSTEM_ERROR,
+    }
+}
+
+impl ShardHandler {
+    fn endpoint_of(&self, shard: u32) -> String {
+        self.shared
+            .endpoints
+            .get()
+            .and_then(|e| e.get(shard as usize))
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
+    fn my_endpoint(&self) -> SocketAddr {
+        self.shared
+            .endpoints
+            .get()
+            .and_then(|e| e.get(self.shard as usize).copied())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Checks the topic and queue, and that this shard owns the queue. Err: the response.
+    fn check_queue(&self, id: u64, topic: &str, queue_id: u32, perm: u32) -> Result<(), Frame> {
+        let t = match self.view.borrow_mut().get(&self.shared.topics, topic) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(error_frame(
+                    id,
+                    response::TOPIC_NOT_EXIST,
+                    format!("topic {topic} does not exist (auto-creation is off)"),
+                ))
+            }
+            Err(e) => return Err(error_frame(id, response::MESSAGE_ILLEGAL, e.to_string())),
+        };
+        if t.perm & perm == 0 {
+            return Err(error_frame(id, response::SYSTEM_ERROR, format!("topic {topic} forbids this operation")));
+        }
+        let n = if perm == PERM_WRITE { t.write_queues } else { t.read_queues };
+        if queue_id >= n {
+            return Err(error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                format!("queue {queue_id} of topic {topic} does not exist (it has {n})"),
+            ));
+        }
+        let owner = self.shared.shape.shard_of(topic, queue_id);
+        if owner != self.shard {
+            return Err(error_frame_redirect(
+                id,
+                response::WRONG_SHARD,
+                format!("queue {queue_id} of {topic} is served by shard {owner}"),
+                self.endpoint_of(owner),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn send(&self, req: Frame, peer: &Peer) -> Frame {
+        let id = req.request_id;
+        let h: SendRequest = match header::decode(&req.header) {
+            Ok(h) => h,
+            Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+        };
+        if h.messages.is_empty() || h.messages.len() > MAX_BATCH_MESSAGES {
+            return error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                format!("a send carries 1..={MAX_BATCH_MESSAGES} messages, not {}", h.messages.len()),
+            );
+        }
+        if h.producer_group.len() > MAX_GROUP_LEN {
+            return error_frame(id, response::MESSAGE_ILLEGAL, "producer group name too long");
+        }
+        let total: u64 = h.messages.iter().map(|m| m.body_len as u64).sum();
+        if total != req.body.len() as u64 {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!("bodies say {total} bytes, the frame carries {}", req.body.len()),
+            );
+        }
+        if h.messages.len() > 1 && total as usize > MAX_BATCH_BYTES {
+            return error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                format!("batch of {total} bytes is over the limit of {MAX_BATCH_BYTES}"),
+            );
+        }
+        if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_WRITE) {
+            return f;
+        }
+        let mut at = 0usize;
+        let msgs: Vec<Message> = h
+            .messages
+            .into_iter()
+            .map(|m| {
+                let body = req.body[at..at + m.body_len as usize].to_vec();
+                at += m.body_len as usize;
+                Message {
+                    topic: h.topic.clone(),
+                    queue_id: h.queue_id,
+                    flag: m.flag,
+                    sys_flag: m.sys_flag,
+                    born_timestamp: m.born_timestamp,
+                    born_host: Some(peer.remote),
+                    reconsume_times: 0,
+                    prepared_tx_offset: 0,
+                    tags: m.tags,
+                    keys: m.keys,
+                    properties: m.properties,
+                    body,
+                }
+            })
+            .collect();
+        match self.store.append_batch(&msgs).await {
+            Ok(results) => {
+                let me = self.my_endpoint();
+                let resp = SendResponse {
+                    queue_id: h.queue_id,
+                    results: results
+                        .iter()
+                        .map(|r| SendResult {
+                            msg_id: OffsetId::new(me, self.shard as u16, r.physical_offset).encode(),
+                            queue_offset: r.queue_offset,
+                        })
+                        .collect(),
+                };
+                ok_frame(id, header::encode(&resp), Bytes::new())
+            }
+            Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
+        }
+    }
+
+    async fn pull(&self, req: Frame) -> Frame {
+        let id = req.request_id;
+        let h: PullRequest = match header::decode(&req.header) {
+            Ok(h) => h,
+            Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+        };
+        if h.queues.is_empty() || h.queues.len() > MAX_PULL_QUEUES {
+            return error_frame(id, response::BAD_REQUEST, format!("a pull covers 1..={MAX_PULL_QUEUES} queues"));
+        }
+        let max_bytes = (h.max_bytes as usize).clamp(1, MAX_PULL_BYTES);
+        let deadline = Instant::now() + Duration::from_millis(h.suspend_ms.min(MAX_PULL_SUSPEND_MS) as u64);
+        struct Q {
+            topic: String,
+            queue_id: u32,
+            offset: u64,
+            max_msgs: usize,
+            tags: Option<Vec<u64>>,
+            result: Option<PullQueueResult>,
+        }
+        let mut qs: Vec<Q> = Vec::with_capacity(h.queues.len());
+        for q in h.queues {
+            let mut result = None;
+            if let Err(f) = self.check_queue(id, &q.topic, q.queue_id, PERM_READ) {
+                result = Some(PullQueueResult {
+                    topic: q.topic.clone(),
+                    queue_id: q.queue_id,
+                    status: f.code,
+                    next_offset: q.offset,
+                    min_offset: 0,
+                    max_offset: 0,
+                    count: 0,
+                    bytes: 0,
+                });
+            }
+            qs.push(Q {
+                tags: tag_hashes(&q.sub_expr),
+                max_msgs: q.max_msgs.clamp(1, MAX_PULL_MESSAGES) as usize,
+                topic: q.topic,
+                queue_id: q.queue_id,
+                offset: q.offset,
+                result,
+            });
+        }
+        loop {
+            // Take the wake-up before looking, so an append in between is not missed.
+            let dispatched = self.store.dispatched();
+            let mut body = BytesMut::new();
+            let mut found = false;
+            let mut budget = max_bytes;
+            for q in qs.iter_mut().filter(|q| q.result.as_ref().is_none_or(|r| r.status == response::PULL_NOT_FOUND)) {
+                let r = match self
+                    .store
+                    .read(&q.topic, q.queue_id, q.offset, q.max_msgs, budget.max(1), q.tags.as_deref())
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => return error_frame(id, store_error_code(&e), e.to_string()),
+                };
+                let status = match r.status {
+                    ReadStatus::Found => response::SUCCESS,
+                    ReadStatus::NoNewMessage | ReadStatus::NoSuchQueue => response::PULL_NOT_FOUND,
+                    ReadStatus::OffsetTooSmall | ReadStatus::OffsetOverflow => response::PULL_OFFSET_MOVED,
+                };
+                // A tag miss still moves the offset on: keep it, and park again from there.
+                q.offset = r.next_offset.max(if status == response::PULL_OFFSET_MOVED { 0 } else { q.offset });
+                let bytes: usize = r.records.iter().map(|b| b.len()).sum();
+                for b in &r.records {
+                    body.extend_from_slice(b);
+                }
+                budget = budget.saturating_sub(bytes);
+                found |= status != response::PULL_NOT_FOUND;
+                q.result = Some(PullQueueResult {
+                    topic: q.topic.clone(),
+                    queue_id: q.queue_id,
+                    status,
+                    next_offset: r.next_offset,
+                    min_offset: r.min_offset,
+                    max_offset: r.max_offset,
+                    count: r.records.len() as u32,
+                    bytes: bytes as u32,
+                });
+            }
+            let errors = qs.iter().any(|q| {
+                q.result
+                    .as_ref()
+                    .is_some_and(|r| r.status != response::PULL_NOT_FOUND && r.status != response::SUCCESS)
+            });
+            let now = Instant::now();
+            if found || errors || now >= deadline {
+                let resp = PullResponse {
+                    queues: qs
+                        .into_iter()
+                        .map(|q| {
+                            let mut r = q.result.expect("every queue was looked at");
+                            if r.status == response::PULL_NOT_FOUND {
+                                r.next_offset = q.offset;
+                            }
+                            r
+                        })
+                        .collect(),
+                };
+                return ok_frame(id, header::encode(&resp), body.freeze());
+            }
+            // Park until an append is dispatched or the remaining timeout runs out.
+            let remaining = deadline - now;
+            futures_lite::future::or(dispatched, glommio::timer::sleep(remaining)).await;
+            for q in qs.iter_mut() {
+                if q.result.as_ref().is_some_and(|r| r.status == response::PULL_NOT_FOUND) {
+                    q.result = None;
+                }
+            }
+        }
+    }
+
+    fn queue_request(&self, req: &Frame) -> Result<QueueRequest, Frame> {
+        header::decode::<QueueRequest>(&req.header)
+            .map_err(|e| error_frame(req.request_id, response::BAD_REQUEST, e.to_string()))
+    }
+
+    fn queue_value_request(&self, req: &Frame) -> Result<QueueValueRequest, Frame> {
+        header::decode::<QueueValueRequest>(&req.header)
+            .map_err(|e| error_frame(req.request_id, response::BAD_REQUEST, e.to_string()))
+    }
+
+    fn offset_frame(id: u64, offset: u64) -> Frame {
+        ok_frame(id, header::encode(&OffsetResponse { offset }), Bytes::new())
+    }
+
+    async fn dispatch(&self, req: Frame, peer: &Peer) -> Frame {
+        let id = req.request_id;
+        match req.code {
+            request::SEND_MESSAGE => self.send(req, peer).await,
+            request::PULL_MESSAGE => self.pull(req).await,
+            request::QUERY_CONSUMER_OFFSET => {
+                let h = match self.queue_request(&req) {
+                    Ok(h) => h,
+                    Err(f) => return f,
+                };
+                if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
+                    return f;
+                }
+                match self.store.query_offset(&h.group, &h.topic, h.queue_id) {
+                    Some(o) => Self::offset_frame(id, o),
+                    None => error_frame(id, response::QUERY_NOT_FOUND, "no committed offset"),
+                }
+            }
+            request::UPDATE_CONSUMER_OFFSET => {
+                let h = match self.queue_value_request(&req) {
+                    Ok(h) => h,
+                    Err(f) => return f,
+                };
+                if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
+                    return f;
+                }
+                match self.store.commit_offset(&h.group, &h.topic, h.queue_id, h.value) {
+                    Ok(()) => Self::offset_frame(id, h.value),
+                    Err(e) => error_frame(id, response::BAD_REQUEST, e.to_string()),
+                }
+            }
+            request::GET_MIN_OFFSET | request::GET_MAX_OFFSET => {
+                let h = match self.queue_request(&req) {
+                    Ok(h) => h,
+                    Err(f) => return f,
+                };
+                if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
+                    return f;
+                }
+                let (min, max) = self.store.queue_bounds(&h.topic, h.queue_id).unwrap_or((0, 0));
+                Self::offset_frame(id, if req.code == request::GET_MIN_OFFSET { min } else { max })
+            }
+            request::SEARCH_OFFSET_BY_TIMESTAMP => {
+                let h = match self.queue_value_request(&req) {
+                    Ok(h) => h,
+                    Err(f) => return f,
+                };
+                if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
+                    return f;
+                }
+                match self.store.offset_by_time(&h.topic, h.queue_id, h.value).await {
+                    Ok(o) => Self::offset_frame(id, o),
+                    Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
+                }
+            }
+            request::HEART_BEAT => match header::decode::<HeartbeatRequest>(&req.header) {
+                Ok(h) => {
+                    debug!(client = h.client_id, remote = %peer.remote, "heartbeat");
+                    ok_frame(id, Bytes::new(), Bytes::new())
+                }
+                Err(e) => error_frame(id, response::BAD_REQUEST, e.to_string()),
+            },
+            other => error_frame(
+                id,
+                response::REQUEST_CODE_NOT_SUPPORTED,
+                format!("request code {other} is not supported by a broker"),
+            ),
+        }
+    }
+}
+
+impl Handler for ShardHandler {
+    fn handle(self: Rc<Self>, req: Frame, peer: &Peer) -> HandlerFuture {
+        let peer = peer.clone();
+        Box::pin(async move { self.dispatch(req, &peer).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_expressions() {
+        assert_eq!(tag_hashes("*"), None);
+        assert_eq!(tag_hashes(""), None);
+        assert_eq!(tag_hashes("A"), Some(vec![record::tag_hash("A")]));
+        assert_eq!(
+            tag_hashes(" A || B "),
+            Some(vec![record::tag_hash("A"), record::tag_hash("B")])
+        );
+    }
+}
