@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use clap::{Args, Parser, Subcommand};
+use orbitmq::config::BrokerConfig;
 use orbitmq::log::{FlushMode, Store, StoreConfig};
 use orbitmq::proto::record::Message;
-use orbitmq::nameserver::topics::{Topics, DEFAULT_TOPIC_QUEUE_NUMS};
+use orbitmq::nameserver::topics::Topics;
 use orbitmq::nameserver::{NameServer, NameServerHandle};
 use orbitmq::net::tls;
 use orbitmq::shard::{self, NetConfig, ShardSet, ShardSetConfig};
@@ -37,36 +38,37 @@ enum Cmd {
 
 #[derive(Args)]
 struct StoreArgs {
-    /// Data directory (`storePathRootDir`).
-    #[arg(long, default_value = "./orbitmq-data")]
-    data_dir: PathBuf,
-    /// SYNC_FLUSH or ASYNC_FLUSH (`flushDiskType`; also `sync` / `async`).
-    #[arg(long, default_value = "async")]
-    flush: FlushMode,
-    /// CommitLog segment size in bytes (`mappedFileSizeCommitLog`).
-    #[arg(long, default_value_t = orbitmq::log::config::DEFAULT_SEGMENT_SIZE)]
-    segment_size: u64,
+    /// Data directory (`storePathRootDir`; default ./orbitmq-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// SYNC_FLUSH or ASYNC_FLUSH (`flushDiskType`; also `sync` / `async`; default async).
+    #[arg(long)]
+    flush: Option<FlushMode>,
+    /// CommitLog segment size in bytes (`mappedFileSizeCommitLog`; default 1 GiB).
+    #[arg(long)]
+    segment_size: Option<u64>,
 }
 
 #[derive(Args)]
 struct StandaloneArgs {
+    /// A RocketMQ-style broker.conf; flags override its keys.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Number of shards (default: one per available core).
+    /// Number of shards (`shards`; default: one per available core).
     #[arg(long)]
     shards: Option<u32>,
-    /// Cores to pin shards to, e.g. `0,2-3` (default: the available cores).
+    /// Cores to pin shards to, e.g. `0,2-3` (`cores`; default: the available cores).
     #[arg(long)]
     cores: Option<String>,
     /// Name server address.
     #[arg(long, default_value = "127.0.0.1:9876")]
     namesrv_listen: SocketAddr,
-    /// Broker address: shard k listens on this port + k (port 0: ephemeral ports).
-    #[arg(long, default_value = "127.0.0.1:10911")]
-    listen: SocketAddr,
-    /// Refuse sends and routes for topics that were not created (`autoCreateTopicEnable=false`).
+    /// Broker address: shard k listens on this port + k (port 0: ephemeral ports;
+    /// default 127.0.0.1 and `listenPort`, 10911).
     #[arg(long)]
-    no_auto_create: bool,
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -87,13 +89,21 @@ struct WriterArgs {
     body_size: usize,
 }
 
-/// RocketMQ's default `brokerName` for a one-broker setup.
-const DEFAULT_BROKER_NAME: &str = "broker-a";
+/// Where `orbitmq standalone` keeps its data unless told otherwise.
+const DEFAULT_DATA_DIR: &str = "./orbitmq-data";
 
-fn store_config(a: &StoreArgs, dir: PathBuf) -> StoreConfig {
-    let mut c = StoreConfig::new(dir, a.flush);
-    c.segment_size = a.segment_size;
-    c
+/// The effective settings: flags over broker.conf keys over defaults.
+fn store_config(a: &StoreArgs, conf: &BrokerConfig) -> (PathBuf, StoreConfig) {
+    let dir = a
+        .data_dir
+        .clone()
+        .or_else(|| conf.store_path_root_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let mut c = StoreConfig::new(dir.clone(), a.flush.unwrap_or(conf.flush_disk_type));
+    c.segment_size = a.segment_size.unwrap_or(conf.segment_size);
+    c.flush_interval = conf.flush_interval;
+    c.retention = conf.retention.clone();
+    (dir, c)
 }
 
 fn main() -> ExitCode {
@@ -139,35 +149,45 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
 }
 
 fn standalone(a: StandaloneArgs) -> Result<(), String> {
-    let cores = match &a.cores {
+    let conf = match &a.config {
+        Some(p) => BrokerConfig::load(p).map_err(|e| e.to_string())?,
+        None => BrokerConfig::default(),
+    };
+    for w in &conf.warnings {
+        tracing::warn!("{w}");
+    }
+    let cores_arg = a.cores.clone().or(conf.cores.clone());
+    let cores = match &cores_arg {
         Some(s) => shard::parse_cores(s)?,
         None => shard::available_cores(),
     };
-    let shards = a.shards.unwrap_or(cores.len().max(1) as u32);
+    let shards = a.shards.or(conf.shards).unwrap_or(cores.len().max(1) as u32);
     if shards == 0 {
         return Err("--shards must be at least 1".into());
     }
-    let store = store_config(&a.store, PathBuf::new());
+    let (data_dir, store) = store_config(&a.store, &conf);
     store.validate()?;
-    std::fs::create_dir_all(&a.store.data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", a.store.data_dir.display()))?;
-    let identity = tls::load_or_create(&a.store.data_dir).map_err(|e| e.to_string())?;
+    let listen = a
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], conf.listen_port)));
+    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    let identity = tls::load_or_create(&data_dir).map_err(|e| e.to_string())?;
     let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
     let topics = Arc::new(
-        Topics::load(&a.store.data_dir, !a.no_auto_create, DEFAULT_TOPIC_QUEUE_NUMS).map_err(|e| e.to_string())?,
+        Topics::load(&data_dir, conf.auto_create_topic, conf.default_topic_queue_nums).map_err(|e| e.to_string())?,
     );
     let sigs = block_stop_signals();
     let set = ShardSet::start(ShardSetConfig {
-        data_dir: a.store.data_dir.clone(),
+        data_dir: data_dir.clone(),
         shards,
-        cores: if a.cores.is_some() || shards as usize <= cores.len() {
+        cores: if cores_arg.is_some() || shards as usize <= cores.len() {
             cores
         } else {
             Vec::new()
         },
         store,
         net: Some(NetConfig {
-            listen: a.listen,
+            listen,
             server: server.clone(),
             topics,
         }),
@@ -178,7 +198,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
         a.namesrv_listen,
         server,
         NameServer {
-            broker_name: DEFAULT_BROKER_NAME.into(),
+            broker_name: conf.broker_name.clone(),
             broker: shared,
         },
     );
@@ -207,7 +227,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
 /// Appends `crash` topic messages with bodies `q<queue>-n<seq>-` padded to `body_size`,
 /// printing `ack <queue> <queue offset> <seq>` once each is acknowledged.
 fn debug_writer(a: WriterArgs) -> Result<(), String> {
-    let cfg = store_config(&a.store, a.store.data_dir.clone());
+    let (_, cfg) = store_config(&a.store, &BrokerConfig::default());
     let io_memory = shard::io_memory_per_shard(1).map_err(|e| e.to_string())?;
     let h = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .io_memory(io_memory)

@@ -1,0 +1,280 @@
+//! broker.conf: RocketMQ's property format and keys, plus orbitmq's own.
+//!
+//! An unknown key or a malformed value is an error naming the key and line. A RocketMQ key that
+//! orbitmq knows but does not act on yet is a warning. A value orbitmq cannot honour yet (a
+//! slave role before replication exists) is an error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::log::retention::{self, RetentionPolicy};
+use crate::log::FlushMode;
+
+/// RocketMQ's default broker port.
+pub const DEFAULT_LISTEN_PORT: u16 = 10911;
+/// RocketMQ's default cluster and broker names.
+pub const DEFAULT_CLUSTER: &str = "DefaultCluster";
+pub const DEFAULT_BROKER_NAME: &str = "broker-a";
+/// Longest property file accepted.
+const MAX_CONF_LEN: u64 = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}:{line}: unknown key {key:?} (see the README for the keys orbitmq reads)")]
+    UnknownKey { path: String, line: usize, key: String },
+    #[error("{path}:{line}: {key} = {value:?}: {why}")]
+    BadValue {
+        path: String,
+        line: usize,
+        key: String,
+        value: String,
+        why: String,
+    },
+    #[error("{path}:{line}: expected `key = value`")]
+    Syntax { path: String, line: usize },
+    #[error("{path}: {why}")]
+    Io { path: String, why: String },
+}
+
+/// RocketMQ's broker roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerRole {
+    AsyncMaster,
+    SyncMaster,
+    Slave,
+}
+
+/// Settings read from broker.conf (defaults as RocketMQ's).
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub cluster_name: String,
+    pub broker_name: String,
+    pub broker_id: u64,
+    pub namesrv_addr: Vec<String>,
+    pub listen_port: u16,
+    pub store_path_root_dir: Option<PathBuf>,
+    pub flush_disk_type: FlushMode,
+    pub flush_interval: Duration,
+    pub segment_size: u64,
+    pub broker_role: BrokerRole,
+    pub retention: RetentionPolicy,
+    pub auto_create_topic: bool,
+    pub default_topic_queue_nums: u32,
+    pub shards: Option<u32>,
+    pub cores: Option<String>,
+    pub tuning_profile: Option<String>,
+    /// Warnings to log at start (keys known but not acted on).
+    pub warnings: Vec<String>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            cluster_name: DEFAULT_CLUSTER.into(),
+            broker_name: DEFAULT_BROKER_NAME.into(),
+            broker_id: 0,
+            namesrv_addr: Vec::new(),
+            listen_port: DEFAULT_LISTEN_PORT,
+            store_path_root_dir: None,
+            flush_disk_type: FlushMode::Async,
+            flush_interval: crate::log::config::DEFAULT_FLUSH_INTERVAL,
+            segment_size: crate::log::config::DEFAULT_SEGMENT_SIZE,
+            broker_role: BrokerRole::AsyncMaster,
+            retention: RetentionPolicy::default(),
+            auto_create_topic: true,
+            default_topic_queue_nums: crate::nameserver::topics::DEFAULT_TOPIC_QUEUE_NUMS,
+            shards: None,
+            cores: None,
+            tuning_profile: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// RocketMQ keys orbitmq accepts but does not act on yet.
+const KNOWN_NOT_ACTED_ON: &[&str] = &[
+    "messageDelayLevel",
+    "brokerIP1",
+    "brokerIP2",
+    "haListenPort",
+    "sendMessageThreadPoolNums",
+    "pullMessageThreadPoolNums",
+    "storePathCommitLog",
+    "storePathConsumeQueue",
+    "maxMessageSize",
+    "mappedFileSizeConsumeQueue",
+    "transientStorePoolEnable",
+    "autoCreateSubscriptionGroup",
+    "aclEnable",
+];
+
+fn parse_bool(v: &str) -> Result<bool, String> {
+    match v {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| "expected a whole number".to_string())
+}
+
+impl BrokerConfig {
+    pub fn load(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let io = |why: String| ConfigError::Io {
+            path: path.display().to_string(),
+            why,
+        };
+        let len = std::fs::metadata(path).map_err(|e| io(e.to_string()))?.len();
+        if len > MAX_CONF_LEN {
+            return Err(io(format!("{len} bytes is over the limit of {MAX_CONF_LEN}")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| io(e.to_string()))?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses property text (`key = value`, `#` and `!` comments).
+    pub fn parse(path: &str, text: &str) -> Result<BrokerConfig, ConfigError> {
+        let mut c = BrokerConfig::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once(['=', ':']) else {
+                return Err(ConfigError::Syntax {
+                    path: path.into(),
+                    line: i + 1,
+                });
+            };
+            let (k, v) = (k.trim(), v.trim());
+            let bad = |why: String| ConfigError::BadValue {
+                path: path.into(),
+                line: i + 1,
+                key: k.into(),
+                value: v.into(),
+                why,
+            };
+            match k {
+                "brokerClusterName" => c.cluster_name = v.into(),
+                "brokerName" => c.broker_name = v.into(),
+                "brokerId" => c.broker_id = parse_num(v).map_err(bad)?,
+                "namesrvAddr" => {
+                    c.namesrv_addr = v.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                }
+                "listenPort" => c.listen_port = parse_num(v).map_err(bad)?,
+                "storePathRootDir" => c.store_path_root_dir = Some(PathBuf::from(v)),
+                "flushDiskType" => c.flush_disk_type = v.parse().map_err(bad)?,
+                "flushIntervalCommitLog" => {
+                    c.flush_interval = Duration::from_millis(parse_num(v).map_err(bad)?)
+                }
+                "mappedFileSizeCommitLog" => c.segment_size = parse_num(v).map_err(bad)?,
+                "brokerRole" => {
+                    c.broker_role = match v {
+                        "ASYNC_MASTER" => BrokerRole::AsyncMaster,
+                        "SYNC_MASTER" => BrokerRole::SyncMaster,
+                        "SLAVE" => {
+                            return Err(bad(
+                                "orbitmq has no replication yet, so a broker cannot be a SLAVE; use ASYNC_MASTER".into(),
+                            ))
+                        }
+                        _ => return Err(bad("expected ASYNC_MASTER, SYNC_MASTER or SLAVE".into())),
+                    }
+                }
+                "deleteWhen" => {
+                    c.retention.delete_when_hours = retention::parse_delete_when(v).map_err(|e| bad(e.to_string()))?
+                }
+                "fileReservedTime" => c.retention.file_reserved_hours = parse_num(v).map_err(bad)?,
+                "diskMaxUsedSpaceRatio" => {
+                    let pct: u32 = parse_num(v).map_err(bad)?;
+                    if !(10..=95).contains(&pct) {
+                        return Err(bad("expected a percentage from 10 to 95".into()));
+                    }
+                    c.retention.disk_max_used_ratio = pct as f64 / 100.0;
+                }
+                "autoCreateTopicEnable" => c.auto_create_topic = parse_bool(v).map_err(bad)?,
+                "defaultTopicQueueNums" => {
+                    let n: u32 = parse_num(v).map_err(bad)?;
+                    if n == 0 || n > orbitmq_proto::limits::MAX_QUEUES_PER_TOPIC {
+                        return Err(bad(format!(
+                            "expected 1..={}",
+                            orbitmq_proto::limits::MAX_QUEUES_PER_TOPIC
+                        )));
+                    }
+                    c.default_topic_queue_nums = n;
+                }
+                "shards" => {
+                    let n: u32 = parse_num(v).map_err(bad)?;
+                    if n == 0 {
+                        return Err(bad("expected at least 1".into()));
+                    }
+                    c.shards = Some(n);
+                }
+                "cores" => {
+                    crate::shard::parse_cores(v).map_err(bad)?;
+                    c.cores = Some(v.into());
+                }
+                "tuningProfile" => c.tuning_profile = Some(v.into()),
+                k if KNOWN_NOT_ACTED_ON.contains(&k) => c.warnings.push(format!(
+                    "{path}:{}: {k} is a RocketMQ setting orbitmq does not act on yet; ignored",
+                    i + 1
+                )),
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        path: path.into(),
+                        line: i + 1,
+                        key: k.into(),
+                    })
+                }
+            }
+        }
+        if c.broker_role == BrokerRole::SyncMaster {
+            c.warnings.push(format!(
+                "{path}: brokerRole = SYNC_MASTER acts as ASYNC_MASTER until replication exists"
+            ));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = "#broker.conf\nbrokerClusterName = DefaultCluster\nbrokerName = broker-a\nbrokerId = 0\ndeleteWhen = 04\nfileReservedTime = 48\nbrokerRole = ASYNC_MASTER\nflushDiskType = ASYNC_FLUSH\nmessageDelayLevel = 1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h\n";
+
+    #[test]
+    fn the_seed_example_parses() {
+        let c = BrokerConfig::parse("broker.conf", SEED).unwrap();
+        assert_eq!(c.broker_name, "broker-a");
+        assert_eq!(c.retention.file_reserved_hours, 48);
+        assert_eq!(c.retention.delete_when_hours, vec![4]);
+        assert_eq!(c.flush_disk_type, FlushMode::Async);
+        assert_eq!(c.warnings.len(), 1, "messageDelayLevel is not acted on yet");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        let e = BrokerConfig::parse("b.conf", "brokerId = 0\nflushDiskType = FAST\n").unwrap_err().to_string();
+        assert!(e.contains("b.conf:2") && e.contains("flushDiskType"), "{e}");
+        let e = BrokerConfig::parse("b.conf", "\nbrokerNam = x\n").unwrap_err().to_string();
+        assert!(e.contains("b.conf:2") && e.contains("brokerNam"), "{e}");
+        let e = BrokerConfig::parse("b.conf", "brokerRole = SLAVE\n").unwrap_err().to_string();
+        assert!(e.contains("replication"), "{e}");
+        assert!(BrokerConfig::parse("b.conf", "listenPort = 99999\n").is_err());
+        assert!(BrokerConfig::parse("b.conf", "just words\n").is_err());
+    }
+
+    #[test]
+    fn orbitmq_keys() {
+        let c = BrokerConfig::parse("b", "shards = 2\ncores = 0-1\nflushDiskType = SYNC_FLUSH\nnamesrvAddr = a:1;b:2\n").unwrap();
+        assert_eq!(c.shards, Some(2));
+        assert_eq!(c.cores.as_deref(), Some("0-1"));
+        assert_eq!(c.flush_disk_type, FlushMode::Sync);
+        assert_eq!(c.namesrv_addr, vec!["a:1", "b:2"]);
+        assert!(BrokerConfig::parse("b", "shards = 0\n").is_err());
+    }
+}
