@@ -7,5 +7,6 @@ pub mod nameserver;
 pub mod net;
 pub mod shard;
 pub mod sync;
+pub mod tuning;
 
 pub use orbitmq_proto as proto;

@@ -15,6 +15,7 @@ use orbitmq::nameserver::topics::Topics;
 use orbitmq::nameserver::{NameServer, NameServerHandle};
 use orbitmq::net::tls;
 use orbitmq::shard::{self, NetConfig, ShardSet, ShardSetConfig};
+use orbitmq::tuning::TuningProfile;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +63,10 @@ struct StandaloneArgs {
     /// Cores to pin shards to, e.g. `0,2-3` (`cores`; default: the available cores).
     #[arg(long)]
     cores: Option<String>,
+    /// Tuning profile: a name under tuning/profiles (dev, nvme-dedicated) or a path
+    /// (`tuningProfile`).
+    #[arg(long)]
+    profile: Option<String>,
     /// Name server address.
     #[arg(long, default_value = "127.0.0.1:9876")]
     namesrv_listen: SocketAddr,
@@ -156,11 +161,18 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     for w in &conf.warnings {
         tracing::warn!("{w}");
     }
-    let cores_arg = a.cores.clone().or(conf.cores.clone());
-    let cores = match &cores_arg {
-        Some(s) => shard::parse_cores(s)?,
-        None => shard::available_cores(),
+    let profile = match a.profile.as_ref().or(conf.tuning_profile.as_ref()) {
+        Some(p) => Some(TuningProfile::load(p)?),
+        None => None,
     };
+    // Flags over broker.conf over the profile over defaults.
+    let cores_arg = a.cores.clone().or(conf.cores.clone());
+    let cores = match (&cores_arg, profile.as_ref().and_then(|p| p.shard_cores.clone())) {
+        (Some(s), _) => shard::parse_cores(s)?,
+        (None, Some(c)) => c,
+        (None, None) => shard::available_cores(),
+    };
+    let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
     let shards = a.shards.or(conf.shards).unwrap_or(cores.len().max(1) as u32);
     if shards == 0 {
         return Err("--shards must be at least 1".into());
@@ -180,7 +192,7 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let set = ShardSet::start(ShardSetConfig {
         data_dir: data_dir.clone(),
         shards,
-        cores: if cores_arg.is_some() || shards as usize <= cores.len() {
+        cores: if pin && shards as usize <= cores.len() {
             cores
         } else {
             Vec::new()
