@@ -1,1 +1,50 @@
-//! placeholder
+//! orbitmq client: the RocketMQ programming model over QUIC, with tokio.
+//!
+//! - [`Producer`]: sync, callback, one-way, batch and selector (ordered) sends, retried on
+//!   another queue with the same unique key.
+//! - [`LitePullConsumer`]: subscribe or assign, `poll`, `commit`, `seek`.
+//! - [`PushConsumer`]: a concurrent listener fed by long-polling pulls, offsets committed
+//!   every 5 s and on shutdown.
+//! - [`Client`]: the shared instance (connections, routes, heartbeats) and the low-level
+//!   requests (offsets, pulls).
+//!
+//! ```no_run
+//! # async fn demo() -> orbitmq_client::Result<()> {
+//! use orbitmq_client::{ClientConfig, Message, Producer, TlsOptions};
+//! let config = ClientConfig::new("127.0.0.1:9876")
+//!     .with_tls(TlsOptions::with_ca("orbitmq-data/tls/ca.pem"));
+//! let producer = Producer::new("pg", config).await?;
+//! let r = producer.send(Message::new("Orders", "hello").with_tags("TagA")).await?;
+//! println!("msgId={} queue={} offset={}", r.msg_id, r.queue.queue_id, r.queue_offset);
+//! producer.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod client;
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod filter;
+pub mod lite;
+pub mod message;
+pub mod offset;
+pub mod producer;
+pub mod pull;
+pub mod push;
+pub mod remoting;
+pub mod route;
+pub mod tls;
+
+pub use client::{Client, PullTarget};
+pub use config::{ClientConfig, TlsOptions};
+pub use consumer::{ConsumeStatus, ConsumerOptions};
+pub use error::{ClientError, Result};
+pub use filter::SubExpr;
+pub use lite::LitePullConsumer;
+pub use message::{Message, MessageExt};
+pub use offset::{ConsumeFromWhere, OffsetTracker};
+pub use producer::{Producer, SendResult};
+pub use pull::{PullStatus, QueuePullResult};
+pub use push::PushConsumer;
+pub use remoting::Push;
+pub use route::{MessageQueue, QueueInfo, TopicRoute};

@@ -1,0 +1,787 @@
+//! The client instance (RocketMQ's `MQClientInstance`): connections, the route cache, name
+//! server failover, heartbeats, and the requests producers and consumers share.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use orbitmq_proto::codes::{push as push_code, request, response};
+use orbitmq_proto::frame::Frame;
+use orbitmq_proto::header::{
+    self, HeartbeatRequest, OffsetResponse, PullQueue, PullRequest, PullResponse, QueueRequest,
+    QueueValueRequest, RouteRequest, RouteResponse,
+};
+use orbitmq_proto::limits::{MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_QUEUES, MAX_PULL_SUSPEND_MS};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::ClientConfig;
+use crate::error::{ClientError, Result};
+use crate::filter::SubExpr;
+use crate::pull::{decode_pull_response, QueuePullResult};
+use crate::remoting::{Connection, Push, Remoting};
+use crate::route::{Lookup, MessageQueue, QueueInfo, RouteTable, TopicRoute};
+
+/// Added to a pull's suspend time to make its request timeout (the broker answers at the
+/// end of the suspend; this covers the network and a busy broker).
+pub const PULL_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+/// Attempts of an offset request when the queue moved or the connection broke.
+pub const QUEUE_REQUEST_ATTEMPTS: u32 = 2;
+
+static INSTANCE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// One queue of a pull request.
+#[derive(Clone, Debug)]
+pub struct PullTarget {
+    pub queue: QueueInfo,
+    pub offset: u64,
+    pub max_msgs: u32,
+    pub expr: Arc<SubExpr>,
+}
+
+#[derive(Default)]
+struct Groups {
+    producers: BTreeSet<String>,
+    consumers: BTreeSet<String>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    client_id: String,
+    local_ip: IpAddr,
+    remoting: Remoting,
+    routes: Mutex<RouteTable>,
+    /// One lock per topic so concurrent callers of a stale route fetch it once.
+    route_fetch: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    namesrv_cursor: AtomicUsize,
+    groups: Mutex<Groups>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    shut: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// A handle to a client instance; cheap to clone. Producers and consumers each make one, or
+/// share one through their `with_client` constructors.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.inner.client_id)
+            .field("namesrv", &self.inner.config.namesrv)
+            .finish()
+    }
+}
+
+/// The address this host would use to reach `target` (no packet is sent).
+fn local_ip_towards(target: &str) -> IpAddr {
+    let probe = || -> Option<IpAddr> {
+        let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
+        sock.connect(target).ok()?;
+        Some(sock.local_addr().ok()?.ip())
+    };
+    probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+pub(crate) fn validate_group(kind: &str, group: &str) -> Result<()> {
+    if group.is_empty() || group.len() > MAX_GROUP_LEN {
+        return Err(ClientError::InvalidArgument(format!(
+            "{kind} group must be 1..={MAX_GROUP_LEN} bytes, got {}",
+            group.len()
+        )));
+    }
+    if let Some(ch) = group
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '%' | '|' | '-' | '_')))
+    {
+        return Err(ClientError::InvalidArgument(format!(
+            "{kind} group {group:?} has the character {ch:?}; allowed: letters, digits, '%', '|', '-', '_'"
+        )));
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// Creates a client: checks the configuration and TLS settings and starts the route
+    /// refresh and heartbeat tasks. Connections are made on first use. Needs a tokio runtime.
+    pub async fn new(config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        let remoting = Remoting::new(&config)?;
+        let local_ip = local_ip_towards(&config.namesrv[0]);
+        let client_id = if config.client_id.is_empty() {
+            format!(
+                "{local_ip}@{}@{}",
+                std::process::id(),
+                INSTANCE_COUNTER.fetch_add(1, Ordering::Relaxed)
+            )
+        } else {
+            config.client_id.clone()
+        };
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                client_id,
+                local_ip,
+                remoting,
+                routes: Mutex::new(RouteTable::new()),
+                route_fetch: Mutex::new(HashMap::new()),
+                namesrv_cursor: AtomicUsize::new(0),
+                groups: Mutex::new(Groups::default()),
+                tasks: Mutex::new(Vec::new()),
+                shut: AtomicBool::new(false),
+            }),
+        };
+        client.start_tasks();
+        tracing::debug!(client_id = %client.inner.client_id, "client started");
+        Ok(client)
+    }
+
+    fn start_tasks(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let routes = tokio::spawn(route_refresh_task(
+            weak.clone(),
+            self.inner.config.poll_name_server_interval,
+        ));
+        let heartbeats = tokio::spawn(heartbeat_task(
+            weak.clone(),
+            self.inner.config.heartbeat_interval,
+        ));
+        let pushes = tokio::spawn(push_watch_task(weak, self.inner.remoting.pushes()));
+        self.inner
+            .tasks
+            .lock()
+            .expect("tasks lock")
+            .extend([routes, heartbeats, pushes]);
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The address of this host, used in unique keys.
+    pub fn local_ip(&self) -> IpAddr {
+        self.inner.local_ip
+    }
+
+    /// Notices the brokers push (all connections of this client).
+    pub fn pushes(&self) -> broadcast::Receiver<Push> {
+        self.inner.remoting.pushes()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.shut.load(Ordering::Acquire) {
+            Err(ClientError::ShutDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn register_producer(&self, group: &str) {
+        self.inner
+            .groups
+            .lock()
+            .expect("groups lock")
+            .producers
+            .insert(group.to_owned());
+    }
+
+    pub(crate) fn unregister_producer(&self, group: &str) {
+        self.inner
+            .groups
+            .lock()
+            .expect("groups lock")
+            .producers
+            .remove(group);
+    }
+
+    pub(crate) fn register_consumer(&self, group: &str) {
+        self.inner
+            .groups
+            .lock()
+            .expect("groups lock")
+            .consumers
+            .insert(group.to_owned());
+    }
+
+    pub(crate) fn unregister_consumer(&self, group: &str) {
+        self.inner
+            .groups
+            .lock()
+            .expect("groups lock")
+            .consumers
+            .remove(group);
+    }
+
+    pub(crate) async fn connection(&self, endpoint: &str) -> Result<Arc<Connection>> {
+        self.check_open()?;
+        self.inner.remoting.connection(endpoint).await
+    }
+
+    /// Sends a request to an endpoint; returns the response frame if its code is SUCCESS,
+    /// else the mapped error.
+    pub(crate) async fn call(
+        &self,
+        endpoint: &str,
+        code: u16,
+        header: Bytes,
+        body: Bytes,
+        timeout: Duration,
+        topic: &str,
+    ) -> Result<Frame> {
+        let conn = self.connection(endpoint).await?;
+        let f = conn.request(code, header, body, timeout).await?;
+        if f.code == response::SUCCESS {
+            Ok(f)
+        } else {
+            Err(ClientError::from_response(f.code, &f.header, topic))
+        }
+    }
+
+    /// Sends any request to an endpoint and returns the response frame whatever its code
+    /// (admin tools and protocol tests; producers and consumers never need it).
+    pub async fn request(
+        &self,
+        endpoint: &str,
+        code: u16,
+        header: Bytes,
+        body: Bytes,
+    ) -> Result<Frame> {
+        let conn = self.connection(endpoint).await?;
+        conn.request(code, header, body, self.inner.config.request_timeout)
+            .await
+    }
+
+    /// Like [`Client::call`] but returns the response whatever its code.
+    async fn call_raw(
+        &self,
+        endpoint: &str,
+        code: u16,
+        header: Bytes,
+        timeout: Duration,
+    ) -> Result<Frame> {
+        let conn = self.connection(endpoint).await?;
+        conn.request(code, header, Bytes::new(), timeout).await
+    }
+
+    // ----- name server -----
+
+    /// Sends a request to the name servers, starting with the one that answered last and
+    /// moving on to the next when one cannot be reached.
+    async fn call_namesrv(&self, code: u16, header: Bytes, topic: &str) -> Result<Frame> {
+        let addrs = &self.inner.config.namesrv;
+        let start = self.inner.namesrv_cursor.load(Ordering::Relaxed);
+        let mut last = None;
+        for k in 0..addrs.len() {
+            let i = (start + k) % addrs.len();
+            let addr = &addrs[i];
+            let res = self
+                .call(
+                    addr,
+                    code,
+                    header.clone(),
+                    Bytes::new(),
+                    self.inner.config.request_timeout,
+                    topic,
+                )
+                .await;
+            match res {
+                Err(
+                    e @ (ClientError::Connect { .. }
+                    | ClientError::ConnectionLost { .. }
+                    | ClientError::Timeout { .. }
+                    | ClientError::Tls(_)
+                    | ClientError::Protocol { .. }
+                    | ClientError::SystemBusy(_)),
+                ) => {
+                    tracing::warn!(namesrv = %addr, error = %e, "name server failed, trying the next");
+                    last = Some(e);
+                }
+                other => {
+                    if i != start {
+                        self.inner.namesrv_cursor.store(i, Ordering::Relaxed);
+                    }
+                    return other;
+                }
+            }
+        }
+        let last = last.map(|e| e.to_string()).unwrap_or_default();
+        // Keep the TLS error as it is: it tells the user what to fix.
+        if last.starts_with("TLS") && addrs.len() == 1 {
+            return Err(ClientError::Tls(
+                last.trim_start_matches("TLS: ").to_owned(),
+            ));
+        }
+        Err(ClientError::NameServerUnavailable {
+            addrs: addrs.join(";"),
+            last,
+        })
+    }
+
+    async fn fetch_route(&self, topic: &str) -> Result<TopicRoute> {
+        let header = header::encode(&RouteRequest {
+            topic: topic.to_owned(),
+        });
+        let f = self
+            .call_namesrv(request::GET_ROUTEINFO_BY_TOPIC, header, topic)
+            .await?;
+        let r: RouteResponse = header::decode(&f.header).map_err(|e| ClientError::Protocol {
+            endpoint: "name server".into(),
+            reason: e.to_string(),
+        })?;
+        TopicRoute::from_response(topic, r).map_err(|reason| ClientError::Protocol {
+            endpoint: "name server".into(),
+            reason,
+        })
+    }
+
+    /// The route of a topic: from the cache when fresh, else from the name server (and, if
+    /// that fails, the stale cached route when there is one).
+    pub async fn topic_route(&self, topic: &str) -> Result<Arc<TopicRoute>> {
+        self.check_open()?;
+        let max_age = self.inner.config.poll_name_server_interval;
+        if let Lookup::Fresh(r) = self.lookup(topic, max_age) {
+            return Ok(r);
+        }
+        let lock = self
+            .inner
+            .route_fetch
+            .lock()
+            .expect("route_fetch lock")
+            .entry(topic.to_owned())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
+        let stale = match self.lookup(topic, max_age) {
+            Lookup::Fresh(r) => return Ok(r),
+            Lookup::Stale(r) => Some(r),
+            Lookup::Missing => None,
+        };
+        match self.fetch_route(topic).await {
+            Ok(route) => Ok(self.store_route(route)),
+            Err(e) => match stale {
+                Some(r) if !matches!(e, ClientError::TopicNotExist(_)) => {
+                    tracing::warn!(%topic, error = %e, "route refresh failed; using the cached route");
+                    Ok(r)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Fetches a topic's route from the name server now.
+    pub async fn refresh_route(&self, topic: &str) -> Result<Arc<TopicRoute>> {
+        self.invalidate_route(topic);
+        self.topic_route(topic).await
+    }
+
+    fn lookup(&self, topic: &str, max_age: Duration) -> Lookup {
+        self.inner.routes.lock().expect("routes lock").get(
+            topic,
+            std::time::Instant::now(),
+            max_age,
+        )
+    }
+
+    fn store_route(&self, route: TopicRoute) -> Arc<TopicRoute> {
+        let topic = route.topic.clone();
+        let mut t = self.inner.routes.lock().expect("routes lock");
+        if t.insert(route, std::time::Instant::now()) {
+            tracing::debug!(%topic, "route updated");
+        }
+        match t.get(&topic, std::time::Instant::now(), Duration::MAX) {
+            Lookup::Fresh(r) | Lookup::Stale(r) => r,
+            Lookup::Missing => unreachable!("route was just inserted"),
+        }
+    }
+
+    /// Marks a topic's route for refresh on its next use.
+    pub fn invalidate_route(&self, topic: &str) {
+        self.inner
+            .routes
+            .lock()
+            .expect("routes lock")
+            .invalidate(topic);
+    }
+
+    /// Follows a WRONG_SHARD redirect for one queue until the next route refresh.
+    pub(crate) fn redirect_queue(&self, mq: &MessageQueue, endpoint: &str) {
+        if crate::remoting::split_host_port(endpoint).is_ok()
+            && self
+                .inner
+                .routes
+                .lock()
+                .expect("routes lock")
+                .redirect(mq, endpoint)
+        {
+            tracing::info!(queue = %mq, %endpoint, "queue redirected to another shard");
+        }
+    }
+
+    /// The current info of a queue (route fetched if needed).
+    pub async fn queue_info(&self, mq: &MessageQueue) -> Result<QueueInfo> {
+        let route = self.topic_route(&mq.topic).await?;
+        route
+            .find(mq)
+            .cloned()
+            .ok_or_else(|| ClientError::InvalidArgument(format!("queue {mq} is not in the route")))
+    }
+
+    // ----- broker requests -----
+
+    async fn queue_request(
+        &self,
+        code: u16,
+        group: &str,
+        mq: &MessageQueue,
+        value: Option<u64>,
+    ) -> Result<Frame> {
+        let header = match value {
+            None => header::encode(&QueueRequest {
+                group: group.to_owned(),
+                topic: mq.topic.clone(),
+                queue_id: mq.queue_id,
+            }),
+            Some(value) => header::encode(&QueueValueRequest {
+                group: group.to_owned(),
+                topic: mq.topic.clone(),
+                queue_id: mq.queue_id,
+                value,
+            }),
+        };
+        let mut attempt = 1;
+        loop {
+            let qi = self.queue_info(mq).await?;
+            let res = self
+                .call_raw(
+                    &qi.endpoint,
+                    code,
+                    header.clone(),
+                    self.inner.config.request_timeout,
+                )
+                .await;
+            let err = match &res {
+                Ok(f) if f.code == response::WRONG_SHARD => {
+                    ClientError::from_response(f.code, &f.header, &mq.topic)
+                }
+                Err(e) => e.clone(),
+                Ok(_) => return res,
+            };
+            if let ClientError::WrongShard { redirect, .. } = &err {
+                self.redirect_queue(mq, redirect);
+            }
+            if err.invalidates_route() {
+                self.invalidate_route(&mq.topic);
+            }
+            // Moved queues and broken connections get one more try on the new route.
+            let again = matches!(
+                err,
+                ClientError::WrongShard { .. } | ClientError::ConnectionLost { .. }
+            );
+            if !again || attempt >= QUEUE_REQUEST_ATTEMPTS {
+                return res;
+            }
+            attempt += 1;
+        }
+    }
+
+    fn offset_of(&self, f: &Frame, what: &str) -> Result<u64> {
+        header::decode::<OffsetResponse>(&f.header)
+            .map(|r| r.offset)
+            .map_err(|e| ClientError::Protocol {
+                endpoint: what.to_owned(),
+                reason: e.to_string(),
+            })
+    }
+
+    async fn offset_request(
+        &self,
+        code: u16,
+        group: &str,
+        mq: &MessageQueue,
+        value: Option<u64>,
+    ) -> Result<u64> {
+        let f = self.queue_request(code, group, mq, value).await?;
+        if f.code != response::SUCCESS {
+            return Err(ClientError::from_response(f.code, &f.header, &mq.topic));
+        }
+        self.offset_of(&f, request::name(code))
+    }
+
+    /// The smallest offset still stored in a queue.
+    pub async fn min_offset(&self, mq: &MessageQueue) -> Result<u64> {
+        self.offset_request(request::GET_MIN_OFFSET, "", mq, None)
+            .await
+    }
+
+    /// The offset the next message of a queue will get.
+    pub async fn max_offset(&self, mq: &MessageQueue) -> Result<u64> {
+        self.offset_request(request::GET_MAX_OFFSET, "", mq, None)
+            .await
+    }
+
+    /// The offset of the first message stored at or after `timestamp_ms`.
+    pub async fn search_offset(&self, mq: &MessageQueue, timestamp_ms: u64) -> Result<u64> {
+        self.offset_request(
+            request::SEARCH_OFFSET_BY_TIMESTAMP,
+            "",
+            mq,
+            Some(timestamp_ms),
+        )
+        .await
+    }
+
+    /// The offset a group committed on a queue; `None` if it never committed one.
+    pub async fn query_consumer_offset(
+        &self,
+        group: &str,
+        mq: &MessageQueue,
+    ) -> Result<Option<u64>> {
+        let f = self
+            .queue_request(request::QUERY_CONSUMER_OFFSET, group, mq, None)
+            .await?;
+        match f.code {
+            response::SUCCESS => self.offset_of(&f, "QUERY_CONSUMER_OFFSET").map(Some),
+            response::QUERY_NOT_FOUND => Ok(None),
+            code => Err(ClientError::from_response(code, &f.header, &mq.topic)),
+        }
+    }
+
+    /// Commits a group's offset (the next offset to consume) on a queue.
+    pub async fn update_consumer_offset(
+        &self,
+        group: &str,
+        mq: &MessageQueue,
+        offset: u64,
+    ) -> Result<()> {
+        let f = self
+            .queue_request(request::UPDATE_CONSUMER_OFFSET, group, mq, Some(offset))
+            .await?;
+        if f.code != response::SUCCESS {
+            return Err(ClientError::from_response(f.code, &f.header, &mq.topic));
+        }
+        Ok(())
+    }
+
+    /// Pulls from several queues of one shard endpoint in one request. The broker answers
+    /// as soon as one queue has messages, or after `suspend` with PULL_NOT_FOUND.
+    /// Records are re-checked against each queue's expression (exact tags) and filtered
+    /// ones dropped; `next_offset` still moves past them.
+    pub async fn pull(
+        &self,
+        endpoint: &str,
+        group: &str,
+        targets: &[PullTarget],
+        max_bytes: u32,
+        suspend: Duration,
+    ) -> Result<Vec<QueuePullResult>> {
+        if targets.is_empty() || targets.len() > MAX_PULL_QUEUES {
+            return Err(ClientError::InvalidArgument(format!(
+                "a pull covers 1..={MAX_PULL_QUEUES} queues, got {}",
+                targets.len()
+            )));
+        }
+        let suspend_ms = suspend.as_millis().min(u128::from(MAX_PULL_SUSPEND_MS)) as u32;
+        let header = header::encode(&PullRequest {
+            group: group.to_owned(),
+            queues: targets
+                .iter()
+                .map(|t| PullQueue {
+                    topic: t.queue.mq.topic.clone(),
+                    queue_id: t.queue.mq.queue_id,
+                    offset: t.offset,
+                    max_msgs: t.max_msgs,
+                    sub_expr: t.expr.to_string(),
+                })
+                .collect(),
+            max_bytes: max_bytes.min(MAX_PULL_BYTES as u32),
+            suspend_ms,
+        });
+        let timeout = Duration::from_millis(u64::from(suspend_ms)) + PULL_TIMEOUT_MARGIN;
+        let conn = self.connection(endpoint).await?;
+        let f = conn
+            .request(request::PULL_MESSAGE, header, Bytes::new(), timeout)
+            .await?;
+        if f.code != response::SUCCESS {
+            let topic = &targets[0].queue.mq.topic;
+            let e = ClientError::from_response(f.code, &f.header, topic);
+            if let ClientError::WrongShard { redirect, .. } = &e {
+                if targets.len() == 1 {
+                    self.redirect_queue(&targets[0].queue.mq, redirect);
+                }
+            }
+            if e.invalidates_route() {
+                for t in targets {
+                    self.invalidate_route(&t.queue.mq.topic);
+                }
+            }
+            return Err(e);
+        }
+        let header: PullResponse =
+            header::decode(&f.header).map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let results =
+            decode_pull_response(header, &f.body, targets, conn.addr()).map_err(|reason| {
+                ClientError::Protocol {
+                    endpoint: endpoint.to_owned(),
+                    reason,
+                }
+            })?;
+        for r in &results {
+            if r.status.invalidates_route() {
+                self.invalidate_route(&r.mq.topic);
+            }
+        }
+        Ok(results)
+    }
+
+    /// Sends a heartbeat to every broker endpoint of the cached routes.
+    pub async fn heartbeat(&self) -> Result<()> {
+        self.check_open()?;
+        let endpoints = self.inner.routes.lock().expect("routes lock").endpoints();
+        let header = {
+            let g = self.inner.groups.lock().expect("groups lock");
+            header::encode(&HeartbeatRequest {
+                client_id: self.inner.client_id.clone(),
+                producer_groups: g.producers.iter().cloned().collect(),
+                consumer_groups: g.consumers.iter().cloned().collect(),
+            })
+        };
+        let mut first_err = None;
+        for ep in endpoints {
+            let res = self
+                .call(
+                    &ep,
+                    request::HEART_BEAT,
+                    header.clone(),
+                    Bytes::new(),
+                    self.inner.config.request_timeout,
+                    "",
+                )
+                .await;
+            if let Err(e) = res {
+                tracing::debug!(endpoint = %ep, error = %e, "heartbeat failed");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Stops the background tasks and closes every connection.
+    pub async fn shutdown(&self) {
+        if self.inner.shut.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
+        for t in tasks {
+            t.abort();
+        }
+        self.inner.remoting.close().await;
+        tracing::debug!(client_id = %self.inner.client_id, "client shut down");
+    }
+
+    pub(crate) fn now_ms() -> u64 {
+        now_ms()
+    }
+}
+
+async fn route_refresh_task(weak: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let client = Client { inner };
+        let topics = client.inner.routes.lock().expect("routes lock").topics();
+        for topic in topics {
+            if let Err(e) = client.refresh_route(&topic).await {
+                tracing::warn!(%topic, error = %e, "periodic route refresh failed");
+            }
+        }
+    }
+}
+
+async fn heartbeat_task(weak: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = weak.upgrade() else { return };
+        let client = Client { inner };
+        if let Err(e) = client.heartbeat().await {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
+}
+
+async fn push_watch_task(weak: Weak<Inner>, mut rx: broadcast::Receiver<Push>) {
+    loop {
+        let push = match rx.recv().await {
+            Ok(p) => p,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "push observer lagged");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let Some(inner) = weak.upgrade() else { return };
+        if push.code == push_code::GOING_AWAY {
+            inner
+                .routes
+                .lock()
+                .expect("routes lock")
+                .invalidate_endpoint(&push.endpoint);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_names_follow_topic_rules() {
+        assert!(validate_group("producer", "pg-1_%A").is_ok());
+        assert!(validate_group("producer", "").is_err());
+        assert!(validate_group("consumer", "a b").is_err());
+        assert!(validate_group("consumer", &"g".repeat(MAX_GROUP_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn local_ip_falls_back_to_loopback() {
+        assert_eq!(
+            local_ip_towards("not an address"),
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
+        assert!(local_ip_towards("127.0.0.1:9876").is_loopback());
+    }
+}

@@ -1,0 +1,163 @@
+//! What both consumers share: options, listener status, and where a queue starts.
+
+use std::time::Duration;
+
+use crate::client::Client;
+use crate::error::Result;
+use crate::offset::ConsumeFromWhere;
+use crate::route::MessageQueue;
+
+/// RocketMQ's `pullBatchSize`: messages one pull asks for per queue.
+pub const DEFAULT_PULL_BATCH_SIZE: u32 = 32;
+/// Bytes one pull response may carry.
+pub const DEFAULT_PULL_MAX_BYTES: u32 = 4 * 1024 * 1024;
+/// How long the broker holds a pull with nothing to return (RocketMQ: 15 s).
+pub const DEFAULT_LONG_POLL_SUSPEND: Duration = Duration::from_secs(15);
+/// RocketMQ's `consumeThreadMin`: listener calls running at once.
+pub const DEFAULT_CONSUME_THREADS: usize = 20;
+/// RocketMQ's `consumeMessageBatchMaxSize`: messages per listener call.
+pub const DEFAULT_CONSUME_BATCH_SIZE: usize = 1;
+/// Delay before a message the listener asked to reconsume is handed back (locally, until
+/// the retry topic exists).
+pub const DEFAULT_RECONSUME_DELAY: Duration = Duration::from_secs(1);
+/// RocketMQ's `persistConsumerOffsetInterval` / `autoCommitIntervalMillis`.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+/// RocketMQ's `pullThresholdForQueue`: pulled, unconsumed messages per queue before pulls
+/// of that queue pause.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_QUEUE: usize = 1000;
+/// RocketMQ's `pullThresholdSizeForQueue` (100 MiB), in body bytes.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES_PER_QUEUE: u64 = 100 * 1024 * 1024;
+
+/// Settings of a consumer (RocketMQ's names in the comments of the defaults).
+#[derive(Clone, Debug)]
+pub struct ConsumerOptions {
+    /// Where a queue starts when the group has no committed offset on it.
+    pub consume_from_where: ConsumeFromWhere,
+    pub pull_batch_size: u32,
+    pub pull_max_bytes: u32,
+    /// Longest a pull parks at the broker (push consumer; the lite consumer uses its poll
+    /// timeout).
+    pub long_poll_suspend: Duration,
+    pub consume_threads: usize,
+    pub consume_batch_size: usize,
+    pub reconsume_delay: Duration,
+    pub commit_interval: Duration,
+    pub max_in_flight_per_queue: usize,
+    pub max_in_flight_bytes_per_queue: u64,
+    /// Lite pull consumer: commit the polled positions every `commit_interval` during
+    /// `poll`, and on shutdown (RocketMQ's `autoCommit`, default on).
+    pub auto_commit: bool,
+}
+
+impl Default for ConsumerOptions {
+    fn default() -> Self {
+        ConsumerOptions {
+            consume_from_where: ConsumeFromWhere::default(),
+            pull_batch_size: DEFAULT_PULL_BATCH_SIZE,
+            pull_max_bytes: DEFAULT_PULL_MAX_BYTES,
+            long_poll_suspend: DEFAULT_LONG_POLL_SUSPEND,
+            consume_threads: DEFAULT_CONSUME_THREADS,
+            consume_batch_size: DEFAULT_CONSUME_BATCH_SIZE,
+            reconsume_delay: DEFAULT_RECONSUME_DELAY,
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
+            max_in_flight_per_queue: DEFAULT_MAX_IN_FLIGHT_PER_QUEUE,
+            max_in_flight_bytes_per_queue: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_QUEUE,
+            auto_commit: true,
+        }
+    }
+}
+
+impl ConsumerOptions {
+    pub fn from_where(mut self, w: ConsumeFromWhere) -> ConsumerOptions {
+        self.consume_from_where = w;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        use crate::error::ClientError::InvalidArgument;
+        use orbitmq_proto::limits::{MAX_PULL_BYTES, MAX_PULL_MESSAGES};
+        if self.pull_batch_size == 0 || self.pull_batch_size > MAX_PULL_MESSAGES {
+            return Err(InvalidArgument(format!(
+                "pull batch size must be 1..={MAX_PULL_MESSAGES}"
+            )));
+        }
+        if self.pull_max_bytes == 0 || self.pull_max_bytes as usize > MAX_PULL_BYTES {
+            return Err(InvalidArgument(format!(
+                "pull max bytes must be 1..={MAX_PULL_BYTES}"
+            )));
+        }
+        if self.consume_threads == 0 || self.consume_batch_size == 0 {
+            return Err(InvalidArgument(
+                "consume threads and batch size must be at least 1".into(),
+            ));
+        }
+        if self.max_in_flight_per_queue == 0 || self.commit_interval.is_zero() {
+            return Err(InvalidArgument(
+                "in-flight limit and commit interval must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a concurrent listener says about the messages it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumeStatus {
+    ConsumeSuccess,
+    /// Hand the messages back later; they are never dropped.
+    ReconsumeLater,
+}
+
+/// The first offset to consume on a queue: the group's committed offset, else the start
+/// position for new groups.
+pub(crate) async fn start_offset(
+    client: &Client,
+    group: &str,
+    mq: &MessageQueue,
+    from: ConsumeFromWhere,
+) -> Result<(u64, bool)> {
+    if let Some(o) = client.query_consumer_offset(group, mq).await? {
+        return Ok((o, true));
+    }
+    let o = match from {
+        ConsumeFromWhere::LastOffset => client.max_offset(mq).await?,
+        ConsumeFromWhere::FirstOffset => client.min_offset(mq).await?,
+        ConsumeFromWhere::Timestamp(ms) => client.search_offset(mq, ms).await?,
+    };
+    tracing::info!(%group, queue = %mq, offset = o, from = ?from,
+        "no committed offset; starting from the configured position");
+    Ok((o, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_options_are_valid_and_bounds_are_checked() {
+        ConsumerOptions::default().validate().unwrap();
+        let bad = [
+            ConsumerOptions {
+                pull_batch_size: 0,
+                ..Default::default()
+            },
+            ConsumerOptions {
+                pull_batch_size: orbitmq_proto::limits::MAX_PULL_MESSAGES + 1,
+                ..Default::default()
+            },
+            ConsumerOptions {
+                consume_threads: 0,
+                ..Default::default()
+            },
+        ];
+        for o in bad {
+            assert!(o.validate().is_err(), "{o:?}");
+        }
+        assert_eq!(
+            ConsumerOptions::default()
+                .from_where(ConsumeFromWhere::FirstOffset)
+                .consume_from_where,
+            ConsumeFromWhere::FirstOffset
+        );
+    }
+}

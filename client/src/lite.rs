@@ -1,0 +1,535 @@
+//! The lite pull consumer: the application polls; the consumer keeps one long-polling pull in
+//! flight per shard endpoint (covering all assigned queues of that shard), tracks positions,
+//! and commits them to the broker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::client::{validate_group, Client, PullTarget};
+use crate::config::ClientConfig;
+use crate::consumer::{start_offset, ConsumerOptions};
+use crate::error::{ClientError, Result};
+use crate::filter::SubExpr;
+use crate::message::MessageExt;
+use crate::pull::{PullStatus, QueuePullResult};
+use crate::route::{MessageQueue, QueueInfo};
+use orbitmq_proto::limits::MAX_PULL_QUEUES;
+
+/// Wait before pulling again from an endpoint whose last pull failed.
+pub const LITE_PULL_ERROR_BACKOFF: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    None,
+    Subscribe,
+    Assign,
+}
+
+struct LiteQueue {
+    expr: Arc<SubExpr>,
+    /// Next offset to pull (and to commit: everything before it was returned by `poll`).
+    position: Option<u64>,
+    committed: Option<u64>,
+}
+
+struct State {
+    mode: Mode,
+    subs: BTreeMap<String, Arc<SubExpr>>,
+    queues: BTreeMap<MessageQueue, LiteQueue>,
+    /// Pulls in flight, by `endpoint#chunk`.
+    inflight: HashMap<String, AbortHandle>,
+    /// Pulls (`endpoint#chunk`) that failed, and when to try them again.
+    backoff: HashMap<String, Instant>,
+    last_commit: Instant,
+}
+
+struct PullDone {
+    /// `endpoint#chunk`.
+    key: String,
+    result: Result<Vec<QueuePullResult>>,
+}
+
+struct Inner {
+    client: Client,
+    owns_client: bool,
+    group: String,
+    options: ConsumerOptions,
+    state: Mutex<State>,
+    done_tx: mpsc::UnboundedSender<PullDone>,
+    done_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<PullDone>>,
+    shut: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(s) = self.state.lock() {
+            for h in s.inflight.values() {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// RocketMQ's `DefaultLitePullConsumer`: subscribe or assign, then `poll`.
+pub struct LitePullConsumer {
+    inner: Arc<Inner>,
+}
+
+impl LitePullConsumer {
+    pub async fn new(group: &str, config: ClientConfig) -> Result<LitePullConsumer> {
+        Self::with_options(group, config, ConsumerOptions::default()).await
+    }
+
+    pub async fn with_options(
+        group: &str,
+        config: ClientConfig,
+        options: ConsumerOptions,
+    ) -> Result<LitePullConsumer> {
+        validate_group("consumer", group)?;
+        options.validate()?;
+        let client = Client::new(config).await?;
+        Ok(Self::build(group, client, true, options))
+    }
+
+    /// A consumer sharing a client with others.
+    pub fn with_client(
+        group: &str,
+        client: Client,
+        options: ConsumerOptions,
+    ) -> Result<LitePullConsumer> {
+        validate_group("consumer", group)?;
+        options.validate()?;
+        Ok(Self::build(group, client, false, options))
+    }
+
+    fn build(group: &str, client: Client, owns_client: bool, options: ConsumerOptions) -> Self {
+        client.register_consumer(group);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        LitePullConsumer {
+            inner: Arc::new(Inner {
+                client,
+                owns_client,
+                group: group.to_owned(),
+                options,
+                state: Mutex::new(State {
+                    mode: Mode::None,
+                    subs: BTreeMap::new(),
+                    queues: BTreeMap::new(),
+                    inflight: HashMap::new(),
+                    backoff: HashMap::new(),
+                    last_commit: Instant::now(),
+                }),
+                done_tx,
+                done_rx: tokio::sync::Mutex::new(done_rx),
+                shut: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().expect("lite state lock")
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.inner.shut.load(Ordering::Acquire) {
+            Err(ClientError::ShutDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Consumes every readable queue of `topic` whose messages match `expr` (`*`,
+    /// `TagA || TagB`). Queues are not balanced among the group's members yet: each member
+    /// reads them all.
+    pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
+        self.check_open()?;
+        let expr = Arc::new(SubExpr::parse(expr)?);
+        orbitmq_proto::limits::validate_topic(topic)
+            .map_err(|e| ClientError::InvalidArgument(format!("topic: {e}")))?;
+        {
+            let mut s = self.state();
+            if s.mode == Mode::Assign {
+                return Err(ClientError::InvalidArgument(
+                    "subscribe and assign are mutually exclusive".into(),
+                ));
+            }
+            s.mode = Mode::Subscribe;
+            s.subs.insert(topic.to_owned(), expr);
+        }
+        self.sync_subscriptions().await
+    }
+
+    /// Stops consuming a topic.
+    pub fn unsubscribe(&self, topic: &str) {
+        let mut s = self.state();
+        s.subs.remove(topic);
+        s.queues.retain(|mq, _| mq.topic != topic);
+    }
+
+    /// Consumes exactly these queues (all messages), replacing any earlier assignment.
+    pub async fn assign(&self, queues: Vec<MessageQueue>) -> Result<()> {
+        self.check_open()?;
+        for mq in &queues {
+            self.inner.client.queue_info(mq).await?;
+        }
+        let mut s = self.state();
+        if s.mode == Mode::Subscribe {
+            return Err(ClientError::InvalidArgument(
+                "subscribe and assign are mutually exclusive".into(),
+            ));
+        }
+        s.mode = Mode::Assign;
+        let all = Arc::new(SubExpr::All);
+        let mut next = BTreeMap::new();
+        for mq in queues {
+            let q = s.queues.remove(&mq).unwrap_or(LiteQueue {
+                expr: all.clone(),
+                position: None,
+                committed: None,
+            });
+            next.insert(mq, q);
+        }
+        s.queues = next;
+        Ok(())
+    }
+
+    /// The queues this consumer reads.
+    pub fn assignment(&self) -> Vec<MessageQueue> {
+        self.state().queues.keys().cloned().collect()
+    }
+
+    /// Adds the readable queues of subscribed topics that are not assigned yet.
+    async fn sync_subscriptions(&self) -> Result<()> {
+        let subs: Vec<(String, Arc<SubExpr>)> = {
+            let s = self.state();
+            if s.mode != Mode::Subscribe {
+                return Ok(());
+            }
+            s.subs.iter().map(|(t, e)| (t.clone(), e.clone())).collect()
+        };
+        for (topic, expr) in subs {
+            let route = self.inner.client.topic_route(&topic).await?;
+            let mut s = self.state();
+            if !s.subs.contains_key(&topic) {
+                continue;
+            }
+            for q in route.readable() {
+                s.queues
+                    .entry(q.mq.clone())
+                    .and_modify(|lq| lq.expr = expr.clone())
+                    .or_insert_with(|| LiteQueue {
+                        expr: expr.clone(),
+                        position: None,
+                        committed: None,
+                    });
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every queue without a position its start offset.
+    async fn resolve_positions(&self) -> Result<()> {
+        let missing: Vec<MessageQueue> = self
+            .state()
+            .queues
+            .iter()
+            .filter(|(_, q)| q.position.is_none())
+            .map(|(mq, _)| mq.clone())
+            .collect();
+        for mq in missing {
+            let (offset, committed) = start_offset(
+                &self.inner.client,
+                &self.inner.group,
+                &mq,
+                self.inner.options.consume_from_where,
+            )
+            .await?;
+            if let Some(q) = self.state().queues.get_mut(&mq) {
+                if q.position.is_none() {
+                    q.position = Some(offset);
+                    q.committed = committed.then_some(offset);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a pull on every endpoint that has assigned queues and none in flight.
+    async fn launch_pulls(&self, deadline: Instant) -> Result<()> {
+        let wanted: Vec<(MessageQueue, Arc<SubExpr>, u64)> = {
+            let s = self.state();
+            s.queues
+                .iter()
+                .filter_map(|(mq, q)| q.position.map(|p| (mq.clone(), q.expr.clone(), p)))
+                .collect()
+        };
+        let mut by_endpoint: BTreeMap<String, Vec<PullTarget>> = BTreeMap::new();
+        for (mq, expr, offset) in wanted {
+            let info: QueueInfo = match self.inner.client.queue_info(&mq).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::warn!(queue = %mq, error = %e, "no route for an assigned queue");
+                    continue;
+                }
+            };
+            by_endpoint
+                .entry(info.endpoint.clone())
+                .or_default()
+                .push(PullTarget {
+                    queue: info,
+                    offset,
+                    max_msgs: self.inner.options.pull_batch_size,
+                    expr,
+                });
+        }
+        let now = Instant::now();
+        let suspend = deadline.saturating_duration_since(now);
+        let mut s = self.state();
+        for (endpoint, targets) in by_endpoint {
+            // One pull covers at most MAX_PULL_QUEUES queues: a shard with more gets several.
+            for (i, chunk) in targets.chunks(MAX_PULL_QUEUES).enumerate() {
+                let key = format!("{endpoint}#{i}");
+                if s.inflight.contains_key(&key) || s.backoff.get(&key).is_some_and(|t| *t > now) {
+                    continue;
+                }
+                let client = self.inner.client.clone();
+                let group = self.inner.group.clone();
+                let tx = self.inner.done_tx.clone();
+                let ep = endpoint.clone();
+                let chunk = chunk.to_vec();
+                let max_bytes = self.inner.options.pull_max_bytes;
+                let k = key.clone();
+                let h = tokio::spawn(async move {
+                    let result = client.pull(&ep, &group, &chunk, max_bytes, suspend).await;
+                    let _ = tx.send(PullDone { key: k, result });
+                });
+                s.inflight.insert(key, h.abort_handle());
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one finished pull; returns its messages (in queue order).
+    fn apply(&self, done: PullDone) -> Result<Vec<MessageExt>> {
+        let mut s = self.state();
+        s.inflight.remove(&done.key);
+        let results = match done.result {
+            Ok(r) => r,
+            Err(e) => {
+                s.backoff
+                    .insert(done.key.clone(), Instant::now() + LITE_PULL_ERROR_BACKOFF);
+                let transient = matches!(
+                    e,
+                    ClientError::Timeout { .. }
+                        | ClientError::Connect { .. }
+                        | ClientError::ConnectionLost { .. }
+                        | ClientError::SystemBusy(_)
+                        | ClientError::ServiceUnavailable(_)
+                        | ClientError::WrongShard { .. }
+                        | ClientError::NameServerUnavailable { .. }
+                );
+                if transient {
+                    tracing::warn!(pull = %done.key, error = %e, "pull failed; will retry");
+                    return Ok(Vec::new());
+                }
+                return Err(e);
+            }
+        };
+        s.backoff.remove(&done.key);
+        let mut out = Vec::new();
+        let mut failed = false;
+        for r in results {
+            let Some(q) = s.queues.get_mut(&r.mq) else {
+                continue; // unassigned meanwhile
+            };
+            if q.position != Some(r.pulled_from) {
+                continue; // seeked meanwhile: a stale result
+            }
+            match r.status {
+                PullStatus::Found => {
+                    q.position = Some(r.next_offset);
+                    out.extend(r.messages);
+                }
+                PullStatus::NoNewMessages if r.next_offset >= r.pulled_from => {
+                    q.position = Some(r.next_offset);
+                }
+                PullStatus::OffsetMoved => {
+                    tracing::warn!(queue = %r.mq, from = r.pulled_from, to = r.next_offset,
+                        "offset moved by the broker");
+                    q.position = Some(r.next_offset);
+                }
+                PullStatus::NoNewMessages | PullStatus::RetryImmediately => {}
+                PullStatus::WrongShard | PullStatus::TopicNotExist | PullStatus::Other(_) => {
+                    // The broker answers at once while a queue is wrong: do not spin.
+                    tracing::warn!(queue = %r.mq, status = ?r.status, "pull of a queue failed");
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            s.backoff
+                .insert(done.key.clone(), Instant::now() + LITE_PULL_ERROR_BACKOFF);
+        }
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for messages of the assigned queues and returns those that
+    /// arrived (possibly none). Messages of one queue come in queue order.
+    pub async fn poll(&self, timeout: Duration) -> Result<Vec<MessageExt>> {
+        self.check_open()?;
+        let deadline = Instant::now() + timeout;
+        self.sync_subscriptions().await?;
+        self.resolve_positions().await?;
+        let mut rx = self.inner.done_rx.lock().await;
+        let mut out = Vec::new();
+        loop {
+            self.launch_pulls(deadline).await?;
+            let wake = {
+                let now = Instant::now();
+                let s = self.state();
+                // Wake for the first failed pull that may go again, or at the deadline.
+                s.backoff
+                    .values()
+                    .filter(|t| **t > now)
+                    .min()
+                    .map_or(deadline, |b| (*b).min(deadline))
+            };
+            match tokio::time::timeout_at(wake, rx.recv()).await {
+                Ok(Some(done)) => {
+                    out.extend(self.apply(done)?);
+                    // Take whatever else already finished, then return what we have.
+                    while let Ok(done) = rx.try_recv() {
+                        out.extend(self.apply(done)?);
+                    }
+                    if !out.is_empty() {
+                        break;
+                    }
+                }
+                Ok(None) => return Err(ClientError::ShutDown),
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => {}
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        drop(rx);
+        if self.inner.options.auto_commit {
+            let due = self.state().last_commit.elapsed() >= self.inner.options.commit_interval;
+            if due {
+                if let Err(e) = self.commit().await {
+                    tracing::warn!(group = %self.inner.group, error = %e, "auto commit failed");
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits the position of every queue (the offset after the last message `poll`
+    /// returned) to the broker.
+    pub async fn commit(&self) -> Result<()> {
+        let todo: Vec<(MessageQueue, u64)> = {
+            let mut s = self.state();
+            s.last_commit = Instant::now();
+            s.queues
+                .iter()
+                .filter_map(|(mq, q)| match q.position {
+                    Some(p) if q.committed != Some(p) => Some((mq.clone(), p)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut first_err = None;
+        for (mq, offset) in todo {
+            match self
+                .inner
+                .client
+                .update_consumer_offset(&self.inner.group, &mq, offset)
+                .await
+            {
+                Ok(()) => {
+                    if let Some(q) = self.state().queues.get_mut(&mq) {
+                        q.committed = Some(offset);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %mq, offset, error = %e, "commit failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Moves a queue's position: the next `poll` returns messages from `offset` on. The
+    /// offset must be within the queue's [min, max] offsets.
+    pub async fn seek(&self, mq: &MessageQueue, offset: u64) -> Result<()> {
+        self.check_open()?;
+        if !self.state().queues.contains_key(mq) {
+            return Err(ClientError::InvalidArgument(format!(
+                "queue {mq} is not assigned to this consumer"
+            )));
+        }
+        let min = self.inner.client.min_offset(mq).await?;
+        let max = self.inner.client.max_offset(mq).await?;
+        if offset < min || offset > max {
+            return Err(ClientError::InvalidArgument(format!(
+                "offset {offset} of queue {mq} is outside [{min}, {max}]"
+            )));
+        }
+        if let Some(q) = self.state().queues.get_mut(mq) {
+            q.position = Some(offset);
+        }
+        Ok(())
+    }
+
+    /// The next offset `poll` will return for a queue (`None` before the first poll).
+    pub fn position(&self, mq: &MessageQueue) -> Option<u64> {
+        self.state().queues.get(mq).and_then(|q| q.position)
+    }
+
+    /// The offset the broker has committed for this group on a queue.
+    pub async fn committed(&self, mq: &MessageQueue) -> Result<Option<u64>> {
+        self.inner
+            .client
+            .query_consumer_offset(&self.inner.group, mq)
+            .await
+    }
+
+    /// Stops pulling, commits (with `auto_commit`) and closes the consumer's own client.
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.shut.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        {
+            let mut s = self.state();
+            for (_, h) in s.inflight.drain() {
+                h.abort();
+            }
+        }
+        let res = if self.inner.options.auto_commit {
+            self.commit().await
+        } else {
+            Ok(())
+        };
+        self.inner.client.unregister_consumer(&self.inner.group);
+        if self.inner.owns_client {
+            self.inner.client.shutdown().await;
+        }
+        res
+    }
+}

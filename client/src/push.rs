@@ -1,0 +1,644 @@
+//! The push consumer: a long-polling pull loop per shard endpoint (one request covers every
+//! assigned queue of that shard), messages handed to a concurrent listener on a bounded pool,
+//! offsets tracked per queue and committed every few seconds and on shutdown.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orbitmq_proto::limits::MAX_PULL_QUEUES;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::client::{validate_group, Client, PullTarget};
+use crate::config::ClientConfig;
+use crate::consumer::{start_offset, ConsumeStatus, ConsumerOptions};
+use crate::error::{ClientError, Result};
+use crate::filter::SubExpr;
+use crate::message::MessageExt;
+use crate::offset::OffsetTracker;
+use crate::pull::PullStatus;
+use crate::route::{MessageQueue, QueueInfo};
+
+/// First wait after a failed pull; doubled on each failure in a row.
+pub const PULL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait after failed pulls.
+pub const PULL_BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// How often a pull loop whose queues are all over their in-flight limits looks again (it
+/// is also woken when messages complete).
+pub const FLOW_CONTROL_RECHECK: Duration = Duration::from_millis(100);
+/// How long shutdown waits for listener calls in progress.
+pub const SHUTDOWN_CONSUME_WAIT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for a pull loop to notice.
+pub const SHUTDOWN_LOOP_WAIT: Duration = Duration::from_secs(2);
+
+/// A concurrent listener: called from several threads at once with a batch of messages.
+pub type Listener = Arc<dyn Fn(&[MessageExt]) -> ConsumeStatus + Send + Sync + 'static>;
+
+struct PushQueue {
+    info: QueueInfo,
+    expr: Arc<SubExpr>,
+    tracker: OffsetTracker,
+}
+
+struct Inner {
+    client: Client,
+    owns_client: bool,
+    group: String,
+    options: ConsumerOptions,
+    subs: Mutex<BTreeMap<String, Arc<SubExpr>>>,
+    listener: Mutex<Option<Listener>>,
+    queues: Mutex<HashMap<MessageQueue, PushQueue>>,
+    loops: Mutex<HashMap<String, JoinHandle<()>>>,
+    background: Mutex<Vec<JoinHandle<()>>>,
+    permits: Arc<Semaphore>,
+    /// Consume tasks alive (waiting for a permit, running, or waiting to redeliver).
+    active: AtomicUsize,
+    idle: Notify,
+    /// Messages completed: a flow-controlled pull loop may go on.
+    progress: Notify,
+    running: AtomicBool,
+    shut_tx: watch::Sender<bool>,
+    shut_rx: watch::Receiver<bool>,
+}
+
+/// RocketMQ's `DefaultMQPushConsumer` with a concurrent listener.
+pub struct PushConsumer {
+    inner: Arc<Inner>,
+}
+
+/// Counts a consume task as alive until dropped.
+struct ActiveGuard(Arc<Inner>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl PushConsumer {
+    pub async fn new(group: &str, config: ClientConfig) -> Result<PushConsumer> {
+        Self::with_options(group, config, ConsumerOptions::default()).await
+    }
+
+    pub async fn with_options(
+        group: &str,
+        config: ClientConfig,
+        options: ConsumerOptions,
+    ) -> Result<PushConsumer> {
+        validate_group("consumer", group)?;
+        options.validate()?;
+        let client = Client::new(config).await?;
+        Ok(Self::build(group, client, true, options))
+    }
+
+    pub fn with_client(group: &str, client: Client, options: ConsumerOptions) -> Result<Self> {
+        validate_group("consumer", group)?;
+        options.validate()?;
+        Ok(Self::build(group, client, false, options))
+    }
+
+    fn build(group: &str, client: Client, owns_client: bool, options: ConsumerOptions) -> Self {
+        let (shut_tx, shut_rx) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(options.consume_threads));
+        PushConsumer {
+            inner: Arc::new(Inner {
+                client,
+                owns_client,
+                group: group.to_owned(),
+                options,
+                subs: Mutex::new(BTreeMap::new()),
+                listener: Mutex::new(None),
+                queues: Mutex::new(HashMap::new()),
+                loops: Mutex::new(HashMap::new()),
+                background: Mutex::new(Vec::new()),
+                permits,
+                active: AtomicUsize::new(0),
+                idle: Notify::new(),
+                progress: Notify::new(),
+                running: AtomicBool::new(false),
+                shut_tx,
+                shut_rx,
+            }),
+        }
+    }
+
+    pub fn group(&self) -> &str {
+        &self.inner.group
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// Consumes the topic's messages that match `expr` (`*`, `TagA || TagB`), on every
+    /// readable queue of the topic (no rebalance among group members yet).
+    pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
+        orbitmq_proto::limits::validate_topic(topic)
+            .map_err(|e| ClientError::InvalidArgument(format!("topic: {e}")))?;
+        let expr = Arc::new(SubExpr::parse(expr)?);
+        self.inner
+            .subs
+            .lock()
+            .expect("subs lock")
+            .insert(topic.to_owned(), expr);
+        if self.inner.running.load(Ordering::Acquire) {
+            sync_assignment(&self.inner).await?;
+        }
+        Ok(())
+    }
+
+    /// Sets the listener. Called concurrently from up to `consume_threads` threads; it may
+    /// block. `ReconsumeLater` (or a panic) hands the messages back after `reconsume_delay`.
+    pub fn register_listener<F>(&self, listener: F)
+    where
+        F: Fn(&[MessageExt]) -> ConsumeStatus + Send + Sync + 'static,
+    {
+        *self.inner.listener.lock().expect("listener lock") = Some(Arc::new(listener));
+    }
+
+    /// Resolves the subscribed queues and their start offsets and starts pulling.
+    pub async fn start(&self) -> Result<()> {
+        if *self.inner.shut_rx.borrow() {
+            return Err(ClientError::ShutDown);
+        }
+        if self.inner.listener.lock().expect("listener lock").is_none() {
+            return Err(ClientError::InvalidArgument(
+                "register a listener before start".into(),
+            ));
+        }
+        if self.inner.subs.lock().expect("subs lock").is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "subscribe before start".into(),
+            ));
+        }
+        if self.inner.running.swap(true, Ordering::AcqRel) {
+            return Err(ClientError::InvalidArgument("already started".into()));
+        }
+        self.inner.client.register_consumer(&self.inner.group);
+        if let Err(e) = sync_assignment(&self.inner).await {
+            self.inner.running.store(false, Ordering::Release);
+            return Err(e);
+        }
+        let bg = tokio::spawn(maintenance_task(self.inner.clone()));
+        self.inner
+            .background
+            .lock()
+            .expect("background lock")
+            .push(bg);
+        if let Err(e) = self.inner.client.heartbeat().await {
+            tracing::warn!(group = %self.inner.group, error = %e, "first heartbeat failed");
+        }
+        tracing::info!(group = %self.inner.group, queues = self.assignment().len(),
+            "push consumer started");
+        Ok(())
+    }
+
+    /// The queues this consumer pulls.
+    pub fn assignment(&self) -> Vec<MessageQueue> {
+        let mut v: Vec<MessageQueue> = self
+            .inner
+            .queues
+            .lock()
+            .expect("queues lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Commits now what may be committed (the lowest offset in flight of each queue).
+    pub async fn commit(&self) -> Result<()> {
+        commit_all(&self.inner).await
+    }
+
+    /// Stops pulling, waits (bounded) for listener calls in progress, commits offsets and
+    /// closes the consumer's own client. Messages not yet consumed stay uncommitted and come
+    /// again to the next consumer of the group.
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.inner.shut_tx.send_replace(true) {
+            return Ok(());
+        }
+        let was_running = self.inner.running.swap(false, Ordering::AcqRel);
+        let loops: Vec<JoinHandle<()>> = self
+            .inner
+            .loops
+            .lock()
+            .expect("loops lock")
+            .drain()
+            .map(|(_, h)| h)
+            .collect();
+        for h in loops {
+            let abort = h.abort_handle();
+            if tokio::time::timeout(SHUTDOWN_LOOP_WAIT, h).await.is_err() {
+                abort.abort();
+            }
+        }
+        for h in self
+            .inner
+            .background
+            .lock()
+            .expect("background lock")
+            .drain(..)
+        {
+            h.abort();
+        }
+        let waited = tokio::time::timeout(SHUTDOWN_CONSUME_WAIT, async {
+            loop {
+                let idle = self.inner.idle.notified();
+                if self.inner.active.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(group = %self.inner.group,
+                "listener calls still running at shutdown; their messages stay uncommitted");
+        }
+        let res = if was_running {
+            commit_all(&self.inner).await
+        } else {
+            Ok(())
+        };
+        self.inner.client.unregister_consumer(&self.inner.group);
+        if self.inner.owns_client {
+            self.inner.client.shutdown().await;
+        }
+        tracing::info!(group = %self.inner.group, "push consumer shut down");
+        res
+    }
+}
+
+impl Drop for PushConsumer {
+    fn drop(&mut self) {
+        // Without shutdown: stop the tasks (offsets since the last commit are not committed).
+        let _ = self.inner.shut_tx.send_replace(true);
+        if let Ok(mut l) = self.inner.loops.lock() {
+            for (_, h) in l.drain() {
+                h.abort();
+            }
+        }
+        if let Ok(mut b) = self.inner.background.lock() {
+            for h in b.drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// Brings the assignment in line with the routes of the subscribed topics: new queues get
+/// their start offsets, moved queues their new endpoint, and every endpoint a pull loop.
+async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
+    let subs: Vec<(String, Arc<SubExpr>)> = inner
+        .subs
+        .lock()
+        .expect("subs lock")
+        .iter()
+        .map(|(t, e)| (t.clone(), e.clone()))
+        .collect();
+    let mut wanted: Vec<(QueueInfo, Arc<SubExpr>)> = Vec::new();
+    for (topic, expr) in &subs {
+        let route = inner.client.topic_route(topic).await?;
+        wanted.extend(
+            route
+                .readable()
+                .into_iter()
+                .map(|q| (q.clone(), expr.clone())),
+        );
+    }
+    let wanted_set: BTreeSet<MessageQueue> = wanted.iter().map(|(q, _)| q.mq.clone()).collect();
+    let mut new_queues = Vec::new();
+    {
+        let mut qs = inner.queues.lock().expect("queues lock");
+        qs.retain(|mq, _| {
+            let keep = wanted_set.contains(mq);
+            if !keep {
+                tracing::info!(queue = %mq, "queue no longer in the route; dropped");
+            }
+            keep
+        });
+        for (info, expr) in &wanted {
+            match qs.get_mut(&info.mq) {
+                Some(q) => {
+                    if q.info.endpoint != info.endpoint {
+                        tracing::info!(queue = %info.mq, from = %q.info.endpoint,
+                            to = %info.endpoint, "queue moved");
+                    }
+                    q.info = info.clone();
+                    q.expr = expr.clone();
+                }
+                None => new_queues.push((info.clone(), expr.clone())),
+            }
+        }
+    }
+    for (info, expr) in new_queues {
+        let (offset, committed) = start_offset(
+            &inner.client,
+            &inner.group,
+            &info.mq,
+            inner.options.consume_from_where,
+        )
+        .await?;
+        let tracker = if committed {
+            OffsetTracker::from_committed(offset)
+        } else {
+            OffsetTracker::new(offset)
+        };
+        inner
+            .queues
+            .lock()
+            .expect("queues lock")
+            .entry(info.mq.clone())
+            .or_insert(PushQueue {
+                info,
+                expr,
+                tracker,
+            });
+    }
+    ensure_loops(inner);
+    Ok(())
+}
+
+/// Starts a pull loop for every endpoint with assigned queues that has none.
+fn ensure_loops(inner: &Arc<Inner>) {
+    if !inner.running.load(Ordering::Acquire) || *inner.shut_rx.borrow() {
+        return;
+    }
+    let endpoints: BTreeSet<String> = inner
+        .queues
+        .lock()
+        .expect("queues lock")
+        .values()
+        .map(|q| q.info.endpoint.clone())
+        .collect();
+    let mut loops = inner.loops.lock().expect("loops lock");
+    loops.retain(|_, h| !h.is_finished());
+    for ep in endpoints {
+        if !loops.contains_key(&ep) {
+            tracing::debug!(endpoint = %ep, "starting pull loop");
+            loops.insert(ep.clone(), tokio::spawn(pull_loop(inner.clone(), ep)));
+        }
+    }
+}
+
+async fn sleep_or_shutdown(shut: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shut.wait_for(|s| *s) => true,
+    }
+}
+
+async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
+    let mut shut = inner.shut_rx.clone();
+    let mut backoff = PULL_BACKOFF_MIN;
+    loop {
+        if *shut.borrow() {
+            return;
+        }
+        // The queues of this endpoint that are under their in-flight limits.
+        let progress = inner.progress.notified();
+        let (targets, epochs, assigned) = {
+            let qs = inner.queues.lock().expect("queues lock");
+            let mut targets = Vec::new();
+            let mut epochs = HashMap::new();
+            let mut assigned = false;
+            for q in qs.values().filter(|q| q.info.endpoint == endpoint) {
+                assigned = true;
+                if targets.len() >= MAX_PULL_QUEUES
+                    || q.tracker.in_flight_count() >= inner.options.max_in_flight_per_queue
+                    || q.tracker.in_flight_bytes() >= inner.options.max_in_flight_bytes_per_queue
+                {
+                    continue;
+                }
+                epochs.insert(q.info.mq.clone(), q.tracker.epoch());
+                targets.push(PullTarget {
+                    queue: q.info.clone(),
+                    offset: q.tracker.next_pull_offset(),
+                    max_msgs: inner.options.pull_batch_size,
+                    expr: q.expr.clone(),
+                });
+            }
+            (targets, epochs, assigned)
+        };
+        if !assigned {
+            tracing::debug!(%endpoint, "no queue left on this endpoint; pull loop ends");
+            return;
+        }
+        if targets.is_empty() {
+            tokio::select! {
+                _ = progress => {}
+                _ = tokio::time::sleep(FLOW_CONTROL_RECHECK) => {}
+                _ = shut.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
+        let pulled = tokio::select! {
+            r = inner.client.pull(
+                &endpoint,
+                &inner.group,
+                &targets,
+                inner.options.pull_max_bytes,
+                inner.options.long_poll_suspend,
+            ) => r,
+            _ = shut.wait_for(|s| *s) => return,
+        };
+        let results = match pulled {
+            Ok(r) => {
+                backoff = PULL_BACKOFF_MIN;
+                r
+            }
+            Err(e) => {
+                tracing::warn!(%endpoint, group = %inner.group, error = %e, "pull failed");
+                if e.invalidates_route() || matches!(e, ClientError::WrongShard { .. }) {
+                    if let Err(e) = sync_assignment(&inner).await {
+                        tracing::warn!(group = %inner.group, error = %e, "route refresh failed");
+                    }
+                }
+                if sleep_or_shutdown(&mut shut, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(PULL_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let mut reroute = false;
+        let mut deliveries: Vec<(Vec<MessageExt>, u64)> = Vec::new();
+        {
+            let mut qs = inner.queues.lock().expect("queues lock");
+            for r in results {
+                let Some(q) = qs.get_mut(&r.mq) else { continue };
+                let Some(&epoch) = epochs.get(&r.mq) else {
+                    continue;
+                };
+                if q.tracker.epoch() != epoch {
+                    continue;
+                }
+                match r.status {
+                    PullStatus::Found | PullStatus::NoNewMessages
+                        if r.next_offset >= r.pulled_from =>
+                    {
+                        let offsets: Vec<(u64, u32)> = r
+                            .messages
+                            .iter()
+                            .map(|m| (m.queue_offset, m.body.len() as u32))
+                            .collect();
+                        if q.tracker
+                            .on_pulled(epoch, r.pulled_from, &offsets, r.next_offset)
+                            && !r.messages.is_empty()
+                        {
+                            deliveries.push((r.messages, epoch));
+                        }
+                    }
+                    PullStatus::OffsetMoved => {
+                        tracing::warn!(queue = %r.mq, from = r.pulled_from, to = r.next_offset,
+                            "offset moved by the broker");
+                        q.tracker.reset(r.next_offset);
+                    }
+                    PullStatus::WrongShard | PullStatus::TopicNotExist => reroute = true,
+                    PullStatus::Other(code) => {
+                        tracing::warn!(queue = %r.mq, code, "pull of a queue failed");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (msgs, epoch) in deliveries {
+            for batch in msgs.chunks(inner.options.consume_batch_size) {
+                spawn_consume(&inner, batch.to_vec(), epoch, None);
+            }
+        }
+        if reroute {
+            if let Err(e) = sync_assignment(&inner).await {
+                tracing::warn!(group = %inner.group, error = %e, "route refresh failed");
+            }
+            if sleep_or_shutdown(&mut shut, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(PULL_BACKOFF_MAX);
+        }
+    }
+}
+
+/// Hands a batch (all of one queue) to the listener on the pool, after `delay` if given.
+fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64, delay: Option<Duration>) {
+    inner.active.fetch_add(1, Ordering::AcqRel);
+    let guard = ActiveGuard(inner.clone());
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut shut = inner.shut_rx.clone();
+        if let Some(d) = delay {
+            if sleep_or_shutdown(&mut shut, d).await {
+                return; // still in flight, so uncommitted: the next consumer gets it
+            }
+        }
+        let permit = tokio::select! {
+            p = inner.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shut.wait_for(|s| *s) => return,
+        };
+        let Some(listener) = inner.listener.lock().expect("listener lock").clone() else {
+            return;
+        };
+        let mq = batch[0].message_queue();
+        let batch = Arc::new(batch);
+        let b = batch.clone();
+        let status = tokio::task::spawn_blocking(move || listener(&b)).await;
+        drop(permit);
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(queue = %mq, error = %e, "listener panicked; reconsuming later");
+                ConsumeStatus::ReconsumeLater
+            }
+        };
+        match status {
+            ConsumeStatus::ConsumeSuccess => {
+                let mut qs = inner.queues.lock().expect("queues lock");
+                if let Some(q) = qs.get_mut(&mq) {
+                    for m in batch.iter() {
+                        q.tracker.on_consumed(epoch, m.queue_offset);
+                    }
+                }
+                drop(qs);
+                inner.progress.notify_waiters();
+            }
+            ConsumeStatus::ReconsumeLater => {
+                let still_ours = {
+                    let qs = inner.queues.lock().expect("queues lock");
+                    qs.get(&mq)
+                        .is_some_and(|q| q.tracker.is_in_flight(epoch, batch[0].queue_offset))
+                };
+                if !still_ours {
+                    return; // the queue was reset or dropped meanwhile
+                }
+                let mut again = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+                for m in &mut again {
+                    m.reconsume_times += 1;
+                }
+                tracing::debug!(queue = %mq, offset = again[0].queue_offset,
+                    times = again[0].reconsume_times, "message will be consumed again");
+                spawn_consume(&inner, again, epoch, Some(inner.options.reconsume_delay));
+            }
+        }
+    });
+}
+
+async fn commit_all(inner: &Arc<Inner>) -> Result<()> {
+    let todo: Vec<(MessageQueue, u64)> = inner
+        .queues
+        .lock()
+        .expect("queues lock")
+        .iter()
+        .filter_map(|(mq, q)| q.tracker.pending_commit().map(|o| (mq.clone(), o)))
+        .collect();
+    let mut first_err = None;
+    for (mq, offset) in todo {
+        match inner
+            .client
+            .update_consumer_offset(&inner.group, &mq, offset)
+            .await
+        {
+            Ok(()) => {
+                if let Some(q) = inner.queues.lock().expect("queues lock").get_mut(&mq) {
+                    q.tracker.mark_committed(offset);
+                }
+                tracing::trace!(queue = %mq, offset, "offset committed");
+            }
+            Err(e) => {
+                tracing::warn!(queue = %mq, offset, error = %e, "offset commit failed");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Commits every `commit_interval` and follows route changes every
+/// `poll_name_server_interval`.
+async fn maintenance_task(inner: Arc<Inner>) {
+    let commit_every = inner.options.commit_interval;
+    let route_every = inner.client.config().poll_name_server_interval;
+    let mut shut = inner.shut_rx.clone();
+    let mut last_route = tokio::time::Instant::now();
+    loop {
+        if sleep_or_shutdown(&mut shut, commit_every).await {
+            return;
+        }
+        let _ = commit_all(&inner).await;
+        if last_route.elapsed() >= route_every {
+            last_route = tokio::time::Instant::now();
+            if let Err(e) = sync_assignment(&inner).await {
+                tracing::warn!(group = %inner.group, error = %e, "assignment refresh failed");
+            }
+        }
+    }
+}
