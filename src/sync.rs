@@ -1,6 +1,6 @@
 //! Single-threaded wake-up primitives for tasks of one shard (never shared across cores).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -83,6 +83,37 @@ impl Event {
     }
 }
 
+/// Mutual exclusion across awaits for tasks of one thread: a task that must not overlap
+/// another run of the same work (an fdatasync round, a checkpoint) holds the gate.
+#[derive(Default)]
+pub struct Gate {
+    held: Cell<bool>,
+    released: Event,
+}
+
+/// Holds a [`Gate`] until dropped.
+pub struct GateGuard<'a>(&'a Gate);
+
+impl Gate {
+    /// Waits until the gate is free and takes it.
+    pub async fn enter(&self) -> GateGuard<'_> {
+        loop {
+            let wait = self.released.listen();
+            if !self.held.replace(true) {
+                return GateGuard(self);
+            }
+            wait.await;
+        }
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.held.set(false);
+        self.0.released.notify();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +137,21 @@ mod tests {
         s.set(8);
         assert_eq!(a.as_mut().poll(&mut cx), Poll::Ready(7));
         assert_eq!(b.as_mut().poll(&mut cx), Poll::Ready(7));
+    }
+
+    #[test]
+    fn gate_admits_one_holder_at_a_time() {
+        let g = Gate::default();
+        let waker = Waker::from(Arc::new(Noop));
+        let mut cx = Context::from_waker(&waker);
+        let mut a = Box::pin(g.enter());
+        let Poll::Ready(guard) = a.as_mut().poll(&mut cx) else {
+            panic!("a free gate is entered at once");
+        };
+        let mut b = Box::pin(g.enter());
+        assert!(b.as_mut().poll(&mut cx).is_pending());
+        drop(guard);
+        assert!(b.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

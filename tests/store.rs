@@ -1,10 +1,15 @@
 //! Storage engine tests: real files with O_DIRECT under a glommio executor.
 
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use glommio::{LocalExecutorBuilder, Placement};
-use orbitmq::log::{FlushMode, ReadStatus, Store, StoreConfig};
-use orbitmq::proto::record::{self, Message};
+use orbitmq::log::retention::RetentionPolicy;
+use orbitmq::log::{AppendResult, FlushMode, ReadStatus, Store, StoreConfig, StoreError};
+use orbitmq::proto::limits;
+use orbitmq::proto::record::{self, EncodeError, Message};
 
 /// Small segments so tests roll over several of them.
 const TEST_SEGMENT: u64 = 64 * 1024;
@@ -35,7 +40,7 @@ fn msg(topic: &str, queue: u32, i: usize) -> Message {
     Message {
         topic: topic.into(),
         queue_id: queue,
-        tags: if i % 2 == 0 {
+        tags: if i.is_multiple_of(2) {
             "even".into()
         } else {
             "odd".into()
@@ -114,4 +119,922 @@ fn append_then_read_back_async() {
 #[test]
 fn append_then_read_back_sync() {
     append_read_back(FlushMode::Sync);
+}
+
+// ---------------------------------------------------------------- helpers for damage tests
+
+/// The segment file holding log offset `phys`, and `phys`'s position in it.
+fn seg_file(dir: &Path, phys: u64) -> (PathBuf, u64) {
+    let base = phys - phys % TEST_SEGMENT;
+    (
+        dir.join("commitlog").join(format!("{base:020}")),
+        phys - base,
+    )
+}
+
+/// Overwrites `bytes` at `pos` of `path` with plain buffered I/O (the store is closed).
+fn write_at(path: &Path, pos: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, pos).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_at(path: &Path, pos: u64, len: usize) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, pos).unwrap();
+    b
+}
+
+fn cq_dir(dir: &Path, topic: &str, queue: u32) -> PathBuf {
+    dir.join("consumequeue").join(topic).join(queue.to_string())
+}
+
+fn cq_file(dir: &Path, topic: &str, queue: u32, first: u64) -> PathBuf {
+    cq_dir(dir, topic, queue).join(format!("{first:020}"))
+}
+
+/// Appends messages `range` of `msg(topic, i % queues, i)` one after the other, returning
+/// them with their results.
+async fn append_serial(
+    store: &Store,
+    topic: &str,
+    queues: u32,
+    range: std::ops::Range<usize>,
+) -> Vec<(Message, AppendResult)> {
+    let mut out = Vec::new();
+    for i in range {
+        let m = msg(topic, (i % queues as usize) as u32, i);
+        let r = store.append(&m).await.unwrap();
+        out.push((m, r));
+    }
+    out
+}
+
+/// As [`append_serial`], but all at once, so they share group commits (sync tests stay
+/// fast). Offsets follow placement, not `i`: compare by the returned results.
+async fn append_range(
+    store: &Store,
+    topic: &str,
+    queues: u32,
+    range: std::ops::Range<usize>,
+) -> Vec<(Message, AppendResult)> {
+    let tasks: Vec<_> = range
+        .map(|i| {
+            let store = store.clone();
+            let m = msg(topic, (i % queues as usize) as u32, i);
+            glommio::spawn_local(async move {
+                let r = store.append(&m).await.unwrap();
+                (m, r)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+/// The written record with the highest log offset, and the one before it.
+fn last_two(written: &[(Message, AppendResult)]) -> (AppendResult, AppendResult) {
+    let mut rs: Vec<AppendResult> = written.iter().map(|(_, r)| *r).collect();
+    rs.sort_by_key(|r| r.physical_offset);
+    (rs[rs.len() - 1], rs[rs.len() - 2])
+}
+
+/// Checks `more`, appended after `before`, took the next queue offsets of each queue.
+fn assert_next_offsets(before: &[(Message, AppendResult)], more: &[(Message, AppendResult)]) {
+    let queues: BTreeSet<u32> = more.iter().map(|(m, _)| m.queue_id).collect();
+    for q in queues {
+        let had = before.iter().filter(|(m, _)| m.queue_id == q).count() as u64;
+        let mut got: Vec<u64> = more
+            .iter()
+            .filter(|(m, _)| m.queue_id == q)
+            .map(|(_, r)| r.queue_offset)
+            .collect();
+        got.sort();
+        let want: Vec<u64> = (had..had + got.len() as u64).collect();
+        assert_eq!(got, want, "queue {q}: next queue offsets");
+    }
+}
+
+fn first_phys(rs: &[(Message, AppendResult)]) -> u64 {
+    rs.iter().map(|(_, r)| r.physical_offset).min().unwrap()
+}
+
+/// Bodies of `queue`'s messages among `written`, in queue-offset order.
+fn bodies_of(written: &[(Message, AppendResult)], queue: u32) -> Vec<Vec<u8>> {
+    let mut v: Vec<_> = written
+        .iter()
+        .filter(|(m, _)| m.queue_id == queue)
+        .map(|(m, r)| (r.queue_offset, m.body.clone()))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, b)| b).collect()
+}
+
+async fn read_bodies(store: &Store, topic: &str, queue: u32) -> Vec<Vec<u8>> {
+    read_all(store, topic, queue)
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect()
+}
+
+/// Asserts every queue of `written` reads back exactly (bodies, order, dense offsets from 0).
+async fn assert_queues(
+    store: &Store,
+    topic: &str,
+    queues: u32,
+    written: &[(Message, AppendResult)],
+) {
+    for q in 0..queues {
+        let want = bodies_of(written, q);
+        let got = read_bodies(store, topic, q).await;
+        assert_eq!(got.len(), want.len(), "queue {q}: message count");
+        assert!(got == want, "queue {q}: bodies differ");
+        assert_eq!(
+            store.queue_bounds(topic, q),
+            Some((0, want.len() as u64)),
+            "queue {q}: bounds"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- torn and zeroed tails
+
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Flip bytes inside the last record: its CRC fails.
+    FlipLast,
+    /// Zero the last record's bytes, as a write that never reached the disk.
+    ZeroLast,
+    /// Garbage after the last record, as a torn write of records never acknowledged.
+    GarbageAfter,
+    /// A valid record of an earlier position copied after the last record: its CRC passes
+    /// but its stored physical offset is not its position.
+    StaleCopy,
+}
+
+const TAIL_TOPIC: &str = "Tail";
+const TAIL_QUEUES: u32 = 2;
+const TAIL_MESSAGES: usize = 600;
+
+fn damaged_tail(damage: Damage) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
+        assert!(
+            last_two(&written).0.physical_offset >= 2 * TEST_SEGMENT,
+            "several segments"
+        );
+        store.close().await.unwrap();
+
+        let (last, prev) = last_two(&written);
+        let (seg, pos) = seg_file(&path, last.physical_offset);
+        let end_pos = pos + last.size as u64;
+        let lost = match damage {
+            Damage::FlipLast => {
+                let mid = pos + last.size as u64 / 2;
+                let b = read_at(&seg, mid, 4);
+                write_at(&seg, mid, &b.iter().map(|x| x ^ 0x5a).collect::<Vec<_>>());
+                true
+            }
+            Damage::ZeroLast => {
+                write_at(&seg, pos, &vec![0u8; last.size as usize]);
+                true
+            }
+            Damage::GarbageAfter => {
+                write_at(&seg, end_pos, &[0xab; 300]);
+                false
+            }
+            Damage::StaleCopy => {
+                // The record before the last: as valid as ever, but for another position.
+                let (pseg, ppos) = seg_file(&path, prev.physical_offset);
+                let stale = read_at(&pseg, ppos, prev.size as usize);
+                assert!(
+                    end_pos + stale.len() as u64 + 8 <= TEST_SEGMENT,
+                    "the stale copy fits the segment"
+                );
+                write_at(&seg, end_pos, &stale);
+                false
+            }
+        };
+        if lost {
+            written.retain(|(_, r)| r.physical_offset != last.physical_offset);
+        }
+
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        let expect_next = if lost {
+            last.physical_offset
+        } else {
+            last.physical_offset + last.size as u64
+        };
+        assert_eq!(
+            store.stats().next_offset,
+            expect_next,
+            "the log ends at the cut"
+        );
+        // Appends continue right after the cut, with the next queue offsets.
+        let more = append_range(
+            &store,
+            TAIL_TOPIC,
+            TAIL_QUEUES,
+            TAIL_MESSAGES..TAIL_MESSAGES + 20,
+        )
+        .await;
+        assert_eq!(first_phys(&more), expect_next);
+        assert_next_offsets(&written, &more);
+        written.extend(more);
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+
+        // And once more from disk: the cut and the new records are stable.
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn flipped_last_record_is_cut() {
+    damaged_tail(Damage::FlipLast);
+}
+
+#[test]
+fn zeroed_last_record_is_cut() {
+    damaged_tail(Damage::ZeroLast);
+}
+
+#[test]
+fn garbage_after_the_last_record_is_cut() {
+    damaged_tail(Damage::GarbageAfter);
+}
+
+#[test]
+fn stale_record_after_the_end_is_not_accepted() {
+    damaged_tail(Damage::StaleCopy);
+}
+
+/// Damage in the first record of the last segment: the cut falls exactly on a segment
+/// boundary and appends continue at the start of that segment.
+#[test]
+fn cut_exactly_at_a_segment_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
+        store.close().await.unwrap();
+        let last_base = {
+            let p = last_two(&written).0.physical_offset;
+            p - p % TEST_SEGMENT
+        };
+        assert!(last_base > 0);
+        assert!(written.iter().any(|(_, r)| r.physical_offset == last_base));
+        let (seg, _) = seg_file(&path, last_base);
+        write_at(&seg, 20, &[0xff; 8]);
+        written.retain(|(_, r)| r.physical_offset < last_base);
+
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_eq!(store.stats().next_offset, last_base);
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        let n = written.len();
+        let more = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, n..n + 10).await;
+        assert_eq!(first_phys(&more), last_base);
+        assert_next_offsets(&written, &more);
+        written.extend(more);
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+    });
+}
+
+/// A log whose last segment ends with its blank record (the next segment is gone): appends
+/// continue in a new segment after it.
+#[test]
+fn log_ending_with_a_blank_record_continues_in_a_new_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
+        store.close().await.unwrap();
+        let last_base = {
+            let p = last_two(&written).0.physical_offset;
+            p - p % TEST_SEGMENT
+        };
+        // The last segment and the one prepared ahead of need go.
+        let mut base = last_base;
+        while seg_file(&path, base).0.exists() {
+            std::fs::remove_file(seg_file(&path, base).0).unwrap();
+            base += TEST_SEGMENT;
+        }
+        assert!(
+            base > last_base + TEST_SEGMENT,
+            "a segment was prepared ahead"
+        );
+        written.retain(|(_, r)| r.physical_offset < last_base);
+
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_eq!(store.stats().next_offset, last_base);
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        let n = written.len();
+        let more = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, n..n + 10).await;
+        assert_eq!(first_phys(&more), last_base);
+        assert_next_offsets(&written, &more);
+        written.extend(more);
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
+        store.close().await.unwrap();
+    });
+}
+
+/// A cut that removes ConsumeQueue entries across a file boundary (the last file emptied,
+/// the one before shortened) leaves the queue dense and correct across two reopens.
+#[test]
+fn cut_across_a_consume_queue_file_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        // One queue, 101 entries: files 0 (100 entries) and 100 (1 entry).
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let mut written = append_range(&store, "Edge", 1, 0..101).await;
+        store.close().await.unwrap();
+        assert!(cq_file(&path, "Edge", 0, 100).exists());
+        // Damage entry 99's record: entries 99 and 100 go.
+        let (_, r99) = *written.iter().find(|(_, r)| r.queue_offset == 99).unwrap();
+        let (seg, pos) = seg_file(&path, r99.physical_offset);
+        write_at(&seg, pos + 30, &[0xee; 4]);
+        written.retain(|(_, r)| r.queue_offset < 99);
+        for _ in 0..2 {
+            let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+            assert_queues(&store, "Edge", 1, &written).await;
+            store.close().await.unwrap();
+        }
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let more = append_range(&store, "Edge", 1, 200..205).await;
+        assert_next_offsets(&written, &more);
+        written.extend(more);
+        assert_queues(&store, "Edge", 1, &written).await;
+        store.close().await.unwrap();
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_queues(&store, "Edge", 1, &written).await;
+        store.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------- ConsumeQueue rebuild
+
+const CQ_TOPIC: &str = "Rebuild";
+const CQ_QUEUES: u32 = 3;
+/// 200 entries per queue: two ConsumeQueue files of 100 each.
+const CQ_MESSAGES: usize = 600;
+
+fn rebuilt_after(damage: impl FnOnce(&Path) + Send + 'static) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        let written = append_range(&store, CQ_TOPIC, CQ_QUEUES, 0..CQ_MESSAGES).await;
+        store.close().await.unwrap();
+        assert!(cq_file(&path, CQ_TOPIC, 1, 100).exists());
+        damage(&path);
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        assert_queues(&store, CQ_TOPIC, CQ_QUEUES, &written).await;
+        let more = append_range(&store, CQ_TOPIC, CQ_QUEUES, CQ_MESSAGES..CQ_MESSAGES + 6).await;
+        assert_next_offsets(&written, &more);
+        store.close().await.unwrap();
+        let mut all = written;
+        all.extend(more);
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        assert_queues(&store, CQ_TOPIC, CQ_QUEUES, &all).await;
+        store.close().await.unwrap();
+    });
+}
+
+fn set_len(p: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+#[test]
+fn consume_queue_rebuilt_after_its_directory_is_deleted() {
+    rebuilt_after(|p| std::fs::remove_dir_all(cq_dir(p, CQ_TOPIC, 1)).unwrap());
+}
+
+#[test]
+fn consume_queue_rebuilt_after_every_directory_is_deleted() {
+    rebuilt_after(|p| std::fs::remove_dir_all(p.join("consumequeue")).unwrap());
+}
+
+#[test]
+fn consume_queue_rebuilt_after_a_partial_entry() {
+    rebuilt_after(|p| set_len(&cq_file(p, CQ_TOPIC, 1, 100), 100 * 20 - 7));
+}
+
+#[test]
+fn consume_queue_rebuilt_after_losing_entries_of_its_last_file() {
+    rebuilt_after(|p| set_len(&cq_file(p, CQ_TOPIC, 2, 100), 10 * 20));
+}
+
+#[test]
+fn consume_queue_rebuilt_after_losing_entries_of_an_earlier_file() {
+    rebuilt_after(|p| set_len(&cq_file(p, CQ_TOPIC, 0, 0), 30 * 20 + 3));
+}
+
+#[test]
+fn consume_queue_rebuilt_without_a_checkpoint() {
+    rebuilt_after(|p| {
+        std::fs::remove_file(p.join("checkpoint")).unwrap();
+        set_len(&cq_file(p, CQ_TOPIC, 0, 100), 0);
+    });
+}
+
+// ---------------------------------------------------------------- retention
+
+fn retention_cfg(path: &Path, reserved_hours: u64) -> StoreConfig {
+    let mut c = cfg(path, FlushMode::Sync);
+    c.retention = RetentionPolicy {
+        delete_when_hours: vec![RETENTION_HOUR],
+        file_reserved_hours: reserved_hours,
+        ..RetentionPolicy::default()
+    };
+    c
+}
+
+const RETENTION_HOUR: u8 = 4;
+const RET_TOPIC: &str = "Ret";
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn set_mtime(p: &Path, t: SystemTime) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// Reads a queue from `from` to its end, checking offsets are dense from `from`.
+async fn read_from(store: &Store, topic: &str, queue: u32, from: u64) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut off = from;
+    loop {
+        let r = store
+            .read(topic, queue, off, 16, 1 << 20, None)
+            .await
+            .unwrap();
+        if r.status != ReadStatus::Found {
+            assert_eq!(r.status, ReadStatus::NoNewMessage);
+            break;
+        }
+        for b in &r.records {
+            let v = record::decode(b).unwrap();
+            assert_eq!(v.queue_offset, from + out.len() as u64);
+            out.push(v.body.to_vec());
+        }
+        off = r.next_offset;
+    }
+    out
+}
+
+#[test]
+fn retention_deletes_only_expired_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        // Segments last written 3 hours ago are expired under a 2-hour reservation.
+        let store = Store::open(retention_cfg(&path, 2)).await.unwrap();
+        let written = append_range(&store, RET_TOPIC, 3, 0..900).await;
+        // Segments holding records (one more may be prepared ahead of need).
+        let segs = last_two(&written).0.physical_offset / TEST_SEGMENT + 1;
+        assert!(segs >= 4, "{segs} segments");
+        let old = SystemTime::now() - Duration::from_secs(3 * 3600);
+        for base in [0, TEST_SEGMENT] {
+            set_mtime(&seg_file(&path, base).0, old);
+        }
+        // Not at the deleteWhen hour and no disk pressure: nothing.
+        assert!(store
+            .run_retention(now_ms(), RETENTION_HOUR + 1, 0.1)
+            .await
+            .unwrap()
+            .is_empty());
+        let deleted = store
+            .run_retention(now_ms(), RETENTION_HOUR, 0.1)
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![0, TEST_SEGMENT]);
+        assert_eq!(store.stats().min_offset, 2 * TEST_SEGMENT);
+        assert!(!seg_file(&path, 0).0.exists());
+        assert!(!seg_file(&path, TEST_SEGMENT).0.exists());
+        for base in (2..segs).map(|i| i * TEST_SEGMENT) {
+            assert!(seg_file(&path, base).0.exists(), "segment {base} is kept");
+        }
+        check_after_retention(&store, &written, 2 * TEST_SEGMENT).await;
+        store.close().await.unwrap();
+        // After a restart: same minimums, same messages.
+        let store = Store::open(retention_cfg(&path, 2)).await.unwrap();
+        check_after_retention(&store, &written, 2 * TEST_SEGMENT).await;
+        let more = append_range(&store, RET_TOPIC, 3, 900..906).await;
+        assert_next_offsets(&written, &more);
+        store.close().await.unwrap();
+    });
+}
+
+/// Every queue's minimum is its first message at or after `log_min`; reads below it say so,
+/// reads from it return the right messages.
+async fn check_after_retention(store: &Store, written: &[(Message, AppendResult)], log_min: u64) {
+    for q in 0..3u32 {
+        let all = bodies_of(written, q);
+        let first_kept = written
+            .iter()
+            .filter(|(m, r)| m.queue_id == q && r.physical_offset >= log_min)
+            .map(|(_, r)| r.queue_offset)
+            .min()
+            .unwrap();
+        let (min, max) = store.queue_bounds(RET_TOPIC, q).unwrap();
+        assert_eq!(
+            (min, max),
+            (first_kept, all.len() as u64),
+            "queue {q} bounds"
+        );
+        let r = store
+            .read(RET_TOPIC, q, 0, 16, 1 << 20, None)
+            .await
+            .unwrap();
+        assert_eq!(r.status, ReadStatus::OffsetTooSmall);
+        assert_eq!(r.next_offset, min);
+        assert!(r.records.is_empty());
+        let got = read_from(store, RET_TOPIC, q, min).await;
+        assert!(
+            got == all[min as usize..],
+            "queue {q}: messages from the minimum"
+        );
+    }
+}
+
+#[test]
+fn retention_with_zero_reserved_hours_keeps_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(retention_cfg(&path, 0)).await.unwrap();
+        let written = append_range(&store, RET_TOPIC, 3, 0..900).await;
+        let active = {
+            let p = last_two(&written).0.physical_offset;
+            p - p % TEST_SEGMENT
+        };
+        // Rebuilt ConsumeQueues (all files written in one round) are cleaned up as well.
+        store.close().await.unwrap();
+        std::fs::remove_dir_all(path.join("consumequeue")).unwrap();
+        let store = Store::open(retention_cfg(&path, 0)).await.unwrap();
+        let deleted = store
+            .run_retention(now_ms(), RETENTION_HOUR, 0.1)
+            .await
+            .unwrap();
+        let want: Vec<u64> = (0..active / TEST_SEGMENT)
+            .map(|i| i * TEST_SEGMENT)
+            .collect();
+        assert_eq!(deleted, want, "everything before the active segment");
+        assert!(seg_file(&path, active).0.exists());
+        check_after_retention(&store, &written, active).await;
+        for q in 0..3 {
+            // Files wholly below the new minimum go; the last one always stays.
+            let (min, _) = store.queue_bounds(RET_TOPIC, q).unwrap();
+            assert!(min >= 200, "queue {q} min {min}");
+            assert!(!cq_file(&path, RET_TOPIC, q, 0).exists());
+            assert!(!cq_file(&path, RET_TOPIC, q, 100).exists());
+            assert!(cq_file(&path, RET_TOPIC, q, 200).exists());
+        }
+        // Appends still work and are readable.
+        let more = append_serial(&store, RET_TOPIC, 3, 900..903).await;
+        assert_next_offsets(&written, &more);
+        let got = read_from(&store, RET_TOPIC, 0, 300).await;
+        assert_eq!(got, vec![more[0].0.body.clone()]);
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn retention_with_nothing_expired_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(retention_cfg(&path, 72)).await.unwrap();
+        let written = append_range(&store, RET_TOPIC, 3, 0..600).await;
+        let segs = last_two(&written).0.physical_offset / TEST_SEGMENT + 1;
+        assert!(store
+            .run_retention(now_ms(), RETENTION_HOUR, 0.1)
+            .await
+            .unwrap()
+            .is_empty());
+        for base in (0..segs).map(|i| i * TEST_SEGMENT) {
+            assert!(seg_file(&path, base).0.exists(), "segment {base} is kept");
+        }
+        assert_queues(&store, RET_TOPIC, 3, &written).await;
+        store.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------- offset by time
+
+#[test]
+fn offset_by_time_finds_the_first_message_at_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        append_range(&store, "Time", 1, 0..300).await;
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+        let t = now_ms();
+        let second = append_range(&store, "Time", 1, 300..310).await;
+        assert!(second
+            .iter()
+            .all(|(_, r)| r.queue_offset >= 300 && r.store_timestamp >= t));
+        assert_eq!(store.offset_by_time("Time", 0, t).await.unwrap(), 300);
+        assert_eq!(store.offset_by_time("Time", 0, 0).await.unwrap(), 0);
+        assert_eq!(
+            store.offset_by_time("Time", 0, u64::MAX).await.unwrap(),
+            310
+        );
+        assert_eq!(store.offset_by_time("Nope", 0, t).await.unwrap(), 0);
+        store.close().await.unwrap();
+        // The same from disk (the tail cache is empty after a restart).
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        assert_eq!(store.offset_by_time("Time", 0, t).await.unwrap(), 300);
+        store.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------- tag filtering
+
+#[test]
+fn tag_filter_returns_only_matching_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        let written = append_serial(&store, "Tags", 1, 0..51).await;
+        let even = [record::tag_hash("even")];
+        let mut off = 0;
+        let mut got = Vec::new();
+        loop {
+            let r = store
+                .read("Tags", 0, off, 5, 1 << 20, Some(&even))
+                .await
+                .unwrap();
+            assert!(r.next_offset > off || r.status != ReadStatus::Found);
+            for b in &r.records {
+                let v = record::decode(b).unwrap();
+                assert_eq!(v.tags, "even");
+                assert!(v.queue_offset >= off && v.queue_offset < r.next_offset);
+                got.push((v.queue_offset, v.body.to_vec()));
+            }
+            if r.status != ReadStatus::Found {
+                break;
+            }
+            off = r.next_offset;
+        }
+        let want: Vec<_> = written
+            .iter()
+            .filter(|(m, _)| m.tags == "even")
+            .map(|(m, r)| (r.queue_offset, m.body.clone()))
+            .collect();
+        assert_eq!(got.len(), 26);
+        assert!(got == want);
+        // A read whose records are all filtered out still moves past them.
+        let none = [record::tag_hash("none")];
+        let r = store
+            .read("Tags", 0, 10, 2, 1 << 20, Some(&none))
+            .await
+            .unwrap();
+        assert!(r.records.is_empty());
+        assert!(r.next_offset > 10, "next offset {}", r.next_offset);
+        // The last message is odd: an even filter from it reaches the end.
+        let r = store
+            .read("Tags", 0, 49, 5, 1 << 20, Some(&even))
+            .await
+            .unwrap();
+        assert_eq!(r.records.len(), 1);
+        assert_eq!(r.next_offset, 51);
+        store.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[test]
+fn bad_input_is_refused_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        append_range(&store, "Good", 1, 0..3).await;
+        let before = store.stats();
+
+        let mut big = msg("Good", 0, 0);
+        big.body = vec![7u8; limits::MAX_MESSAGE_SIZE + 1];
+        let e = store.append(&big).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::BadMessage(EncodeError::BodyTooLarge { .. })),
+            "{e}"
+        );
+
+        let e = store.append(&msg("bad topic!", 0, 0)).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::BadMessage(EncodeError::Topic(_))),
+            "{e}"
+        );
+        let e = store.append(&msg("", 0, 0)).await.unwrap_err();
+        assert!(
+            matches!(e, StoreError::BadMessage(EncodeError::Topic(_))),
+            "{e}"
+        );
+
+        let e = store
+            .append_batch(&[msg("Good", 0, 1), msg("Good", 1, 2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::BadBatch(_)), "{e}");
+        let e = store
+            .append_batch(&[msg("Good", 0, 1), msg("Other", 0, 2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::BadBatch(_)), "{e}");
+
+        // More than one segment can take in one write.
+        let batch: Vec<Message> = (0..10)
+            .map(|i| {
+                let mut m = msg("Good", 0, i);
+                m.body = vec![b'x'; 10 * 1024];
+                m
+            })
+            .collect();
+        let e = store.append_batch(&batch).await.unwrap_err();
+        assert!(matches!(e, StoreError::BadBatch(_)), "{e}");
+
+        assert_eq!(store.stats(), before, "nothing was written");
+        assert_eq!(store.queue_bounds("Good", 0), Some((0, 3)));
+        assert_eq!(store.queue_bounds("Good", 1), None);
+        assert_eq!(store.queue_bounds("Other", 0), None);
+        // The store still takes good appends.
+        let r = store.append(&msg("Good", 0, 3)).await.unwrap();
+        assert_eq!(r.queue_offset, 3);
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_batch_is_stored_contiguously_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let batch: Vec<Message> = (0..20).map(|i| msg("Batch", 2, i)).collect();
+        let rs = store.append_batch(&batch).await.unwrap();
+        for (i, r) in rs.iter().enumerate() {
+            assert_eq!(r.queue_offset, i as u64);
+            if i > 0 {
+                assert_eq!(
+                    r.physical_offset,
+                    rs[i - 1].physical_offset + rs[i - 1].size as u64
+                );
+            }
+        }
+        let got = read_bodies(&store, "Batch", 2).await;
+        assert!(got == batch.iter().map(|m| m.body.clone()).collect::<Vec<_>>());
+        store.close().await.unwrap();
+    });
+}
+
+// ---------------------------------------------------------------- consumer offsets
+
+#[test]
+fn consumer_offsets_survive_a_restart_and_are_clamped_after_a_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let written = append_serial(&store, "Offs", 1, 0..10).await;
+        store.commit_offset("g1", "Offs", 0, 7).unwrap();
+        store.commit_offset("g2", "Offs", 0, 10).unwrap();
+        assert!(store.commit_offset("", "Offs", 0, 1).is_err());
+        store.close().await.unwrap();
+
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_eq!(store.query_offset("g1", "Offs", 0), Some(7));
+        assert_eq!(store.query_offset("g2", "Offs", 0), Some(10));
+        assert_eq!(store.query_offset("g3", "Offs", 0), None);
+        store.close().await.unwrap();
+
+        // The last record is torn: g2's offset past the new end is clamped to it.
+        let (_, last) = written[9];
+        let (seg, pos) = seg_file(&path, last.physical_offset);
+        write_at(&seg, pos + 40, &[0x11; 4]);
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_eq!(store.queue_bounds("Offs", 0), Some((0, 9)));
+        assert_eq!(store.query_offset("g1", "Offs", 0), Some(7));
+        assert_eq!(store.query_offset("g2", "Offs", 0), Some(9));
+        store.close().await.unwrap();
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        assert_eq!(store.query_offset("g2", "Offs", 0), Some(9));
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn consume_queue_zeroed_entries_are_cut() {
+    // A power loss can leave a grown file whose new entries never reached the disk.
+    rebuilt_after(|p| write_at(&cq_file(p, CQ_TOPIC, 1, 100), 90 * 20, &[0u8; 10 * 20]));
+}
+
+/// Records of the old life past a cut, valid at their own positions, must not come back
+/// once new appends reach them: after a crash the rest of the segment is zeroed, not only
+/// the reach of one write.
+#[test]
+fn records_past_a_crash_cut_never_come_back() {
+    const BIG_SEGMENT: u64 = 16 << 20;
+    const BEFORE: usize = 2600;
+    const CUT_AT: usize = 250;
+    const AGAIN: usize = 2100;
+    fn fixed(i: usize) -> Message {
+        Message {
+            topic: "Stale".into(),
+            queue_id: 0,
+            tags: "t".into(),
+            keys: format!("k{i:06}"),
+            body: format!("{i:06}").repeat(664).into_bytes(),
+            ..Default::default()
+        }
+    }
+    async fn append_fixed(store: &Store, range: std::ops::Range<usize>) -> Vec<AppendResult> {
+        let tasks: Vec<_> = range
+            .map(|i| {
+                let store = store.clone();
+                glommio::spawn_local(async move { store.append(&fixed(i)).await.unwrap() })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let big = |p: &Path| {
+            let mut c = cfg(p, FlushMode::Async);
+            c.segment_size = BIG_SEGMENT;
+            c
+        };
+        let store = Store::open(big(&path)).await.unwrap();
+        let old = append_fixed(&store, 0..BEFORE).await;
+        // Block-sized records: a write ending at one leaves the next old record whole.
+        assert!(old.iter().all(|r| r.size == 4096), "size {}", old[0].size);
+        store.close().await.unwrap();
+        let r = old
+            .iter()
+            .find(|r| r.queue_offset == CUT_AT as u64)
+            .unwrap();
+        let seg = path.join("commitlog").join(format!("{:020}", 0));
+        // A lost write in the middle, then a crash (no clean checkpoint).
+        write_at(&seg, r.physical_offset, &vec![0u8; r.size as usize]);
+        std::fs::remove_file(path.join("checkpoint")).unwrap();
+
+        let store = Store::open(big(&path)).await.unwrap();
+        assert_eq!(store.queue_bounds("Stale", 0), Some((0, CUT_AT as u64)));
+        // New records land exactly where the old ones were.
+        let new = append_fixed(&store, BEFORE..BEFORE + AGAIN).await;
+        assert!(new.iter().all(|r| r.size == 4096));
+        store.close().await.unwrap();
+        std::fs::remove_file(path.join("checkpoint")).unwrap();
+
+        let store = Store::open(big(&path)).await.unwrap();
+        let want = (CUT_AT + AGAIN) as u64;
+        assert_eq!(store.queue_bounds("Stale", 0), Some((0, want)));
+        let got = read_all(&store, "Stale", 0).await;
+        assert_eq!(got.len() as u64, want);
+        assert_eq!(got[CUT_AT].body, fixed(BEFORE).body);
+        store.close().await.unwrap();
+    });
 }

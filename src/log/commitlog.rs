@@ -60,6 +60,8 @@ pub struct Batch {
     pub buf: Vec<u8>,
     /// The batch ends with the blank record that closes its segment.
     pub ends_segment: bool,
+    /// Bytes of that blank record (0 if none): written, but not worth caching.
+    pub blank_len: usize,
     pub done: BatchDone,
     pub dispatch: Vec<DispatchEntry>,
 }
@@ -76,6 +78,7 @@ impl Batch {
             carried: carried_len,
             buf,
             ends_segment: false,
+            blank_len: 0,
             done: Signal::new(),
             dispatch: Vec::new(),
         }
@@ -167,9 +170,11 @@ impl Staging {
         self.prepared_upto
     }
 
-    /// Largest run of records (one record, or one batch send) a segment can take.
+    /// Largest run of records (one record, or one batch send) a segment can take. Leaves room
+    /// in one write for a carried partial block and the padding that may precede the run.
     pub fn max_reservation(&self) -> usize {
-        (self.seg_size as usize - BLANK_RECORD_MIN_LEN).min(MAX_WRITE_BYTES - IO_ALIGN as usize)
+        (self.seg_size as usize - BLANK_RECORD_MIN_LEN)
+            .min(MAX_WRITE_BYTES - IO_ALIGN as usize - BLANK_RECORD_MIN_LEN)
     }
 
     /// Makes room for `len` contiguous bytes in one segment and returns the active batch,
@@ -182,15 +187,23 @@ impl Staging {
             if next_base > self.prepared_upto {
                 return Err(Need::Segment(next_base));
             }
-            if self.sealed.len() >= MAX_SEALED_BATCHES {
+            // Close the segment with a blank record over its whole remainder. The padding is
+            // shorter than the run that did not fit, but with the active batch it may exceed
+            // one write: then the active batch is sealed first and the padding starts the next.
+            let pad = (self.seg_size - pos) as usize;
+            let split =
+                self.active.has_new_bytes() && self.active.buf.len() + pad > MAX_WRITE_BYTES;
+            if self.sealed.len() + usize::from(split) >= MAX_SEALED_BATCHES {
                 return Err(Need::Space);
             }
-            // Close the segment with a blank record over its whole remainder.
-            let pad = (self.seg_size - pos) as usize;
+            if split {
+                self.seal_active();
+            }
             let start = self.active.buf.len();
             self.active.buf.resize(start + pad, 0);
             record::encode_blank(&mut self.active.buf[start..], pad as u32);
             self.active.ends_segment = true;
+            self.active.blank_len = pad;
             let fresh = Batch::new(next_base, 0, Vec::new());
             let full = std::mem::replace(&mut self.active, fresh);
             self.sealed.push_back(full);
@@ -246,7 +259,7 @@ mod tests {
     fn put(s: &mut Staging, len: usize, fill: u8) -> Result<u64, Need> {
         let b = s.reserve(len)?;
         let at = b.log_end();
-        b.buf.extend(std::iter::repeat(fill).take(len));
+        b.buf.extend(std::iter::repeat_n(fill, len));
         Ok(at)
     }
 
@@ -275,6 +288,7 @@ mod tests {
         assert_eq!(put(&mut s, 6_000, 2), Ok(seg));
         let b1 = s.take_batch().unwrap();
         assert!(b1.ends_segment);
+        assert_eq!(b1.blank_len, (seg - 60_000) as usize);
         assert_eq!(b1.log_end(), seg);
         assert_eq!(
             record::peek(&b1.buf[60_000..]),
@@ -290,6 +304,25 @@ mod tests {
         let mut s = Staging::new(seg, 0, Vec::new(), 0);
         put(&mut s, (seg as usize) - BLANK_RECORD_MIN_LEN, 1).unwrap();
         assert_eq!(put(&mut s, 1, 2), Err(Need::Segment(seg)));
+    }
+
+    #[test]
+    fn padding_never_makes_a_write_larger_than_the_bound() {
+        let seg = 64 << 20;
+        let mb = 1 << 20;
+        let mut s = Staging::new(seg, seg - 12 * mb, Vec::new(), seg);
+        put(&mut s, 7 * mb as usize, 1).unwrap();
+        // 6 MiB do not fit the last 5 MiB: 5 MiB of padding, too much for the 7 MiB batch.
+        assert_eq!(put(&mut s, 6 * mb as usize, 2), Ok(seg));
+        let mut ends = Vec::new();
+        while let Some(b) = s.take_batch() {
+            assert!(b.buf.len() <= MAX_WRITE_BYTES, "{} bytes", b.buf.len());
+            ends.push((b.log_end(), b.ends_segment));
+        }
+        assert_eq!(
+            ends,
+            vec![(seg - 5 * mb, false), (seg, true), (seg + 6 * mb, false)]
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@ use super::retention::RetentionPolicy;
 
 /// RocketMQ's `mappedFileSizeCommitLog`: 1 GiB segments.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 1 << 30;
-/// The smallest segment accepted: one maximal record and its padding must fit.
+/// The smallest segment accepted. A record or batch must fit one segment (with room for the
+/// blank record), so small segments also lower the largest message a store takes.
 pub const MIN_SEGMENT_SIZE: u64 = 64 * 1024;
 /// O_DIRECT alignment used for every CommitLog write (the block size of ext4/xfs and NVMe).
 pub const IO_ALIGN: u64 = 4096;
@@ -81,7 +82,7 @@ impl StoreConfig {
 
     /// Checks the bounds that would otherwise surface as odd failures deep in the log.
     pub fn validate(&self) -> Result<(), String> {
-        if self.segment_size < MIN_SEGMENT_SIZE || self.segment_size % IO_ALIGN != 0 {
+        if self.segment_size < MIN_SEGMENT_SIZE || !self.segment_size.is_multiple_of(IO_ALIGN) {
             return Err(format!(
                 "segment size {} must be a multiple of {IO_ALIGN} and at least {MIN_SEGMENT_SIZE}",
                 self.segment_size

@@ -147,6 +147,12 @@ impl ConsumeQueue {
 
     /// Records that entries below `upto` are in files, and trims the memory window.
     pub fn mark_persisted(&mut self, upto: u64) {
+        // Every file the newly persisted entries went to (one round may fill several).
+        let mut base = self.persisted - self.persisted % self.entries_per_file;
+        while base < upto {
+            self.files.insert(base, ());
+            base += self.entries_per_file;
+        }
         self.persisted = self.persisted.max(upto);
         let keep_from = self
             .persisted
@@ -155,11 +161,6 @@ impl ConsumeQueue {
         while self.mem_base < keep_from {
             self.mem.pop_front();
             self.mem_base += 1;
-        }
-        let mut base = self.persisted.saturating_sub(1);
-        base -= base % self.entries_per_file;
-        if self.persisted > 0 {
-            self.files.insert(base, ());
         }
     }
 
@@ -222,6 +223,24 @@ mod tests {
         let (upto, writes) = q.unpersisted_upto(1000);
         assert_eq!(upto, 6);
         assert_eq!((writes[0].0, writes[0].1, writes[0].2.len()), (4, 0, 40));
+    }
+
+    #[test]
+    fn persisting_records_every_file_written() {
+        let mut q = cq(100);
+        for i in 0..250 {
+            q.push(i, e(i * 10));
+        }
+        let (upto, writes) = q.unpersisted_upto(u64::MAX);
+        assert_eq!(writes.len(), 3);
+        q.mark_persisted(upto);
+        assert_eq!(
+            q.files.keys().copied().collect::<Vec<_>>(),
+            vec![0, 100, 200]
+        );
+        q.push(250, e(2500));
+        q.mark_persisted(251);
+        assert_eq!(q.files.len(), 3);
     }
 
     #[test]

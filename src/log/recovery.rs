@@ -117,6 +117,9 @@ pub fn scan(
 pub struct Checkpoint {
     /// Every record below this log offset is in the persisted ConsumeQueues.
     pub scan_from: u64,
+    /// Written only by a clean close: the log ends here and nothing after it was ever
+    /// written in this segment, so recovery need not zero the rest of the segment.
+    pub clean_end: Option<u64>,
     /// Persisted entry count per queue, to spot a ConsumeQueue deleted or truncated since.
     pub queues: Vec<(String, u32, u64)>,
 }
@@ -126,6 +129,9 @@ const CHECKPOINT_HEADER: &str = "orbitmq-checkpoint v1";
 impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         let mut s = format!("{CHECKPOINT_HEADER}\nscan_from {}\n", self.scan_from);
+        if let Some(end) = self.clean_end {
+            s.push_str(&format!("clean_end {end}\n"));
+        }
         for (t, q, n) in &self.queues {
             s.push_str(&format!("queue {t} {q} {n}\n"));
         }
@@ -148,6 +154,15 @@ impl Checkpoint {
             return None;
         }
         let scan_from = lines.next()?.strip_prefix("scan_from ")?.parse().ok()?;
+        let mut lines = lines.peekable();
+        let clean_end = match lines.peek().and_then(|l| l.strip_prefix("clean_end ")) {
+            Some(v) => {
+                let end = v.parse().ok()?;
+                lines.next();
+                Some(end)
+            }
+            None => None,
+        };
         let mut queues = Vec::new();
         for l in lines {
             let mut w = l.strip_prefix("queue ")?.split(' ');
@@ -156,7 +171,11 @@ impl Checkpoint {
             let n = w.next()?.parse().ok()?;
             queues.push((t, q, n));
         }
-        Some(Checkpoint { scan_from, queues })
+        Some(Checkpoint {
+            scan_from,
+            clean_end,
+            queues,
+        })
     }
 }
 
@@ -262,8 +281,14 @@ mod tests {
     fn checkpoint_round_trip_and_damage() {
         let c = Checkpoint {
             scan_from: 123,
+            clean_end: None,
             queues: vec![("T".into(), 0, 5), ("%RETRY%g".into(), 7, 0)],
         };
+        let clean = Checkpoint {
+            clean_end: Some(456),
+            ..c.clone()
+        };
+        assert_eq!(Checkpoint::decode(&clean.encode()), Some(clean));
         let b = c.encode();
         assert_eq!(Checkpoint::decode(&b), Some(c));
         let mut bad = b.clone();

@@ -24,12 +24,12 @@ use tracing::{debug, error, info, warn};
 
 use super::commitlog::{align_down, align_up, Batch, DispatchEntry, Need, Staging};
 use super::config::{FlushMode, StoreConfig, IO_ALIGN, MAX_WRITE_BYTES};
-use super::cq::{ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
+use super::cq::{self, ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
 use super::error::{gio, Result, StoreError};
 use super::offsets::ConsumerOffsets;
 use super::recovery::{self, Checkpoint, Scanned, Stop};
 use super::retention::{self, SegmentInfo};
-use crate::sync::{Event, Signal};
+use crate::sync::{Event, Gate, Signal};
 
 /// After a failed segment preparation (e.g. a full disk), appends needing the segment fail
 /// at once for this long before preparation is tried again.
@@ -162,6 +162,12 @@ struct Inner {
     dispatched: Event,
     committer_done: Rc<Signal<()>>,
     stop: Cell<bool>,
+    /// One fdatasync round at a time, so close() waits for the flusher's round.
+    flushing: Gate,
+    /// One ConsumeQueue persist and checkpoint at a time.
+    persisting: Gate,
+    /// close() wrote the final checkpoint: no later persist may overwrite it.
+    sealed: Cell<bool>,
 }
 
 /// A shard's store. Cheap to clone; all clones share one state on one thread.
@@ -213,6 +219,48 @@ fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(io_err(format!("syncing directory {}", dir.display())))
+}
+
+/// Every record below the returned log offset is in the persisted ConsumeQueues: the
+/// durable offset, or the first record of an entry not persisted yet if lower.
+fn index_floor(st: &State, durable: u64) -> u64 {
+    st.topics
+        .values()
+        .flat_map(|qs| qs.values())
+        .filter_map(|q| q.mem_entry(q.persisted).map(|e| e.phys))
+        .min()
+        .unwrap_or(durable)
+        .min(durable)
+}
+
+/// Reads the ConsumeQueue entry at byte `pos` of the file `path`.
+async fn read_entry_at(path: &Path, pos: u64) -> Result<CqEntry> {
+    let f = BufferedFile::open(path)
+        .await
+        .map_err(|e| gio("opening a ConsumeQueue file", e))?;
+    let r = f.read_at(pos, CQ_ENTRY_LEN as usize).await;
+    let _ = f.close().await;
+    let r = r.map_err(|e| gio("reading a ConsumeQueue file", e))?;
+    if r.len() < CQ_ENTRY_LEN as usize {
+        return Err(StoreError::io(
+            format!("reading {} at {pos}", path.display()),
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    Ok(CqEntry::decode(&r))
+}
+
+/// Reads `cq`'s entry at queue offset `offset` from the file `path` that holds it.
+async fn read_file_entry(path: &Path, cq: &ConsumeQueue, offset: u64) -> Result<CqEntry> {
+    read_entry_at(path, cq.locate(offset).1).await
+}
+
+/// How a recovery scan ended.
+struct ScanEnd {
+    /// Where the log ends: the next record goes here.
+    cut: u64,
+    /// The scan ended at zeros (or past the last segment), not at damage.
+    at_zeros: bool,
 }
 
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename).
@@ -287,6 +335,9 @@ impl Store {
                 dispatched: Event::default(),
                 committer_done: Signal::new(),
                 stop: Cell::new(false),
+                flushing: Gate::default(),
+                persisting: Gate::default(),
+                sealed: Cell::new(false),
             }),
         };
         store.recover().await?;
@@ -308,15 +359,19 @@ impl Store {
                 segment_name(*bad)
             )));
         }
+        // A segment prepared here holds zeros only: nothing to zero after the cut.
+        let mut prepared_now = None;
         if bases.is_empty() {
             self.prepare_segment(0).await?;
             bases.push(0);
+            prepared_now = Some(0);
         }
         for b in &bases {
             let f = self.open_segment(*b).await?;
             self.inner.st.borrow_mut().segments.insert(*b, f);
         }
         let log_min = bases[0];
+        let last_base = *bases.last().expect("one segment");
 
         // ConsumeQueues as persisted, and where the rescan must start.
         let checkpoint = std::fs::read(cfg.dir.join(CHECKPOINT_FILE))
@@ -328,7 +383,7 @@ impl Store {
             for (topic, qid, count) in &c.queues {
                 let have = loaded.get(&(topic.clone(), *qid));
                 let point = match have {
-                    Some((n, last_end)) if n >= count => continue,
+                    Some((n, _)) if n >= count => continue,
                     Some((_, Some(end))) => *end,
                     _ => log_min,
                 };
@@ -340,11 +395,20 @@ impl Store {
                 scan_from = scan_from.min(point);
             }
         }
-        let mut scan_from =
-            scan_from.clamp(log_min, *bases.last().expect("one segment") + seg_size);
+        let scan_from = scan_from.clamp(log_min, last_base + seg_size);
+        // Re-check the whole segment holding the last indexed byte: the checkpoint says what
+        // is indexed, not that those bytes are still whole, and a damaged or torn last record
+        // must be cut rather than served as corrupt. Its records also restore the store clock.
+        let mut scan_from = bases
+            .iter()
+            .rev()
+            .copied()
+            .find(|b| *b < scan_from)
+            .unwrap_or(log_min)
+            .min(scan_from);
 
         // Scan the log from there, re-dispatching idempotently by queue offset.
-        let (cut, last_seg_ended) = loop {
+        let end = loop {
             match self.scan_log(&bases, scan_from).await? {
                 Ok(r) => break r,
                 Err(gap_at) if scan_from > log_min => {
@@ -358,15 +422,11 @@ impl Store {
                 }
             }
         };
+        let cut = end.cut;
         self.truncate_consume_queues(cut).await?;
 
         // Make the cut the end: drop later segments, zero stale bytes after it.
-        let active = if last_seg_ended {
-            cut
-        } else {
-            cut - cut % seg_size
-        };
-        let active = active - active % seg_size;
+        let active = cut - cut % seg_size;
         for b in bases.iter().filter(|b| **b > active) {
             warn!(segment = %segment_name(*b), "removing segment past the recovered end");
             let f = self.inner.st.borrow_mut().segments.remove(b);
@@ -380,8 +440,18 @@ impl Store {
             self.prepare_segment(active).await?;
             let f = self.open_segment(active).await?;
             self.inner.st.borrow_mut().segments.insert(active, f);
+            prepared_now = Some(active);
         }
-        let tail = self.zero_after(cut).await?;
+        let fresh = prepared_now == Some(active);
+        // After a clean close nothing was ever written past the end; after a crash, records
+        // of unsynced writes (or stale ones) may lie anywhere past the cut in this segment,
+        // valid at their own positions, and must not reappear once appends reach them.
+        let clean = end.at_zeros && checkpoint.as_ref().and_then(|c| c.clean_end) == Some(cut);
+        let tail = self.zero_after(cut, !clean && !fresh).await?;
+        if log_min > 0 {
+            // Entries kept in ConsumeQueue files may point below the log's first segment.
+            self.advance_queue_minimums(log_min).await?;
+        }
 
         {
             let mut st = self.inner.st.borrow_mut();
@@ -427,46 +497,73 @@ impl Store {
                 };
                 let mut cq = ConsumeQueue::new(&root, topic.clone(), qid, per_file);
                 let files = list_numbered(&cq.dir)?;
-                // Files must be contiguous; a hole means lost data: keep the contiguous tail.
-                let mut count = 0u64;
+                // Keep the contiguous run of files from the first (retention deletes a prefix);
+                // files after a hole or a short file would index past lost entries: they go,
+                // and the rescan from the end of the run rebuilds them from the log.
+                let mut end: Option<u64> = None;
                 let mut first = None;
-                for base in files.iter().rev() {
-                    let len = std::fs::metadata(cq.path_of(*base))
-                        .map_err(io_err(format!("stat {}", cq.path_of(*base).display())))?
+                for (i, base) in files.iter().enumerate() {
+                    let contiguous =
+                        base.is_multiple_of(per_file) && end.is_none_or(|e| e == *base);
+                    if !contiguous {
+                        warn!(%topic, queue = qid, file = %segment_name(*base),
+                            "ConsumeQueue files are not contiguous: rebuilding from the log");
+                        for b in &files[i..] {
+                            let p = cq.path_of(*b);
+                            std::fs::remove_file(&p)
+                                .map_err(io_err(format!("removing {}", p.display())))?;
+                        }
+                        break;
+                    }
+                    let p = cq.path_of(*base);
+                    let len = std::fs::metadata(&p)
+                        .map_err(io_err(format!("stat {}", p.display())))?
                         .len();
-                    let n = (len / CQ_ENTRY_LEN).min(per_file);
-                    if count == 0 {
-                        count = base + n;
-                    } else if base + n != first.unwrap_or(0) {
-                        warn!(%topic, queue = qid, "ConsumeQueue files are not contiguous");
-                        break;
-                    }
-                    first = Some(*base);
+                    end = Some(base + (len / CQ_ENTRY_LEN).min(per_file));
+                    first.get_or_insert(*base);
                     cq.files.insert(*base, ());
-                    if n < per_file && count != base + n {
-                        break;
-                    }
                 }
-                // Cut a partial last entry.
+                let mut count = end.unwrap_or(0);
+                let min = first.unwrap_or(0);
+                let mut last_end = None;
                 if let Some((&last_base, _)) = cq.files.last_key_value() {
+                    // Entries a power loss left as zeros (the file grew, its data did not
+                    // reach the disk) end the persisted prefix: no record has size 0.
+                    let valid = |e: &CqEntry| e.size > 0;
                     let p = cq.path_of(last_base);
+                    if count > last_base && !valid(&read_file_entry(&p, &cq, count - 1).await?) {
+                        let (mut lo, mut hi) = (last_base, count - 1);
+                        while lo < hi {
+                            let mid = lo + (hi - lo) / 2;
+                            if valid(&read_file_entry(&p, &cq, mid).await?) {
+                                lo = mid + 1;
+                            } else {
+                                hi = mid;
+                            }
+                        }
+                        warn!(%topic, queue = qid, from = lo, "zeroed ConsumeQueue entries cut");
+                        count = lo;
+                    }
+                    // Cut a partial last entry (and anything past the kept prefix).
                     let want = (count - last_base) * CQ_ENTRY_LEN;
-                    let f = std::fs::OpenOptions::new()
+                    std::fs::OpenOptions::new()
                         .write(true)
                         .open(&p)
-                        .map_err(io_err(format!("{}", p.display())))?;
-                    f.set_len(want)
+                        .and_then(|f| f.set_len(want))
                         .map_err(io_err(format!("truncating {}", p.display())))?;
+                    if count > min {
+                        let (base, _) = cq.locate(count - 1);
+                        last_end = Some(
+                            read_file_entry(&cq.path_of(base), &cq, count - 1)
+                                .await?
+                                .end(),
+                        );
+                    }
                 }
-                cq.min_offset = first.unwrap_or(0);
+                cq.min_offset = min;
                 cq.persisted = count;
                 cq.mem_base = count;
                 cq.next_assign = count;
-                let last_end = if count > cq.min_offset {
-                    Some(self.read_file_entry(&cq, count - 1).await?.end())
-                } else {
-                    None
-                };
                 out.insert((topic.to_string(), qid), (count, last_end));
                 self.inner
                     .st
@@ -480,38 +577,24 @@ impl Store {
         Ok(out)
     }
 
-    async fn read_file_entry(&self, cq: &ConsumeQueue, offset: u64) -> Result<CqEntry> {
-        let (base, pos) = cq.locate(offset);
-        let p = cq.path_of(base);
-        let f = BufferedFile::open(&p)
-            .await
-            .map_err(|e| gio("opening ConsumeQueue", e))?;
-        let r = f.read_at(pos, CQ_ENTRY_LEN as usize).await;
-        let _ = f.close().await;
-        let r = r.map_err(|e| gio("reading ConsumeQueue", e))?;
-        if r.len() < CQ_ENTRY_LEN as usize {
-            return Err(StoreError::io(
-                format!("reading {}", p.display()),
-                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
-            ));
-        }
-        Ok(CqEntry::decode(&r))
-    }
-
-    /// Scans from `from` to the end of the log. Ok((cut, cut ends a segment)), or Err(log
+    /// Scans from `from` to the end of the log. Ok(where and how it ended), or Err(log
     /// offset) when a record's queue offset is past its ConsumeQueue's end (a gap).
     async fn scan_log(
         &self,
         bases: &[u64],
         from: u64,
-    ) -> Result<std::result::Result<(u64, bool), u64>> {
+    ) -> Result<std::result::Result<ScanEnd, u64>> {
         let seg_size = self.inner.cfg.segment_size;
         let mut pos = from;
         let mut found = Vec::new();
         loop {
             let base = pos - pos % seg_size;
             if !bases.contains(&base) {
-                return Ok(Ok((pos, pos % seg_size == 0 && pos > from)));
+                // Past the last segment (or a missing one): nothing follows.
+                return Ok(Ok(ScanEnd {
+                    cut: pos,
+                    at_zeros: true,
+                }));
             }
             let file = self.inner.st.borrow().segments[&base].clone();
             let seg_end = base + seg_size;
@@ -532,19 +615,22 @@ impl Store {
             }
             match stop {
                 Stop::NeedMore => pos = next,
-                Stop::SegmentEnd => {
-                    pos = seg_end;
-                    if !bases.contains(&seg_end) {
-                        return Ok(Ok((pos, true)));
-                    }
+                Stop::SegmentEnd => pos = seg_end,
+                Stop::Empty => {
+                    return Ok(Ok(ScanEnd {
+                        cut: next,
+                        at_zeros: true,
+                    }))
                 }
-                Stop::Empty => return Ok(Ok((next, false))),
                 Stop::Invalid(why) => {
                     warn!(
                         offset = next,
                         why, "cutting the CommitLog at a torn or invalid record"
                     );
-                    return Ok(Ok((next, false)));
+                    return Ok(Ok(ScanEnd {
+                        cut: next,
+                        at_zeros: false,
+                    }));
                 }
             }
         }
@@ -590,76 +676,78 @@ impl Store {
         Ok(())
     }
 
-    /// Drops persisted ConsumeQueue entries that point at or past the log's cut.
+    /// Drops ConsumeQueue entries that point at or past the log's cut, from memory and from
+    /// the files. A queue's entries are in log order, so a binary search finds the first.
     async fn truncate_consume_queues(&self, cut: u64) -> Result<()> {
-        let queues: Vec<(Rc<str>, u32)> = {
-            let st = self.inner.st.borrow();
+        let queues: Vec<(Rc<str>, u32, u64, u64)> = {
+            let mut st = self.inner.st.borrow_mut();
             st.topics
-                .iter()
-                .flat_map(|(t, qs)| qs.keys().map(move |q| (t.clone(), *q)))
+                .iter_mut()
+                .flat_map(|(t, qs)| {
+                    qs.values_mut().map(move |cq| {
+                        // Scanned entries are below the cut; this only guards the invariant.
+                        cq.truncate_mem_from_phys(cut);
+                        (t.clone(), cq.queue_id, cq.min_offset, cq.persisted)
+                    })
+                })
                 .collect()
         };
-        for (t, q) in queues {
-            loop {
-                let (persisted, min, cq_dir_entry) = {
-                    let st = self.inner.st.borrow();
-                    let cq = &st.topics[&t][&q];
-                    (
-                        cq.persisted,
-                        cq.min_offset,
-                        cq.locate(cq.persisted.saturating_sub(1)),
-                    )
-                };
-                if persisted <= min {
-                    break;
+        for (t, q, min, persisted) in queues {
+            let dir = cq::queue_dir(&self.cq_root(), &t, q);
+            let per_file = self.inner.cfg.cq_entries_per_file;
+            let locate = |off: u64| {
+                let base = off - off % per_file;
+                (
+                    dir.join(cq::file_name(base)),
+                    base,
+                    (off - base) * CQ_ENTRY_LEN,
+                )
+            };
+            let (mut lo, mut hi) = (min, persisted);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                let (p, _, pos) = locate(mid);
+                if read_entry_at(&p, pos).await?.phys < cut {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
                 }
-                let last = {
-                    let st = self.inner.st.borrow();
-                    let cq = &st.topics[&t][&q];
-                    match cq.mem_entry(persisted - 1) {
-                        Some(e) => e,
-                        None => {
-                            let dummy = ConsumeQueue::new(
-                                &self.cq_root(),
-                                t.clone(),
-                                q,
-                                cq.entries_per_file,
-                            );
-                            drop(st);
-                            self.read_file_entry(&dummy, persisted - 1).await?
-                        }
-                    }
-                };
-                if last.phys < cut {
-                    break;
-                }
-                let mut st = self.inner.st.borrow_mut();
-                let cq = st
-                    .topics
-                    .get_mut(&t)
-                    .and_then(|m| m.get_mut(&q))
-                    .expect("queue");
-                let path = cq.path_of(cq_dir_entry.0);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(cq_dir_entry.1))
-                    .map_err(io_err(format!("truncating {}", path.display())))?;
-                cq.persisted -= 1;
-                cq.truncate_mem_from_phys(cut);
-                if cq.mem_base > cq.persisted {
-                    cq.mem.clear();
-                    cq.mem_base = cq.persisted;
-                }
-                cq.next_assign = cq.max_offset();
             }
+            if lo == persisted {
+                continue;
+            }
+            warn!(topic = %t, queue = q, from = lo, to = persisted,
+                "dropping ConsumeQueue entries past the recovered end of the log");
+            // The file holding `lo` keeps its entries before it; later files go, so the
+            // last file on disk always ends at the queue's persisted end.
+            let (path, file_base, pos) = locate(lo);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(pos))
+                .map_err(io_err(format!("truncating {}", path.display())))?;
+            for b in list_numbered(&dir)?.into_iter().filter(|b| *b > file_base) {
+                let p = dir.join(cq::file_name(b));
+                std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
+            }
+            let mut st = self.inner.st.borrow_mut();
+            let cq = st
+                .topics
+                .get_mut(&t)
+                .and_then(|m| m.get_mut(&q))
+                .expect("queue");
+            cq.files.retain(|b, _| *b <= file_base);
+            cq.persisted = lo;
+            cq.mem.clear();
+            cq.mem_base = lo;
+            cq.next_assign = lo;
         }
         Ok(())
     }
 
-    /// Zeroes the log after `cut` (stale bytes of a torn write could otherwise look like
-    /// records once new appends reach them) and returns the partial block before `cut`.
-    async fn zero_after(&self, cut: u64) -> Result<Vec<u8>> {
+    /// Returns the partial block before `cut` (the next write carries it) and, when
+    /// `zero_rest`, zeroes the segment after `cut`.
+    async fn zero_after(&self, cut: u64, zero_rest: bool) -> Result<Vec<u8>> {
         let seg_size = self.inner.cfg.segment_size;
         let base = cut - cut % seg_size;
         let file = self.inner.st.borrow().segments[&base].clone();
@@ -675,20 +763,39 @@ impl Store {
         } else {
             Vec::new()
         };
-        // A torn group-commit write reaches at most MAX_WRITE_BYTES past the cut.
-        let end = (align_up(pos) + MAX_WRITE_BYTES as u64 + IO_ALIGN).min(seg_size);
-        let mut at = start;
-        while at < end {
-            let n = ((end - at) as usize).min(PREWRITE_CHUNK);
-            let mut buf = file.alloc_dma_buffer(n);
+        if !zero_rest {
+            return Ok(tail);
+        }
+        if keep > 0 {
+            let mut buf = file.alloc_dma_buffer(IO_ALIGN as usize);
             buf.as_bytes_mut().fill(0);
-            if at == start {
-                buf.as_bytes_mut()[..keep].copy_from_slice(&tail);
-            }
-            file.write_at(buf, at)
+            buf.as_bytes_mut()[..keep].copy_from_slice(&tail);
+            file.write_at(buf, start)
                 .await
                 .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
-            at += n as u64;
+        }
+        let from = align_up(pos);
+        if from < seg_size {
+            // Punching the rest out and allocating it again is metadata-only (unwritten
+            // extents read as zeros), where writing zeros costs up to a segment of I/O per
+            // shard. Writing is the fallback for file systems without hole punching.
+            let punched = match file.deallocate(from, seg_size - from).await {
+                Ok(()) => file.pre_allocate(seg_size, false).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = punched {
+                debug!(error = %e, "cannot punch the CommitLog tail: writing zeros");
+                let mut at = from;
+                while at < seg_size {
+                    let n = ((seg_size - at) as usize).min(PREWRITE_CHUNK);
+                    let mut buf = file.alloc_dma_buffer(n);
+                    buf.as_bytes_mut().fill(0);
+                    file.write_at(buf, at)
+                        .await
+                        .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
+                    at += n as u64;
+                }
+            }
         }
         file.fdatasync()
             .await
@@ -965,21 +1072,21 @@ impl Store {
 
     async fn committer(&self) {
         loop {
-            let (batch, file) = {
+            let listener = self.inner.staged.listen();
+            let next = {
                 let mut st = self.inner.st.borrow_mut();
-                let listener = self.inner.staged.listen();
                 match st.staging.take_batch() {
                     Some(b) => {
                         let f = st.segments.get(&b.seg_base).cloned();
-                        (b, f)
+                        Some((b, f))
                     }
                     None if st.closing => break,
-                    None => {
-                        drop(st);
-                        listener.await;
-                        continue;
-                    }
+                    None => None,
                 }
+            };
+            let Some((batch, file)) = next else {
+                listener.await;
+                continue;
             };
             let result = match file {
                 Some(f) => self.write_batch(&f, &batch).await,
@@ -1051,11 +1158,7 @@ impl Store {
         }
         let start = batch.log_start();
         let mut buf = std::mem::take(&mut batch.buf);
-        if batch.ends_segment {
-            // The blank record is not worth caching.
-            let blank_at = buf.len() - (end - start) as usize;
-            let _ = blank_at;
-        }
+        buf.truncate(buf.len() - batch.blank_len);
         if buf.capacity() > 2 * buf.len() {
             buf.shrink_to_fit();
         }
@@ -1069,6 +1172,7 @@ impl Store {
 
     /// fdatasync every segment written since its last sync (ASYNC_FLUSH).
     async fn flush_dirty(&self) {
+        let _round = self.inner.flushing.enter().await;
         let (segs, upto) = {
             let mut st = self.inner.st.borrow_mut();
             if st.fenced.is_some() || st.dirty.is_empty() {
@@ -1097,6 +1201,16 @@ impl Store {
 
     /// Writes ConsumeQueue entries of records below the synced offset, then the checkpoint.
     pub async fn persist_consume_queues(&self) -> Result<()> {
+        self.persist_index(false).await
+    }
+
+    /// Persists the ConsumeQueues and the checkpoint; `closing` marks a clean end when
+    /// everything written is synced and indexed.
+    async fn persist_index(&self, closing: bool) -> Result<()> {
+        let _one = self.inner.persisting.enter().await;
+        if self.inner.sealed.get() {
+            return Ok(());
+        }
         let (durable, work) = {
             let st = self.inner.st.borrow();
             let durable = st.synced;
@@ -1155,19 +1269,23 @@ impl Store {
                 })
                 .collect();
             queues.sort();
-            let min_pending = st
-                .topics
-                .values()
-                .flat_map(|qs| qs.values())
-                .filter_map(|q| q.mem_entry(q.persisted).map(|e| e.phys))
-                .min()
-                .unwrap_or(durable);
+            let scan_from = index_floor(&st, durable);
+            let clean = closing
+                && scan_from == durable
+                && durable == st.written
+                && st.staging.is_empty()
+                && st.fenced.is_none();
             Checkpoint {
-                scan_from: durable.min(min_pending),
+                scan_from,
+                clean_end: clean.then_some(durable),
                 queues,
             }
         };
-        write_atomic(&self.inner.cfg.dir.join(CHECKPOINT_FILE), &cp.encode())
+        write_atomic(&self.inner.cfg.dir.join(CHECKPOINT_FILE), &cp.encode())?;
+        if closing {
+            self.inner.sealed.set(true);
+        }
+        Ok(())
     }
 
     fn persist_offsets(&self) -> Result<()> {
@@ -1355,7 +1473,12 @@ impl Store {
     /// The store timestamp of the record at a queue offset.
     async fn store_time_at(&self, topic: &str, queue_id: u32, offset: u64) -> Result<u64> {
         let e = self.entries(topic, queue_id, offset, 1).await?;
-        let e = e.first().ok_or(StoreError::Closed)?;
+        let e = e.first().ok_or_else(|| {
+            StoreError::io(
+                format!("ConsumeQueue entry {offset} of {topic}:{queue_id}"),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })?;
         let b = self.record_at(e.phys, e.size).await?;
         Ok(record::decode(&b).map(|v| v.store_timestamp).unwrap_or(0))
     }
@@ -1440,10 +1563,12 @@ impl Store {
             disk_used_ratio,
             &self.inner.cfg.retention,
         );
-        // Never delete what the ConsumeQueues have not persisted: recovery rescans from there.
+        // Never delete what the ConsumeQueues have not persisted: recovery rescans from there
+        // and would find a gap. Persisting first lets everything synced go.
+        self.persist_consume_queues().await?;
         let scan_floor = {
             let st = self.inner.st.borrow();
-            st.synced
+            index_floor(&st, st.synced)
         };
         let victims: Vec<u64> = victims
             .into_iter()
@@ -1552,7 +1677,7 @@ impl Store {
         if let Some(f) = self.inner.st.borrow().fenced.clone() {
             return Err(StoreError::Fenced(f));
         }
-        self.persist_consume_queues().await?;
+        self.persist_index(true).await?;
         self.persist_offsets()?;
         let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)
             .into_values()
