@@ -563,6 +563,29 @@ mod tests {
         });
     }
 
+    /// Polls once, reporting whether the poller was ready (pending leaves a wake-up armed).
+    async fn ready_now(poller: &mut Pin<Box<dyn UdpPoller>>) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(poller.as_mut().poll_writable(cx).is_ready())).await
+    }
+
+    #[test]
+    fn a_full_send_buffer_backs_off_once_then_is_writable() {
+        in_executor(|| async {
+            let socket = std::net::UdpSocket::bind(loopback()).unwrap();
+            let socket = Arc::new(GlommioUdpSocket::new(socket).unwrap());
+            let mut poller = socket.clone().create_io_poller();
+            assert!(ready_now(&mut poller).await);
+            // As after a send that returned WouldBlock.
+            socket.local.get().send_blocked.set(true);
+            assert!(!ready_now(&mut poller).await);
+            std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                .await
+                .unwrap();
+            assert!(!socket.local.get().send_blocked.get());
+            assert!(ready_now(&mut poller).await);
+        });
+    }
+
     #[test]
     fn a_socket_is_not_wrapped_off_the_shard_thread() {
         let (tx, rx) = std::sync::mpsc::channel();
