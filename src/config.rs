@@ -23,7 +23,11 @@ const MAX_CONF_LEN: u64 = 1 << 20;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{path}:{line}: unknown key {key:?} (see the README for the keys orbitmq reads)")]
-    UnknownKey { path: String, line: usize, key: String },
+    UnknownKey {
+        path: String,
+        line: usize,
+        key: String,
+    },
     #[error("{path}:{line}: {key} = {value:?}: {why}")]
     BadValue {
         path: String,
@@ -128,9 +132,13 @@ impl BrokerConfig {
             path: path.display().to_string(),
             why,
         };
-        let len = std::fs::metadata(path).map_err(|e| io(e.to_string()))?.len();
+        let len = std::fs::metadata(path)
+            .map_err(|e| io(e.to_string()))?
+            .len();
         if len > MAX_CONF_LEN {
-            return Err(io(format!("{len} bytes is over the limit of {MAX_CONF_LEN}")));
+            return Err(io(format!(
+                "{len} bytes is over the limit of {MAX_CONF_LEN}"
+            )));
         }
         let text = std::fs::read_to_string(path).map_err(|e| io(e.to_string()))?;
         Self::parse(&path.display().to_string(), &text)
@@ -258,11 +266,17 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_line() {
-        let e = BrokerConfig::parse("b.conf", "brokerId = 0\nflushDiskType = FAST\n").unwrap_err().to_string();
+        let e = BrokerConfig::parse("b.conf", "brokerId = 0\nflushDiskType = FAST\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("b.conf:2") && e.contains("flushDiskType"), "{e}");
-        let e = BrokerConfig::parse("b.conf", "\nbrokerNam = x\n").unwrap_err().to_string();
+        let e = BrokerConfig::parse("b.conf", "\nbrokerNam = x\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("b.conf:2") && e.contains("brokerNam"), "{e}");
-        let e = BrokerConfig::parse("b.conf", "brokerRole = SLAVE\n").unwrap_err().to_string();
+        let e = BrokerConfig::parse("b.conf", "brokerRole = SLAVE\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("replication"), "{e}");
         assert!(BrokerConfig::parse("b.conf", "listenPort = 99999\n").is_err());
         assert!(BrokerConfig::parse("b.conf", "just words\n").is_err());
@@ -270,7 +284,11 @@ mod tests {
 
     #[test]
     fn orbitmq_keys() {
-        let c = BrokerConfig::parse("b", "shards = 2\ncores = 0-1\nflushDiskType = SYNC_FLUSH\nnamesrvAddr = a:1;b:2\n").unwrap();
+        let c = BrokerConfig::parse(
+            "b",
+            "shards = 2\ncores = 0-1\nflushDiskType = SYNC_FLUSH\nnamesrvAddr = a:1;b:2\n",
+        )
+        .unwrap();
         assert_eq!(c.shards, Some(2));
         assert_eq!(c.cores.as_deref(), Some("0-1"));
         assert_eq!(c.flush_disk_type, FlushMode::Sync);

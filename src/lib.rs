@@ -1,5 +1,6 @@
 //! orbitmq: a RocketMQ-style message broker, thread-per-core on io_uring.
 
+pub mod cli;
 pub mod config;
 pub mod dma;
 pub mod log;

@@ -2,18 +2,19 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
+use orbitmq::cli;
 use orbitmq::config::BrokerConfig;
 use orbitmq::log::{FlushMode, Store, StoreConfig};
-use orbitmq::proto::record::Message;
 use orbitmq::nameserver::topics::Topics;
 use orbitmq::nameserver::{NameServer, NameServerHandle};
 use orbitmq::net::tls;
+use orbitmq::proto::record::Message;
 use orbitmq::shard::{self, NetConfig, ShardSet, ShardSetConfig};
 use orbitmq::tuning::TuningProfile;
 
@@ -32,6 +33,10 @@ struct Cli {
 enum Cmd {
     /// Start a name server and a broker in one process: the embedded default.
     Standalone(StandaloneArgs),
+    /// Send one message and print its id, queue and offset.
+    Send(cli::SendArgs),
+    /// Consume a topic as a group from its committed offset and print each message.
+    Consume(cli::ConsumeArgs),
     /// Append numbered messages to one store and print each acknowledgement (crash tests).
     #[command(hide = true)]
     DebugWriter(WriterArgs),
@@ -112,17 +117,24 @@ fn store_config(a: &StoreArgs, conf: &BrokerConfig) -> (PathBuf, StoreConfig) {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Servers log what they do; client tools stay quiet unless something is wrong.
+    let default_level = match cli.cmd {
+        Cmd::Standalone(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ORBITMQ_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Standalone(a) => standalone(a),
         Cmd::DebugWriter(a) => debug_writer(a),
+        Cmd::Send(a) => cli::send(a),
+        Cmd::Consume(a) => cli::consume(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -167,13 +179,19 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     };
     // Flags over broker.conf over the profile over defaults.
     let cores_arg = a.cores.clone().or(conf.cores.clone());
-    let cores = match (&cores_arg, profile.as_ref().and_then(|p| p.shard_cores.clone())) {
+    let cores = match (
+        &cores_arg,
+        profile.as_ref().and_then(|p| p.shard_cores.clone()),
+    ) {
         (Some(s), _) => shard::parse_cores(s)?,
         (None, Some(c)) => c,
         (None, None) => shard::available_cores(),
     };
     let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
-    let shards = a.shards.or(conf.shards).unwrap_or(cores.len().max(1) as u32);
+    let shards = a
+        .shards
+        .or(conf.shards)
+        .unwrap_or(cores.len().max(1) as u32);
     if shards == 0 {
         return Err("--shards must be at least 1".into());
     }
@@ -182,11 +200,17 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let listen = a
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], conf.listen_port)));
-    std::fs::create_dir_all(&data_dir).map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
     let identity = tls::load_or_create(&data_dir).map_err(|e| e.to_string())?;
     let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
     let topics = Arc::new(
-        Topics::load(&data_dir, conf.auto_create_topic, conf.default_topic_queue_nums).map_err(|e| e.to_string())?,
+        Topics::load(
+            &data_dir,
+            conf.auto_create_topic,
+            conf.default_topic_queue_nums,
+        )
+        .map_err(|e| e.to_string())?,
     );
     let sigs = block_stop_signals();
     let set = ShardSet::start(ShardSetConfig {

@@ -7,7 +7,10 @@ use std::path::Path;
 /// Profiles shipped in `tuning/profiles/`.
 const BUILT_IN: &[(&str, &str)] = &[
     ("dev", include_str!("../tuning/profiles/dev.conf")),
-    ("nvme-dedicated", include_str!("../tuning/profiles/nvme-dedicated.conf")),
+    (
+        "nvme-dedicated",
+        include_str!("../tuning/profiles/nvme-dedicated.conf"),
+    ),
 ];
 
 /// What the broker takes from a profile (host settings are `apply.sh`'s business).
@@ -59,10 +62,16 @@ impl TuningProfile {
             let bad = |why: &str| format!("{name}:{}: {k} = {v:?}: {why}", i + 1);
             match k {
                 "shard_cores" if v.is_empty() => p.shard_cores = None,
-                "shard_cores" => p.shard_cores = Some(crate::shard::parse_cores(v).map_err(|e| bad(&e))?),
+                "shard_cores" => {
+                    p.shard_cores = Some(crate::shard::parse_cores(v).map_err(|e| bad(&e))?)
+                }
                 "pin" => p.pin = v.parse().map_err(|_| bad("expected true or false"))?,
-                "udp_recv_buffer" => p.udp_recv_buffer = Some(v.parse().map_err(|_| bad("expected bytes"))?),
-                "udp_send_buffer" => p.udp_send_buffer = Some(v.parse().map_err(|_| bad("expected bytes"))?),
+                "udp_recv_buffer" => {
+                    p.udp_recv_buffer = Some(v.parse().map_err(|_| bad("expected bytes"))?)
+                }
+                "udp_send_buffer" => {
+                    p.udp_send_buffer = Some(v.parse().map_err(|_| bad("expected bytes"))?)
+                }
                 // Host settings, applied by tuning/apply.sh.
                 "os_cores" | "irq_cores" => {}
                 k if k.starts_with("sysctl.") || k.starts_with("limit.") => {}
@@ -91,6 +100,8 @@ mod tests {
     #[test]
     fn unknown_profiles_and_keys_are_errors() {
         assert!(TuningProfile::load("nope").unwrap_err().contains("dev"));
-        assert!(TuningProfile::parse("x", "speed = 11\n").unwrap_err().contains("x:1"));
+        assert!(TuningProfile::parse("x", "speed = 11\n")
+            .unwrap_err()
+            .contains("x:1"));
     }
 }

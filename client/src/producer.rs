@@ -88,7 +88,8 @@ impl Producer {
                 client,
                 owns_client,
                 group: group.to_owned(),
-                next_queue: AtomicUsize::new(0),
+                // A random start, as RocketMQ: many short-lived producers still spread.
+                next_queue: AtomicUsize::new(random_start()),
                 keys,
                 shut: AtomicBool::new(false),
             }),
@@ -224,6 +225,23 @@ impl Producer {
     pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendResult>> {
         let p = self.prepare(&msgs)?;
         self.send_prepared(&p, Target::Any).await
+    }
+
+    /// Sends several messages of one topic to this queue in one request (RocketMQ's
+    /// `send(Collection<Message>, MessageQueue)`); no retry on another queue.
+    pub async fn send_batch_to_queue(
+        &self,
+        msgs: Vec<Message>,
+        mq: &MessageQueue,
+    ) -> Result<Vec<SendResult>> {
+        let p = self.prepare(&msgs)?;
+        if mq.topic != p.topic {
+            return Err(ClientError::InvalidArgument(format!(
+                "queue {mq} is not of the messages' topic {}",
+                p.topic
+            )));
+        }
+        self.send_prepared(&p, Target::Queue(mq)).await
     }
 
     /// Sends without waiting for the store result: returns once the request is queued on
@@ -410,4 +428,17 @@ impl Producer {
             self.inner.client.shutdown().await;
         }
     }
+}
+
+/// A start index that differs between processes and instances (no rand dependency needed).
+fn random_start() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish() as usize
 }

@@ -239,6 +239,7 @@ mod tests {
             max_offset: next,
             count,
             bytes,
+            redirect: String::new(),
         }
     }
 

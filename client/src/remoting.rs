@@ -94,6 +94,9 @@ pub(crate) struct Connection {
     out_bytes: Arc<Semaphore>,
 }
 
+/// Why connections end when the client shuts down (not worth a warning).
+const CLIENT_SHUTDOWN: &str = "client shutdown";
+
 /// State the connection's tasks share with it.
 struct Shared {
     endpoint: String,
@@ -123,7 +126,7 @@ impl Shared {
             std::mem::take(&mut p.waiting)
         };
         self.dead.store(true, Ordering::Release);
-        if !waiting.is_empty() {
+        if !waiting.is_empty() && reason != CLIENT_SHUTDOWN {
             tracing::warn!(endpoint = %self.endpoint, %reason, requests = waiting.len(),
                 "connection failed with requests in flight");
         } else {
@@ -567,7 +570,7 @@ impl Remoting {
             .collect();
         for slot in slots {
             if let Some(c) = slot.lock().await.take() {
-                c.close("client shutdown");
+                c.close(CLIENT_SHUTDOWN);
             }
         }
         let eps: Vec<quinn::Endpoint> = [&self.v4, &self.v6]

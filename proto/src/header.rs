@@ -112,6 +112,8 @@ pub struct PullQueueResult {
     /// Records of this queue in the body, and their bytes, in request order.
     pub count: u32,
     pub bytes: u32,
+    /// For WRONG_SHARD: the endpoint of the shard that owns the queue.
+    pub redirect: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -19,7 +19,12 @@ use crate::shard::broker::BrokerShared;
 use topics::{TopicConfig, PERM_READ, PERM_WRITE};
 
 /// The route of a topic on one broker: every queue with the shard endpoint that owns it.
-pub fn route(broker_name: &str, t: &TopicConfig, shape: &Shape, endpoints: &[SocketAddr]) -> RouteResponse {
+pub fn route(
+    broker_name: &str,
+    t: &TopicConfig,
+    shape: &Shape,
+    endpoints: &[SocketAddr],
+) -> RouteResponse {
     let queues = (0..t.queues())
         .map(|q| {
             let shard = shape.shard_of(&t.name, q);
@@ -72,7 +77,12 @@ impl NameServer {
             }
             Err(e) => return error_frame(id, response::MESSAGE_ILLEGAL, e.to_string()),
         };
-        let endpoints = self.broker.endpoints.get().map(Vec::as_slice).unwrap_or(&[]);
+        let endpoints = self
+            .broker
+            .endpoints
+            .get()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         let r = route(&self.broker_name, &t, &self.broker.shape, endpoints);
         ok_frame(id, header::encode(&r), Bytes::new())
     }
@@ -107,7 +117,11 @@ const NAMESRV_IO_MEMORY: usize = 64 * 1024;
 
 impl NameServerHandle {
     /// Binds `listen` and serves routes on a new (unpinned) executor thread.
-    pub fn start(listen: SocketAddr, server: quinn::ServerConfig, ns: NameServer) -> Result<NameServerHandle, String> {
+    pub fn start(
+        listen: SocketAddr,
+        server: quinn::ServerConfig,
+        ns: NameServer,
+    ) -> Result<NameServerHandle, String> {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let stop2 = stop.clone();
@@ -124,15 +138,26 @@ impl NameServerHandle {
                 };
                 let _ = tx.send(endpoint.local_addr().map_err(|e| e.to_string()));
                 let conns = Rc::new(crate::net::server::Connections::default());
-                let server = glommio::spawn_local(crate::net::server::serve(endpoint.clone(), Rc::new(ns), conns));
+                let server = glommio::spawn_local(crate::net::server::serve(
+                    endpoint.clone(),
+                    Rc::new(ns),
+                    conns,
+                ));
                 while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
                     glommio::timer::sleep(STOP_POLL).await;
                 }
                 endpoint.close(orbitmq_proto::codes::quic::SHUTDOWN.into(), b"shutdown");
+                futures_lite::future::or(
+                    endpoint.wait_idle(),
+                    glommio::timer::sleep(crate::shard::SHUTDOWN_GRACE),
+                )
+                .await;
                 server.await;
             })
             .map_err(|e| e.to_string())?;
-        let addr = rx.recv().map_err(|_| "name server thread exited".to_string())??;
+        let addr = rx
+            .recv()
+            .map_err(|_| "name server thread exited".to_string())??;
         Ok(NameServerHandle { addr, stop, handle })
     }
 
@@ -153,7 +178,10 @@ mod tests {
             shards: 2,
             map: QueueMap::TopicHashPlusQueue,
         };
-        let eps: Vec<SocketAddr> = vec!["127.0.0.1:10911".parse().unwrap(), "127.0.0.1:10912".parse().unwrap()];
+        let eps: Vec<SocketAddr> = vec![
+            "127.0.0.1:10911".parse().unwrap(),
+            "127.0.0.1:10912".parse().unwrap(),
+        ];
         let mut t = TopicConfig::new("T", 8);
         t.write_queues = 4;
         let r = route("b", &t, &shape, &eps);
@@ -161,7 +189,11 @@ mod tests {
         for q in &r.queues {
             assert_eq!(q.shard, shape.shard_of("T", q.queue_id));
             assert_eq!(q.endpoint, eps[q.shard as usize].to_string());
-            let want = if q.queue_id < 4 { PERM_READ | PERM_WRITE } else { PERM_READ };
+            let want = if q.queue_id < 4 {
+                PERM_READ | PERM_WRITE
+            } else {
+                PERM_READ
+            };
             assert_eq!(q.perm, want);
         }
         assert_eq!(r.queues.iter().filter(|q| q.shard == 0).count(), 4);

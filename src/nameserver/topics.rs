@@ -52,7 +52,11 @@ pub enum TopicError {
     #[error("queue count {0} is out of range 1..={MAX_QUEUES_PER_TOPIC}")]
     QueueCount(u32),
     #[error("{path}:{line}: {why}")]
-    Parse { path: String, line: usize, why: String },
+    Parse {
+        path: String,
+        line: usize,
+        why: String,
+    },
     #[error("writing {path}: {source}")]
     Io {
         path: String,
@@ -71,7 +75,11 @@ pub struct Topics {
 
 impl Topics {
     /// Loads `<data_dir>/topics.conf` (missing: empty).
-    pub fn load(data_dir: &Path, auto_create: bool, default_queues: u32) -> Result<Topics, TopicError> {
+    pub fn load(
+        data_dir: &Path,
+        auto_create: bool,
+        default_queues: u32,
+    ) -> Result<Topics, TopicError> {
         let path = data_dir.join(TOPICS_FILE);
         let mut table = BTreeMap::new();
         match std::fs::read_to_string(&path) {
@@ -127,7 +135,11 @@ impl Topics {
     }
 
     pub fn get(&self, name: &str) -> Option<TopicConfig> {
-        self.table.lock().expect("topic table lock").get(name).cloned()
+        self.table
+            .lock()
+            .expect("topic table lock")
+            .get(name)
+            .cloned()
     }
 
     /// Creates or updates a topic and persists the table.
@@ -162,14 +174,21 @@ impl Topics {
         table.insert(name.to_owned(), t.clone());
         self.persist(&table)?;
         self.epoch.fetch_add(1, Ordering::AcqRel);
-        tracing::info!(topic = name, queues = self.default_queues, "topic auto-created");
+        tracing::info!(
+            topic = name,
+            queues = self.default_queues,
+            "topic auto-created"
+        );
         Ok(Some(t))
     }
 
     fn persist(&self, table: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
         let mut s = format!("{TOPICS_HEADER}\n");
         for t in table.values() {
-            s.push_str(&format!("{} {} {} {}\n", t.name, t.read_queues, t.write_queues, t.perm));
+            s.push_str(&format!(
+                "{} {} {} {}\n",
+                t.name, t.read_queues, t.write_queues, t.perm
+            ));
         }
         let tmp = self.path.with_extension("tmp");
         let r = std::fs::write(&tmp, s)

@@ -37,8 +37,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// even if one keep-alive is lost.
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Concurrent bidirectional streams a peer may open (quinn's default is 100). Parked long polls
-/// each hold a stream, so the budget must leave room for produce requests beside them.
+/// Bytes one connection may have in flight towards us, across all its streams.
+pub const MAX_CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
+
+/// Concurrent bidirectional streams a peer may open (quinn's default is 100). orbitmq clients
+/// multiplex requests on one stream, but other clients may park a long poll per stream.
 pub const MAX_CONCURRENT_BIDI_STREAMS: u32 = 1024;
 
 /// Folder under the data directory that holds the TLS files.
@@ -296,6 +299,8 @@ pub fn transport_config() -> quinn::TransportConfig {
     // IDLE_TIMEOUT is 30 s, far inside the VarInt range: the conversion cannot fail.
     t.max_idle_timeout(quinn::IdleTimeout::try_from(IDLE_TIMEOUT).ok());
     t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    // quinn leaves the connection window unbounded: bound what one peer can make us buffer.
+    t.receive_window(MAX_CONNECTION_RECEIVE_WINDOW.into());
     t
 }
 

@@ -11,12 +11,12 @@ use bytes::{Bytes, BytesMut};
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
-    self, HeartbeatRequest, OffsetResponse, PullQueueResult, PullRequest, PullResponse, QueueRequest,
-    QueueValueRequest, SendRequest, SendResponse, SendResult,
+    self, HeartbeatRequest, OffsetResponse, PullQueueResult, PullRequest, PullResponse,
+    QueueRequest, QueueValueRequest, SendRequest, SendResponse, SendResult,
 };
 use orbitmq_proto::limits::{
-    MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_MESSAGES, MAX_PULL_QUEUES,
-    MAX_PULL_SUSPEND_MS,
+    MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_MESSAGES,
+    MAX_PULL_QUEUES, MAX_PULL_SUSPEND_MS,
 };
 use orbitmq_proto::msgid::OffsetId;
 use orbitmq_proto::record::{self, Message};
@@ -25,7 +25,9 @@ use tracing::debug;
 use crate::log::shape::Shape;
 use crate::log::{ReadStatus, Store, StoreError};
 use crate::nameserver::topics::{TopicView, Topics, PERM_READ, PERM_WRITE};
-use crate::net::server::{error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer};
+use crate::net::server::{
+    error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer,
+};
 
 /// What every shard of a broker shares (read-only after start, or behind its own sync).
 pub struct BrokerShared {
@@ -61,7 +63,9 @@ pub fn tag_hashes(expr: &str) -> Option<Vec<u64>> {
 fn store_error_code(e: &StoreError) -> u16 {
     match e {
         StoreError::BadMessage(_) | StoreError::BadBatch(_) => response::MESSAGE_ILLEGAL,
-        StoreError::Fenced(_) | StoreError::DiskFull(_) | StoreError::Closed => response::SERVICE_NOT_AVAILABLE,
+        StoreError::Fenced(_) | StoreError::DiskFull(_) | StoreError::Closed => {
+            response::SERVICE_NOT_AVAILABLE
+        }
         _ => response::SYSTEM_ERROR,
     }
 }
@@ -98,9 +102,17 @@ impl ShardHandler {
             Err(e) => return Err(error_frame(id, response::MESSAGE_ILLEGAL, e.to_string())),
         };
         if t.perm & perm == 0 {
-            return Err(error_frame(id, response::SYSTEM_ERROR, format!("topic {topic} forbids this operation")));
+            return Err(error_frame(
+                id,
+                response::SYSTEM_ERROR,
+                format!("topic {topic} forbids this operation"),
+            ));
         }
-        let n = if perm == PERM_WRITE { t.write_queues } else { t.read_queues };
+        let n = if perm == PERM_WRITE {
+            t.write_queues
+        } else {
+            t.read_queues
+        };
         if queue_id >= n {
             return Err(error_frame(
                 id,
@@ -130,18 +142,28 @@ impl ShardHandler {
             return error_frame(
                 id,
                 response::MESSAGE_ILLEGAL,
-                format!("a send carries 1..={MAX_BATCH_MESSAGES} messages, not {}", h.messages.len()),
+                format!(
+                    "a send carries 1..={MAX_BATCH_MESSAGES} messages, not {}",
+                    h.messages.len()
+                ),
             );
         }
         if h.producer_group.len() > MAX_GROUP_LEN {
-            return error_frame(id, response::MESSAGE_ILLEGAL, "producer group name too long");
+            return error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                "producer group name too long",
+            );
         }
         let total: u64 = h.messages.iter().map(|m| m.body_len as u64).sum();
         if total != req.body.len() as u64 {
             return error_frame(
                 id,
                 response::BAD_REQUEST,
-                format!("bodies say {total} bytes, the frame carries {}", req.body.len()),
+                format!(
+                    "bodies say {total} bytes, the frame carries {}",
+                    req.body.len()
+                ),
             );
         }
         if h.messages.len() > 1 && total as usize > MAX_BATCH_BYTES {
@@ -185,7 +207,8 @@ impl ShardHandler {
                     results: results
                         .iter()
                         .map(|r| SendResult {
-                            msg_id: OffsetId::new(me, self.shard as u16, r.physical_offset).encode(),
+                            msg_id: OffsetId::new(me, self.shard as u16, r.physical_offset)
+                                .encode(),
                             queue_offset: r.queue_offset,
                         })
                         .collect(),
@@ -203,10 +226,15 @@ impl ShardHandler {
             Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
         };
         if h.queues.is_empty() || h.queues.len() > MAX_PULL_QUEUES {
-            return error_frame(id, response::BAD_REQUEST, format!("a pull covers 1..={MAX_PULL_QUEUES} queues"));
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!("a pull covers 1..={MAX_PULL_QUEUES} queues"),
+            );
         }
         let max_bytes = (h.max_bytes as usize).clamp(1, MAX_PULL_BYTES);
-        let deadline = Instant::now() + Duration::from_millis(h.suspend_ms.min(MAX_PULL_SUSPEND_MS) as u64);
+        let deadline =
+            Instant::now() + Duration::from_millis(h.suspend_ms.min(MAX_PULL_SUSPEND_MS) as u64);
         struct Q {
             topic: String,
             queue_id: u32,
@@ -219,6 +247,9 @@ impl ShardHandler {
         for q in h.queues {
             let mut result = None;
             if let Err(f) = self.check_queue(id, &q.topic, q.queue_id, PERM_READ) {
+                let redirect = header::decode::<header::ErrorResponse>(&f.header)
+                    .map(|e| e.redirect)
+                    .unwrap_or_default();
                 result = Some(PullQueueResult {
                     topic: q.topic.clone(),
                     queue_id: q.queue_id,
@@ -228,6 +259,7 @@ impl ShardHandler {
                     max_offset: 0,
                     count: 0,
                     bytes: 0,
+                    redirect,
                 });
             }
             qs.push(Q {
@@ -244,11 +276,23 @@ impl ShardHandler {
             let dispatched = self.store.dispatched();
             let mut body = BytesMut::new();
             let mut found = false;
+            let mut more = false;
             let mut budget = max_bytes;
-            for q in qs.iter_mut().filter(|q| q.result.as_ref().is_none_or(|r| r.status == response::PULL_NOT_FOUND)) {
+            for q in qs.iter_mut().filter(|q| {
+                q.result
+                    .as_ref()
+                    .is_none_or(|r| r.status == response::PULL_NOT_FOUND)
+            }) {
                 let r = match self
                     .store
-                    .read(&q.topic, q.queue_id, q.offset, q.max_msgs, budget.max(1), q.tags.as_deref())
+                    .read(
+                        &q.topic,
+                        q.queue_id,
+                        q.offset,
+                        q.max_msgs,
+                        budget.max(1),
+                        q.tags.as_deref(),
+                    )
                     .await
                 {
                     Ok(r) => r,
@@ -256,11 +300,17 @@ impl ShardHandler {
                 };
                 let status = match r.status {
                     ReadStatus::Found => response::SUCCESS,
-                    ReadStatus::NoNewMessage | ReadStatus::NoSuchQueue => response::PULL_NOT_FOUND,
-                    ReadStatus::OffsetTooSmall | ReadStatus::OffsetOverflow => response::PULL_OFFSET_MOVED,
+                    ReadStatus::NoNewMessage => response::PULL_NOT_FOUND,
+                    // An empty queue: offset 0 waits for the first message, others move to 0.
+                    ReadStatus::NoSuchQueue if q.offset == 0 => response::PULL_NOT_FOUND,
+                    ReadStatus::NoSuchQueue
+                    | ReadStatus::OffsetTooSmall
+                    | ReadStatus::OffsetOverflow => response::PULL_OFFSET_MOVED,
                 };
                 // A tag miss still moves the offset on: keep it, and park again from there.
-                q.offset = r.next_offset.max(if status == response::PULL_OFFSET_MOVED { 0 } else { q.offset });
+                if status == response::PULL_NOT_FOUND {
+                    q.offset = r.next_offset.max(q.offset);
+                }
                 let bytes: usize = r.records.iter().map(|b| b.len()).sum();
                 for b in &r.records {
                     body.extend_from_slice(b);
@@ -276,12 +326,15 @@ impl ShardHandler {
                     max_offset: r.max_offset,
                     count: r.records.len() as u32,
                     bytes: bytes as u32,
+                    redirect: String::new(),
                 });
+                // A read that skipped only filtered-out entries has more to look at now.
+                more |= status == response::PULL_NOT_FOUND && r.next_offset < r.max_offset;
             }
             let errors = qs.iter().any(|q| {
-                q.result
-                    .as_ref()
-                    .is_some_and(|r| r.status != response::PULL_NOT_FOUND && r.status != response::SUCCESS)
+                q.result.as_ref().is_some_and(|r| {
+                    r.status != response::PULL_NOT_FOUND && r.status != response::SUCCESS
+                })
             });
             let now = Instant::now();
             if found || errors || now >= deadline {
@@ -299,11 +352,16 @@ impl ShardHandler {
                 };
                 return ok_frame(id, header::encode(&resp), body.freeze());
             }
-            // Park until an append is dispatched or the remaining timeout runs out.
-            let remaining = deadline - now;
-            futures_lite::future::or(dispatched, glommio::timer::sleep(remaining)).await;
+            if !more {
+                // Park until an append is dispatched or the remaining timeout runs out.
+                let remaining = deadline - now;
+                futures_lite::future::or(dispatched, glommio::timer::sleep(remaining)).await;
+            }
             for q in qs.iter_mut() {
-                if q.result.as_ref().is_some_and(|r| r.status == response::PULL_NOT_FOUND) {
+                if q.result
+                    .as_ref()
+                    .is_some_and(|r| r.status == response::PULL_NOT_FOUND)
+                {
                     q.result = None;
                 }
             }
@@ -350,7 +408,10 @@ impl ShardHandler {
                 if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
                     return f;
                 }
-                match self.store.commit_offset(&h.group, &h.topic, h.queue_id, h.value) {
+                match self
+                    .store
+                    .commit_offset(&h.group, &h.topic, h.queue_id, h.value)
+                {
                     Ok(()) => Self::offset_frame(id, h.value),
                     Err(e) => error_frame(id, response::BAD_REQUEST, e.to_string()),
                 }
@@ -363,8 +424,18 @@ impl ShardHandler {
                 if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
                     return f;
                 }
-                let (min, max) = self.store.queue_bounds(&h.topic, h.queue_id).unwrap_or((0, 0));
-                Self::offset_frame(id, if req.code == request::GET_MIN_OFFSET { min } else { max })
+                let (min, max) = self
+                    .store
+                    .queue_bounds(&h.topic, h.queue_id)
+                    .unwrap_or((0, 0));
+                Self::offset_frame(
+                    id,
+                    if req.code == request::GET_MIN_OFFSET {
+                        min
+                    } else {
+                        max
+                    },
+                )
             }
             request::SEARCH_OFFSET_BY_TIMESTAMP => {
                 let h = match self.queue_value_request(&req) {
@@ -374,7 +445,11 @@ impl ShardHandler {
                 if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_READ) {
                     return f;
                 }
-                match self.store.offset_by_time(&h.topic, h.queue_id, h.value).await {
+                match self
+                    .store
+                    .offset_by_time(&h.topic, h.queue_id, h.value)
+                    .await
+                {
                     Ok(o) => Self::offset_frame(id, o),
                     Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
                 }

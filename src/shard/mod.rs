@@ -31,6 +31,8 @@ pub const MIN_MEMLOCK_BYTES: u64 = 512 * 1024;
 pub const MEMLOCK_SHARE_PER_SHARD: u64 = 3;
 /// Upper bound of a shard's registered I/O memory.
 pub const MAX_IO_MEMORY: u64 = 8 << 20;
+/// Longest a shard waits at shutdown for its connections to close cleanly.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// How often a shard checks for the stop request.
 const STOP_POLL: Duration = Duration::from_millis(50);
 
@@ -170,7 +172,11 @@ async fn run_shard(
         until_stopped(&stop).await;
         return store.close().await.map_err(|e| e.to_string());
     };
-    let port = if net.listen.port() == 0 { 0 } else { net.listen.port() + k as u16 };
+    let port = if net.listen.port() == 0 {
+        0
+    } else {
+        net.listen.port() + k as u16
+    };
     let addr = SocketAddr::new(net.listen.ip(), port);
     let endpoint = match crate::net::runtime::server_endpoint(addr, net.server.clone()) {
         Ok(e) => e,
@@ -190,10 +196,16 @@ async fn run_shard(
         shared,
     });
     let conns = Rc::new(Connections::default());
-    let server = glommio::spawn_local(crate::net::server::serve(endpoint.clone(), handler, conns.clone()));
+    let server = glommio::spawn_local(crate::net::server::serve(
+        endpoint.clone(),
+        handler,
+        conns.clone(),
+    ));
     until_stopped(&stop).await;
     conns.going_away("broker shutting down").await;
     endpoint.close(orbitmq_proto::codes::quic::SHUTDOWN.into(), b"shutdown");
+    // Let the CONNECTION_CLOSE frames go out, within bounds.
+    futures_lite::future::or(endpoint.wait_idle(), glommio::timer::sleep(SHUTDOWN_GRACE)).await;
     server.await;
     store.close().await.map_err(|e| e.to_string())
 }
@@ -206,7 +218,7 @@ impl ShardSet {
         let shape = shape::open_or_create(&cfg.data_dir, cfg.shards)?;
         let shared = cfg.net.as_ref().map(|n| {
             Arc::new(BrokerShared {
-                shape: shape.clone(),
+                shape,
                 topics: n.topics.clone(),
                 endpoints: OnceLock::new(),
             })
@@ -250,13 +262,18 @@ impl ShardSet {
                 }
                 Err(_) => {
                     // A shard thread died before reporting: glommio failed to start it.
-                    let why = set.stop_and_join().unwrap_or_else(|| "executor exited".into());
+                    let why = set
+                        .stop_and_join()
+                        .unwrap_or_else(|| "executor exited".into());
                     return Err(ShardError::Start { shard: 0, why });
                 }
             }
         }
         if let Some(shared) = &set.shared {
-            let eps: Vec<SocketAddr> = endpoints.into_iter().map(|e| e.expect("every shard bound")).collect();
+            let eps: Vec<SocketAddr> = endpoints
+                .into_iter()
+                .map(|e| e.expect("every shard bound"))
+                .collect();
             let _ = shared.endpoints.set(eps);
         }
         info!(shards = cfg.shards, "shards serving");

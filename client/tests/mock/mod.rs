@@ -458,6 +458,7 @@ fn pull_once(st: &State, me: u32, req: &PullRequest) -> (Vec<PullQueueResult>, B
             max_offset: max,
             count: 0,
             bytes: 0,
+            redirect: String::new(),
         };
         if pq.queue_id % SHARDS != me {
             r.status = response::WRONG_SHARD;
