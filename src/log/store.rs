@@ -38,6 +38,8 @@ const PREPARE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const RECOVERY_READ_BYTES: usize = MAX_WRITE_BYTES + IO_ALIGN as usize;
 /// Zeros written per I/O when pre-writing a segment.
 const PREWRITE_CHUNK: usize = 1 << 20;
+/// How often retention runs (RocketMQ's `cleanResourceInterval`, 10 s).
+const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
 /// Consumer offsets are persisted this often (RocketMQ: 5 s).
 const OFFSETS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 /// Most records one read returns.
@@ -181,6 +183,35 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// The hour of day in the host's time zone (`deleteWhen` is a local hour, as RocketMQ's).
+fn local_hour() -> u8 {
+    let t = (now_ms() / 1000) as libc::time_t;
+    // SAFETY: localtime_r reads `t` and writes the zeroed struct we own.
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return 0;
+        }
+        tm.tm_hour as u8
+    }
+}
+
+/// Used share of the file system holding `dir`.
+fn disk_used_ratio(dir: &Path) -> Option<f64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes the zeroed struct we own.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    let total = st.f_blocks as f64;
+    (total > 0.0).then(|| 1.0 - st.f_bavail as f64 / total)
 }
 
 fn segment_name(base: u64) -> String {
@@ -362,7 +393,7 @@ impl Store {
         // A segment prepared here holds zeros only: nothing to zero after the cut.
         let mut prepared_now = None;
         if bases.is_empty() {
-            self.prepare_segment(0).await?;
+            self.prepare_segment(0, false).await?;
             bases.push(0);
             prepared_now = Some(0);
         }
@@ -437,7 +468,7 @@ impl Store {
                 .map_err(io_err(format!("removing segment {b}")))?;
         }
         if !self.inner.st.borrow().segments.contains_key(&active) {
-            self.prepare_segment(active).await?;
+            self.prepare_segment(active, false).await?;
             let f = self.open_segment(active).await?;
             self.inner.st.borrow_mut().segments.insert(active, f);
             prepared_now = Some(active);
@@ -816,9 +847,11 @@ impl Store {
         Ok(Rc::new(f))
     }
 
-    /// Creates segment `base` at full size (pre-written with zeros if configured), syncs it
+    /// Creates segment `base` at full size (pre-written with zeros if `prewrite`), syncs it
     /// and its directory: an append is never acknowledged into a segment a crash could lose.
-    async fn prepare_segment(&self, base: u64) -> Result<()> {
+    /// Segments made while opening are not pre-written, so a start never waits for 1 GiB of
+    /// zeros; those prepared ahead in the background are.
+    async fn prepare_segment(&self, base: u64, prewrite: bool) -> Result<()> {
         let cfg = &self.inner.cfg;
         let dir = self.log_dir();
         let p = dir.join(segment_name(base));
@@ -835,7 +868,7 @@ impl Store {
             f.pre_allocate(cfg.segment_size, false)
                 .await
                 .map_err(|e| gio("allocating a segment", e))?;
-            if cfg.prewrite_segments {
+            if prewrite {
                 let mut at = 0;
                 while at < cfg.segment_size {
                     let n = ((cfg.segment_size - at) as usize).min(PREWRITE_CHUNK);
@@ -878,7 +911,10 @@ impl Store {
         };
         let me = self.clone();
         glommio::spawn_local(async move {
-            let r = match me.prepare_segment(base).await {
+            let r = match me
+                .prepare_segment(base, me.inner.cfg.prewrite_segments)
+                .await
+            {
                 Ok(()) => me.open_segment(base).await,
                 Err(e) => Err(e),
             };
@@ -1064,6 +1100,20 @@ impl Store {
                     if let Err(e) = me.persist_offsets() {
                         error!(error = %e, "persisting consumer offsets failed");
                     }
+                }
+            }
+        })
+        .detach();
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            while !me.inner.stop.get() {
+                glommio::timer::sleep(RETENTION_INTERVAL).await;
+                if me.inner.stop.get() {
+                    break;
+                }
+                let ratio = disk_used_ratio(&me.inner.cfg.dir).unwrap_or(0.0);
+                if let Err(e) = me.run_retention(now_ms(), local_hour(), ratio).await {
+                    error!(error = %e, "retention failed");
                 }
             }
         })
