@@ -37,6 +37,9 @@ enum Cmd {
     Send(cli::SendArgs),
     /// Consume a topic as a group from its committed offset and print each message.
     Consume(cli::ConsumeArgs),
+    /// Benchmarks: produce, consume, end-to-end latency
+    #[command(subcommand)]
+    Bench(orbitmq::bench::BenchCmd),
     /// Append numbered messages to one store and print each acknowledgement (crash tests).
     #[command(hide = true)]
     DebugWriter(WriterArgs),
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let r = match cli.cmd {
+        Cmd::Bench(c) => return orbitmq::bench::run(c),
         Cmd::Standalone(a) => standalone(a),
         Cmd::DebugWriter(a) => debug_writer(a),
         Cmd::Send(a) => cli::send(a),
@@ -188,6 +192,14 @@ fn standalone(a: StandaloneArgs) -> Result<(), String> {
         (None, None) => shard::available_cores(),
     };
     let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
+    if let Some(p) = &profile {
+        orbitmq::net::runtime::set_socket_buffers(
+            p.udp_recv_buffer
+                .unwrap_or(orbitmq::net::runtime::SOCKET_BUFFER_BYTES),
+            p.udp_send_buffer
+                .unwrap_or(orbitmq::net::runtime::SOCKET_BUFFER_BYTES),
+        );
+    }
     let shards = a
         .shards
         .or(conf.shards)

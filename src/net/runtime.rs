@@ -27,6 +27,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::thread::{self, ThreadId};
@@ -35,9 +36,20 @@ use std::time::{Duration, Instant};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 
-/// SO_RCVBUF/SO_SNDBUF requested for every endpoint socket: this VM's `net.core.rmem_max`
+/// Default SO_RCVBUF/SO_SNDBUF of every endpoint socket: this VM's `net.core.rmem_max`
 /// (and `wmem_max`). Bigger flow-control windows without bigger socket buffers lost packets.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+
+/// Socket buffer sizes of endpoints made from now on in this process (a tuning profile's
+/// `udp_recv_buffer` / `udp_send_buffer`), set once at start.
+static RECV_BUFFER: AtomicUsize = AtomicUsize::new(SOCKET_BUFFER_BYTES);
+static SEND_BUFFER: AtomicUsize = AtomicUsize::new(SOCKET_BUFFER_BYTES);
+
+/// Sets the UDP socket buffer sizes for endpoints made after this call.
+pub fn set_socket_buffers(recv: usize, send: usize) {
+    RECV_BUFFER.store(recv, Ordering::Relaxed);
+    SEND_BUFFER.store(send, Ordering::Relaxed);
+}
 
 /// Bytes a readiness peek copies: it only waits for a datagram, quinn-udp reads it.
 const PEEK_BYTES: usize = 1;
@@ -270,20 +282,25 @@ impl GlommioUdpSocket {
 /// Sets SO_RCVBUF/SO_SNDBUF; the kernel caps them at rmem_max/wmem_max silently, so the result
 /// is read back and a shortfall reported instead of failing the endpoint.
 fn set_buffer_sizes(state: &UdpSocketState, socket: &std::net::UdpSocket) {
-    if let Err(e) = state.set_recv_buffer_size(socket.into(), SOCKET_BUFFER_BYTES) {
+    let (want_recv, want_send) = (
+        RECV_BUFFER.load(Ordering::Relaxed),
+        SEND_BUFFER.load(Ordering::Relaxed),
+    );
+    if let Err(e) = state.set_recv_buffer_size(socket.into(), want_recv) {
         tracing::warn!(error = %e, "cannot set SO_RCVBUF");
     }
-    if let Err(e) = state.set_send_buffer_size(socket.into(), SOCKET_BUFFER_BYTES) {
+    if let Err(e) = state.set_send_buffer_size(socket.into(), want_send) {
         tracing::warn!(error = %e, "cannot set SO_SNDBUF");
     }
     // Linux reports twice the granted size (it counts its own overhead).
     let recv = state.recv_buffer_size(socket.into()).unwrap_or(0) / 2;
     let send = state.send_buffer_size(socket.into()).unwrap_or(0) / 2;
-    if recv < SOCKET_BUFFER_BYTES || send < SOCKET_BUFFER_BYTES {
+    if recv < want_recv || send < want_send {
         tracing::warn!(
             recv,
             send,
-            wanted = SOCKET_BUFFER_BYTES,
+            want_recv,
+            want_send,
             "UDP socket buffers are smaller than wanted: raise net.core.rmem_max/wmem_max"
         );
     }
