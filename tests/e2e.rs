@@ -6,168 +6,23 @@
 //! second. The broker's stderr goes to `broker-N.log` in the test's temporary directory
 //! and is printed when a broker fails to start.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::{body_of, free_ports, from_first, poll_n, Broker, CONSUME_TIMEOUT};
 use orbitmq_client::{
-    ClientConfig, ClientError, ConsumeFromWhere, ConsumeStatus, ConsumerOptions, LitePullConsumer,
-    Message, MessageExt, MessageQueue, Producer, PushConsumer, TlsOptions,
+    ConsumeStatus, LitePullConsumer, Message, MessageQueue, Producer, PushConsumer,
 };
-use orbitmq_proto::codes::{request, response};
-use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
-use orbitmq_proto::header::{self, MessageMeta, SendRequest};
-use orbitmq_proto::limits::MAX_MESSAGE_SIZE;
-use orbitmq_proto::msgid::UNIQ_KEY;
-
-/// How long a broker may take to print its ready line.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a broker may take to exit after SIGTERM.
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// CommitLog segment size for tests: small files, fast start.
-const TEST_SEGMENT_SIZE: &str = "67108864";
-/// Bound of the consuming loops.
-const CONSUME_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the producer was told: (queue, offset) -> (message number, msg id, unique key).
 type Sent = BTreeMap<(u32, u64), (usize, String, String)>;
 
 /// One test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-static BROKER_SEQ: AtomicUsize = AtomicUsize::new(0);
-
-struct Broker {
-    child: Child,
-    namesrv: String,
-    shards: Vec<String>,
-    ca: PathBuf,
-}
-
-impl Broker {
-    fn start(data_dir: &Path, flush: &str) -> Broker {
-        Self::start_on(data_dir, flush, "127.0.0.1:0", "127.0.0.1:0")
-    }
-
-    fn start_on(data_dir: &Path, flush: &str, listen: &str, namesrv: &str) -> Broker {
-        let log = data_dir
-            .parent()
-            .expect("data dir has a parent")
-            .join(format!(
-                "broker-{}.log",
-                BROKER_SEQ.fetch_add(1, Ordering::Relaxed)
-            ));
-        let stderr = std::fs::File::create(&log).expect("broker log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orbitmq"))
-            .arg("standalone")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", listen, "--namesrv-listen", namesrv])
-            .args([
-                "--shards",
-                "2",
-                "--flush",
-                flush,
-                "--segment-size",
-                TEST_SEGMENT_SIZE,
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("start orbitmq standalone");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "orbitmq standalone printed no ready line in {READY_TIMEOUT:?}; its log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
-        let field = |name: &str| -> String {
-            line.split_whitespace()
-                .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-                .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-                .to_owned()
-        };
-        Broker {
-            namesrv: field("namesrv"),
-            shards: field("shards").split(',').map(str::to_owned).collect(),
-            ca: PathBuf::from(field("ca")),
-            child,
-        }
-    }
-
-    fn config(&self) -> ClientConfig {
-        ClientConfig::new(&self.namesrv).with_tls(TlsOptions::with_ca(&self.ca))
-    }
-
-    /// SIGTERM and wait: the broker flushes and exits cleanly.
-    fn stop(mut self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let start = Instant::now();
-        loop {
-            match self.child.try_wait().expect("wait") {
-                Some(status) => {
-                    assert!(status.success(), "broker exited with {status}");
-                    return;
-                }
-                None if start.elapsed() > STOP_TIMEOUT => {
-                    let _ = self.child.kill();
-                    panic!("broker did not stop within {STOP_TIMEOUT:?} of SIGTERM");
-                }
-                None => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn from_first() -> ConsumerOptions {
-    ConsumerOptions::default().from_where(ConsumeFromWhere::FirstOffset)
-}
-
-fn body_of(i: usize) -> String {
-    // ~100 bytes, unique, checkable.
-    format!("message-{i:06}-{}", "x".repeat(86))
-}
-
-/// Polls until `want` messages arrived (or the bound passes); returns them.
-async fn poll_n(c: &LitePullConsumer, want: usize) -> Vec<MessageExt> {
-    let start = Instant::now();
-    let mut out = Vec::with_capacity(want);
-    while out.len() < want && start.elapsed() < CONSUME_TIMEOUT {
-        out.extend(c.poll(Duration::from_secs(1)).await.expect("poll"));
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_messages_exactly_once_in_queue_order() {
@@ -452,158 +307,12 @@ async fn restart_keeps_messages_and_committed_offsets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_and_malformed_requests_get_errors_and_the_broker_keeps_serving() {
-    let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&dir.path().join("data"), "async");
-    let p = Producer::new("e2e-pg", broker.config()).await.unwrap();
-    p.send(Message::new("Edge", "before")).await.unwrap();
-
-    // Refused by the client before it is sent.
-    let e = p
-        .send(Message::new("Edge", vec![7u8; MAX_MESSAGE_SIZE + 1]))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, ClientError::MessageIllegal(_)), "{e}");
-
-    // The same message sent raw, past the client's check: the broker refuses it.
-    let client = p.client();
-    let route = client.topic_route("Edge").await.unwrap();
-    let q = &route.queues[0];
-    let big = Bytes::from(vec![7u8; MAX_MESSAGE_SIZE + 1]);
-    let h = header::encode(&SendRequest {
-        producer_group: "e2e-pg".into(),
-        topic: "Edge".into(),
-        queue_id: q.mq.queue_id,
-        messages: vec![MessageMeta {
-            body_len: big.len() as u32,
-            properties: vec![(UNIQ_KEY.into(), "0".repeat(32))],
-            ..Default::default()
-        }],
-    });
-    let f = client
-        .request(&q.endpoint, request::SEND_MESSAGE, h, big)
-        .await
-        .unwrap();
-    let e = ClientError::from_response(f.code, &f.header, "Edge");
-    assert!(matches!(e, ClientError::MessageIllegal(_)), "{e}");
-    // A header that is not a SendRequest.
-    let f = client
-        .request(
-            &q.endpoint,
-            request::SEND_MESSAGE,
-            Bytes::from_static(b"garbage"),
-            Bytes::new(),
-        )
-        .await
-        .unwrap();
-    assert_ne!(f.code, response::SUCCESS);
-    // An unknown request code.
-    let f = client
-        .request(&q.endpoint, 9999, Bytes::new(), Bytes::new())
-        .await
-        .unwrap();
-    assert_eq!(f.code, response::REQUEST_CODE_NOT_SUPPORTED);
-    // The same connection still sends.
-    p.send(Message::new("Edge", "after")).await.unwrap();
-
-    // A malformed frame on a raw QUIC stream (bad version, then a hostile length).
-    for garbage in [bad_version_frame(), u32::MAX.to_le_bytes().to_vec()] {
-        raw_stream_exchange(&broker, &garbage).await;
-    }
-    // Another client is served, and so is this one.
-    let p2 = Producer::new("e2e-pg2", broker.config()).await.unwrap();
-    p2.send(Message::new("Edge", "other client")).await.unwrap();
-    p.send(Message::new("Edge", "still")).await.unwrap();
-    let c = LitePullConsumer::with_options("e2e-edge", broker.config(), from_first())
-        .await
-        .unwrap();
-    c.subscribe("Edge", "*").await.unwrap();
-    let got = poll_n(&c, 4).await;
-    let bodies: HashSet<Bytes> = got.iter().map(|m| m.body.clone()).collect();
-    for b in ["before", "after", "other client", "still"] {
-        assert!(bodies.contains(&Bytes::from(b)), "missing {b}");
-    }
-    assert_eq!(got.len(), 4, "the refused message was not stored");
-    c.shutdown().await.unwrap();
-    p2.shutdown().await;
-    p.shutdown().await;
-    broker.stop();
-}
-
-fn bad_version_frame() -> Vec<u8> {
-    let mut b = Frame::new(
-        Kind::Request,
-        request::HEART_BEAT,
-        1,
-        Bytes::new(),
-        Bytes::new(),
-    )
-    .to_bytes()
-    .to_vec();
-    b[4] = 99;
-    b
-}
-
-/// Opens a QUIC connection of its own to shard 0, writes `garbage` on a request stream, and
-/// expects the broker to answer with an error frame or end the stream, not to hang.
-async fn raw_stream_exchange(broker: &Broker, garbage: &[u8]) {
-    let tls = orbitmq_client::tls::rustls_config(&TlsOptions::with_ca(&broker.ca)).unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let addr = broker.shards[0].parse().unwrap();
-    let conn = ep.connect(addr, "127.0.0.1").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(garbage).await.unwrap();
-    let outcome = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut dec = FrameDecoder::new();
-        loop {
-            match recv.read_chunk(64 * 1024, true).await {
-                Ok(Some(c)) => {
-                    dec.push(&c.bytes);
-                    if let Ok(Some(f)) = dec.next_frame() {
-                        return format!("error response {}", response::name(f.code));
-                    }
-                }
-                Ok(None) => return "stream finished".to_string(),
-                Err(e) => return format!("stream ended: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("the broker neither answered nor closed the stream");
-    println!("malformed frame ({} bytes): {outcome}", garbage.len());
-    conn.close(0u32.into(), b"done");
-    ep.wait_idle().await;
-}
-
-/// A free UDP port `p` on 127.0.0.1 with `p + 1` free too (shard 1 listens there), and
-/// another free port for the name server. The ports are released before the broker binds
-/// them: a small race, acceptable on loopback.
-fn free_ports() -> (u16, u16) {
-    for _ in 0..100 {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p == u16::MAX {
-            continue;
-        }
-        let Ok(_b) = std::net::UdpSocket::bind(("127.0.0.1", p + 1)) else {
-            continue;
-        };
-        let n = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        return (p, n.local_addr().unwrap().port());
-    }
-    panic!("no two consecutive free ports");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnect_across_a_broker_restart() {
     const N: usize = 100;
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (port, ns_port) = free_ports();
+    let (port, ns_port) = free_ports(2);
     let listen = format!("127.0.0.1:{port}");
     let namesrv = format!("127.0.0.1:{ns_port}");
     let broker = Broker::start_on(&data, "async", &listen, &namesrv);

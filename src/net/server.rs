@@ -19,6 +19,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use glommio::sync::Semaphore;
@@ -36,6 +37,8 @@ pub const MAX_OUTBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 const READ_CHUNK: usize = 256 * 1024;
 /// Requests in progress on one stream before the reader stops reading (back-pressure).
 pub const MAX_INFLIGHT_PER_STREAM: usize = 4096;
+/// Longest a shutting-down endpoint waits for its clients to acknowledge GOING_AWAY.
+pub const GOING_AWAY_WAIT: Duration = Duration::from_millis(500);
 
 /// What a request handler sees of its connection.
 #[derive(Clone)]
@@ -45,8 +48,23 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// Pushes a frame to the client on a new unidirectional stream.
+    /// Pushes a frame to the client on a new unidirectional stream. It returns once the frame
+    /// is queued, not sent: the connection must stay open until the client has it (see
+    /// [`Peer::push_acknowledged`]).
     pub async fn push(&self, code: u16, message: &str) -> Result<(), String> {
+        self.push_stream(code, message).await.map(drop)
+    }
+
+    /// Pushes a frame and waits until the client has acknowledged all of it.
+    pub async fn push_acknowledged(&self, code: u16, message: &str) -> Result<(), String> {
+        let s = self.push_stream(code, message).await?;
+        match s.stopped().await.map_err(|e| e.to_string())? {
+            None => Ok(()),
+            Some(code) => Err(format!("the client stopped the push stream ({code})")),
+        }
+    }
+
+    async fn push_stream(&self, code: u16, message: &str) -> Result<quinn::SendStream, String> {
         let h = header::encode(&Notice {
             message: message.to_owned(),
         });
@@ -56,7 +74,7 @@ impl Peer {
             .await
             .map_err(|e| e.to_string())?;
         s.finish().map_err(|e| e.to_string())?;
-        Ok(())
+        Ok(s)
     }
 }
 
@@ -97,14 +115,34 @@ pub struct Connections {
 
 impl Connections {
     /// Tells every client the server is going away (they refresh routes) and closes them.
+    ///
+    /// The connections are closed once their clients have acknowledged the push, or after
+    /// [`GOING_AWAY_WAIT`]: a close discards stream data not yet delivered, so closing right
+    /// after queueing the push would lose it.
     pub async fn going_away(&self, why: &str) {
         let conns: Vec<_> = self.live.borrow_mut().drain(..).collect();
+        let pushes: Vec<_> = conns
+            .iter()
+            .map(|c| {
+                let p = Peer {
+                    remote: c.remote_address(),
+                    conn: c.clone(),
+                };
+                let why = why.to_owned();
+                glommio::spawn_local(async move {
+                    if let Err(e) = p.push_acknowledged(push::GOING_AWAY, &why).await {
+                        debug!(remote = %p.remote, error = %e, "GOING_AWAY not acknowledged");
+                    }
+                })
+            })
+            .collect();
+        let all = async {
+            for p in pushes {
+                p.await;
+            }
+        };
+        futures_lite::future::or(all, glommio::timer::sleep(GOING_AWAY_WAIT)).await;
         for c in conns {
-            let p = Peer {
-                remote: c.remote_address(),
-                conn: c.clone(),
-            };
-            let _ = p.push(push::GOING_AWAY, why).await;
             c.close(quic::SHUTDOWN.into(), b"shutdown");
         }
     }
