@@ -1038,3 +1038,82 @@ fn records_past_a_crash_cut_never_come_back() {
         store.close().await.unwrap();
     });
 }
+
+/// A small file system of our own to fill: tmpfs (root can mount it; CI runs as root).
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+/// Size of the file system the full-disk test fills: a handful of test segments.
+const SMALL_FS_BYTES: u64 = 8 * TEST_SEGMENT;
+
+impl SmallFs {
+    fn mount() -> Option<SmallFs> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={SMALL_FS_BYTES}"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then_some(SmallFs { dir })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_appends_clearly_and_keeps_what_was_written() {
+    let Some(fs) = SmallFs::mount() else {
+        eprintln!("SKIPPED: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    };
+    let path = fs.dir.path().join("store");
+    run(move || async move {
+        let mut c = cfg(&path, FlushMode::Sync);
+        c.prewrite_segments = false;
+        let store = Store::open(c.clone()).await.unwrap();
+        let mut ok = Vec::new();
+        let mut err = None;
+        for i in 0..10_000 {
+            let m = msg("Full", 0, i);
+            match store.append(&m).await {
+                Ok(r) => ok.push((m, r)),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = err.expect("the disk fills up");
+        assert!(matches!(err, StoreError::DiskFull(_)), "{err}");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        assert!(ok.len() > 100, "several segments were filled first");
+        // Appends keep failing clearly, and nothing already written is harmed.
+        assert!(matches!(
+            store.append(&msg("Full", 0, 0)).await,
+            Err(StoreError::DiskFull(_))
+        ));
+        let bodies = read_bodies(&store, "Full", 0).await;
+        assert_eq!(bodies.len(), ok.len());
+        for ((m, _), b) in ok.iter().zip(&bodies) {
+            assert_eq!(&m.body, b);
+        }
+        store.close().await.unwrap();
+        let store = Store::open(c).await.unwrap();
+        assert_eq!(read_bodies(&store, "Full", 0).await.len(), ok.len());
+        store.close().await.unwrap();
+    });
+}

@@ -14,7 +14,18 @@ const PROBE_LEN: usize = 4096;
 /// Probing an *empty* file returns success whatever the device supports, and every later read
 /// then fails with EOPNOTSUPP on devices without poll queues. So each shard thread opens a
 /// one-block file first.
-pub async fn probe_device(dir: &Path) -> std::io::Result<()> {
+///
+/// `existing` files (a store's segments) are tried first, so a full disk does not stop a
+/// restart; a one-block probe file is written only when none is at least a block long.
+pub async fn probe_device(dir: &Path, existing: &[std::path::PathBuf]) -> std::io::Result<()> {
+    let usable = existing
+        .iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() >= PROBE_LEN as u64));
+    if let Some(p) = usable {
+        let f = DmaFile::open(p).await.map_err(std::io::Error::from)?;
+        let _ = f.close().await;
+        return Ok(());
+    }
     let p = dir.join(".dma-probe");
     std::fs::write(&p, [0u8; PROBE_LEN])?;
     let r = DmaFile::open(&p).await;

@@ -329,7 +329,11 @@ impl Store {
         for d in [&cfg.dir, &log_dir, &cq_root] {
             std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
         }
-        crate::dma::probe_device(&cfg.dir)
+        let segments: Vec<PathBuf> = list_numbered(&log_dir)?
+            .into_iter()
+            .map(|b| log_dir.join(segment_name(b)))
+            .collect();
+        crate::dma::probe_device(&cfg.dir, &segments)
             .await
             .map_err(io_err(format!(
                 "probing the device of {}",
@@ -501,7 +505,10 @@ impl Store {
                 .clamp(|t, q| bounds.get(&(t.to_owned(), q)).copied());
         }
         // Persist the rebuilt ConsumeQueues before serving, so the next open starts from here.
-        self.persist_consume_queues().await?;
+        // They are derived data: on a full disk, serve from memory and rebuild next time.
+        if let Err(e) = self.persist_consume_queues().await {
+            warn!(error = %e, "ConsumeQueues not persisted; the next start rebuilds them from the log");
+        }
         info!(dir = %cfg.dir.display(), next_offset = cut, "store recovered");
         Ok(())
     }
@@ -1727,14 +1734,19 @@ impl Store {
         if let Some(f) = self.inner.st.borrow().fenced.clone() {
             return Err(StoreError::Fenced(f));
         }
-        self.persist_index(true).await?;
-        self.persist_offsets()?;
+        // The log is synced; ConsumeQueues are derived from it, so failing to persist them
+        // (a full disk) costs only a rebuild at the next start.
+        if let Err(e) = self.persist_index(true).await {
+            warn!(error = %e, "ConsumeQueues not persisted at close; the next start rebuilds them");
+        }
+        let offsets = self.persist_offsets();
         let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)
             .into_values()
             .collect();
         for f in segs {
             let _ = f.close_rc().await;
         }
+        offsets?;
         info!(dir = %self.inner.cfg.dir.display(), "store closed");
         Ok(())
     }
