@@ -51,7 +51,9 @@ fn run(flush: FlushMode, appenders: u64, iters: u64) -> Duration {
                 t.await;
             }
             // Scale to the iterations asked for (the tasks may have done a few more).
-            let took = start.elapsed().mul_f64(iters as f64 / (per_task * appenders) as f64);
+            let took = start
+                .elapsed()
+                .mul_f64(iters as f64 / (per_task * appenders) as f64);
             store.close().await.expect("close");
             took
         })

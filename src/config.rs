@@ -4,6 +4,7 @@
 //! orbitmq knows but does not act on yet is a warning. A value orbitmq cannot honour yet (a
 //! slave role before replication exists) is an error.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ pub const DEFAULT_CLUSTER: &str = "DefaultCluster";
 pub const DEFAULT_BROKER_NAME: &str = "broker-a";
 /// Longest property file accepted.
 const MAX_CONF_LEN: u64 = 1 << 20;
+/// Shortest `channelExpiredTimeout` accepted (tests use a few seconds).
+const MIN_CLIENT_EXPIRY_MS: u64 = 1000;
+use crate::nameserver::registrar::{MAX_REGISTER_PERIOD, MIN_REGISTER_PERIOD};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -69,6 +73,17 @@ pub struct BrokerConfig {
     pub shards: Option<u32>,
     pub cores: Option<String>,
     pub tuning_profile: Option<String>,
+    /// `brokerIP1`: the address advertised for the shard endpoints when listening on 0.0.0.0.
+    pub broker_ip1: Option<IpAddr>,
+    /// `registerNameServerPeriod` (ms): how often the broker registers with the name servers.
+    pub register_period: Duration,
+    /// `channelExpiredTimeout` (ms): a client silent this long leaves its groups.
+    pub client_expiry: Duration,
+    /// `tlsCertFile`, `tlsKeyFile`: this node's certificate (chain) and key, in PEM.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// `tlsCaFile`: the cluster CA; clients are pointed at it and name servers verified by it.
+    pub tls_ca_file: Option<PathBuf>,
     /// Warnings to log at start (keys known but not acted on).
     pub warnings: Vec<String>,
 }
@@ -92,6 +107,12 @@ impl Default for BrokerConfig {
             shards: None,
             cores: None,
             tuning_profile: None,
+            broker_ip1: None,
+            register_period: crate::nameserver::registrar::DEFAULT_REGISTER_PERIOD,
+            client_expiry: crate::shard::clients::DEFAULT_CLIENT_EXPIRY,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
             warnings: Vec::new(),
         }
     }
@@ -100,7 +121,6 @@ impl Default for BrokerConfig {
 /// RocketMQ keys orbitmq accepts but does not act on yet.
 const KNOWN_NOT_ACTED_ON: &[&str] = &[
     "messageDelayLevel",
-    "brokerIP1",
     "brokerIP2",
     "haListenPort",
     "sendMessageThreadPoolNums",
@@ -226,6 +246,32 @@ impl BrokerConfig {
                     c.cores = Some(v.into());
                 }
                 "tuningProfile" => c.tuning_profile = Some(v.into()),
+                "brokerIP1" => {
+                    c.broker_ip1 = Some(v.parse().map_err(|_| bad("expected an IP address".into()))?)
+                }
+                "registerNameServerPeriod" => {
+                    let ms: u64 = parse_num(v).map_err(bad)?;
+                    let d = Duration::from_millis(ms);
+                    let (lo, hi) = (MIN_REGISTER_PERIOD, MAX_REGISTER_PERIOD);
+                    if d < lo || d > hi {
+                        return Err(bad(format!(
+                            "expected {}..={} milliseconds",
+                            lo.as_millis(),
+                            hi.as_millis()
+                        )));
+                    }
+                    c.register_period = d;
+                }
+                "channelExpiredTimeout" => {
+                    let ms: u64 = parse_num(v).map_err(bad)?;
+                    if ms < MIN_CLIENT_EXPIRY_MS {
+                        return Err(bad(format!("expected at least {MIN_CLIENT_EXPIRY_MS} milliseconds")));
+                    }
+                    c.client_expiry = Duration::from_millis(ms);
+                }
+                "tlsCertFile" => c.tls_cert_file = Some(PathBuf::from(v)),
+                "tlsKeyFile" => c.tls_key_file = Some(PathBuf::from(v)),
+                "tlsCaFile" => c.tls_ca_file = Some(PathBuf::from(v)),
                 k if KNOWN_NOT_ACTED_ON.contains(&k) => c.warnings.push(format!(
                     "{path}:{}: {k} is a RocketMQ setting orbitmq does not act on yet; ignored",
                     i + 1
@@ -238,6 +284,19 @@ impl BrokerConfig {
                     })
                 }
             }
+        }
+        if c.broker_id != crate::nameserver::routes::MASTER_ID {
+            c.warnings.push(format!(
+                "{path}: brokerId = {}: a master's id is 0 (as RocketMQ), so 0 is used",
+                c.broker_id
+            ));
+            c.broker_id = crate::nameserver::routes::MASTER_ID;
+        }
+        if c.tls_cert_file.is_some() != c.tls_key_file.is_some() {
+            return Err(ConfigError::Io {
+                path: path.into(),
+                why: "tlsCertFile and tlsKeyFile go together".into(),
+            });
         }
         if c.broker_role == BrokerRole::SyncMaster {
             c.warnings.push(format!(
@@ -294,5 +353,26 @@ mod tests {
         assert_eq!(c.flush_disk_type, FlushMode::Sync);
         assert_eq!(c.namesrv_addr, vec!["a:1", "b:2"]);
         assert!(BrokerConfig::parse("b", "shards = 0\n").is_err());
+    }
+
+    #[test]
+    fn cluster_keys() {
+        let c = BrokerConfig::parse(
+            "b",
+            "brokerIP1 = 10.0.0.7\nregisterNameServerPeriod = 500\nchannelExpiredTimeout = 3000\n\
+             tlsCertFile = /c/n.pem\ntlsKeyFile = /c/n.key\ntlsCaFile = /c/ca.pem\nbrokerId = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.broker_ip1, Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(c.register_period, Duration::from_millis(500));
+        assert_eq!(c.client_expiry, Duration::from_secs(3));
+        assert_eq!(c.tls_ca_file.as_deref(), Some(Path::new("/c/ca.pem")));
+        assert_eq!(c.broker_id, 0, "a master is id 0");
+        assert_eq!(c.warnings.len(), 1);
+        let e = BrokerConfig::parse("b", "x = 1\n").unwrap_err().to_string();
+        assert!(e.contains("b:1") && e.contains("\"x\""), "{e}");
+        assert!(BrokerConfig::parse("b", "brokerIP1 = host\n").is_err());
+        assert!(BrokerConfig::parse("b", "registerNameServerPeriod = 5\n").is_err());
+        assert!(BrokerConfig::parse("b", "tlsCertFile = a\n").is_err());
     }
 }

@@ -1,11 +1,14 @@
 //! orbitmq: a RocketMQ-style message broker, thread-per-core on io_uring.
 
+pub mod admin;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dma;
 pub mod log;
 pub mod nameserver;
 pub mod net;
+pub mod node;
 pub mod shard;
 pub mod sync;
 pub mod tuning;

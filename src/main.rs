@@ -5,18 +5,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use orbitmq::cli;
 use orbitmq::config::BrokerConfig;
 use orbitmq::log::{FlushMode, Store, StoreConfig};
-use orbitmq::nameserver::topics::Topics;
-use orbitmq::nameserver::{NameServer, NameServerHandle};
-use orbitmq::net::tls;
+use orbitmq::node;
 use orbitmq::proto::record::Message;
-use orbitmq::shard::{self, NetConfig, ShardSet, ShardSetConfig};
-use orbitmq::tuning::TuningProfile;
+use orbitmq::shard;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +29,16 @@ struct Cli {
 enum Cmd {
     /// Start a name server and a broker in one process: the embedded default.
     Standalone(StandaloneArgs),
+    /// Start a name server (stateless; brokers register with it, clients ask it for routes).
+    Namesrv(node::NamesrvArgs),
+    /// Start a broker from a RocketMQ-style broker.conf, registered with its name servers.
+    Broker(node::BrokerArgs),
+    /// Administration: topics (create, update, delete, list, route) and clusters.
+    #[command(subcommand)]
+    Admin(orbitmq::admin::AdminCmd),
+    /// TLS for a cluster: make a CA, issue node certificates.
+    #[command(subcommand)]
+    Cert(orbitmq::admin::CertCmd),
     /// Send one message and print its id, queue and offset.
     Send(cli::SendArgs),
     /// Consume a topic as a group from its committed offset and print each message.
@@ -123,7 +129,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Servers log what they do; client tools stay quiet unless something is wrong.
     let default_level = match cli.cmd {
-        Cmd::Standalone(_) => "info",
+        Cmd::Standalone(_) | Cmd::Namesrv(_) | Cmd::Broker(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -136,6 +142,10 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Bench(c) => return orbitmq::bench::run(c),
         Cmd::Standalone(a) => standalone(a),
+        Cmd::Namesrv(a) => node::run_namesrv(a),
+        Cmd::Broker(a) => node::run_broker(a),
+        Cmd::Admin(c) => orbitmq::admin::admin(c),
+        Cmd::Cert(c) => orbitmq::admin::cert(c),
         Cmd::DebugWriter(a) => debug_writer(a),
         Cmd::Send(a) => cli::send(a),
         Cmd::Consume(a) => cli::consume(a),
@@ -149,127 +159,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), to wait for them.
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: plain signal-mask calls on a zeroed, initialized set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: sigwait reads the set and writes the signal number.
-    unsafe { libc::sigwait(set, &mut sig) };
-    sig
-}
-
 fn standalone(a: StandaloneArgs) -> Result<(), String> {
-    let conf = match &a.config {
-        Some(p) => BrokerConfig::load(p).map_err(|e| e.to_string())?,
-        None => BrokerConfig::default(),
+    let args = node::BrokerArgs {
+        config: a.config,
+        namesrv: None,
+        data_dir: a.store.data_dir,
+        flush: a.store.flush,
+        segment_size: a.store.segment_size,
+        shards: a.shards,
+        cores: a.cores,
+        profile: a.profile,
+        listen: a.listen,
+        insecure: false,
     };
-    for w in &conf.warnings {
-        tracing::warn!("{w}");
-    }
-    let profile = match a.profile.as_ref().or(conf.tuning_profile.as_ref()) {
-        Some(p) => Some(TuningProfile::load(p)?),
-        None => None,
-    };
-    // Flags over broker.conf over the profile over defaults.
-    let cores_arg = a.cores.clone().or(conf.cores.clone());
-    let cores = match (
-        &cores_arg,
-        profile.as_ref().and_then(|p| p.shard_cores.clone()),
-    ) {
-        (Some(s), _) => shard::parse_cores(s)?,
-        (None, Some(c)) => c,
-        (None, None) => shard::available_cores(),
-    };
-    let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
-    if let Some(p) = &profile {
-        orbitmq::net::runtime::set_socket_buffers(
-            p.udp_recv_buffer
-                .unwrap_or(orbitmq::net::runtime::SOCKET_BUFFER_BYTES),
-            p.udp_send_buffer
-                .unwrap_or(orbitmq::net::runtime::SOCKET_BUFFER_BYTES),
-        );
-    }
-    let shards = a
-        .shards
-        .or(conf.shards)
-        .unwrap_or(cores.len().max(1) as u32);
-    if shards == 0 {
-        return Err("--shards must be at least 1".into());
-    }
-    let (data_dir, store) = store_config(&a.store, &conf);
-    store.validate()?;
-    let listen = a
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], conf.listen_port)));
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| format!("cannot create {}: {e}", data_dir.display()))?;
-    let identity = tls::load_or_create(&data_dir).map_err(|e| e.to_string())?;
-    let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
-    let topics = Arc::new(
-        Topics::load(
-            &data_dir,
-            conf.auto_create_topic,
-            conf.default_topic_queue_nums,
-        )
-        .map_err(|e| e.to_string())?,
-    );
-    let sigs = block_stop_signals();
-    let set = ShardSet::start(ShardSetConfig {
-        data_dir: data_dir.clone(),
-        shards,
-        cores: if pin && shards as usize <= cores.len() {
-            cores
-        } else {
-            Vec::new()
-        },
-        store,
-        net: Some(NetConfig {
-            listen,
-            server: server.clone(),
-            topics,
-        }),
-    })
-    .map_err(|e| e.to_string())?;
-    let shared = set.shared.clone().expect("networked shards");
-    let ns = NameServerHandle::start(
-        a.namesrv_listen,
-        server,
-        NameServer {
-            broker_name: conf.broker_name.clone(),
-            broker: shared,
-        },
-    );
-    let ns = match ns {
-        Ok(ns) => ns,
-        Err(e) => {
-            let _ = set.stop();
-            return Err(e);
-        }
-    };
-    let eps: Vec<String> = set.endpoints().iter().map(|e| e.to_string()).collect();
-    println!(
-        "ready namesrv={} broker={} shards={} ca={}",
-        ns.addr,
-        eps[0],
-        eps.join(","),
-        identity.paths.ca.display()
-    );
-    let _ = std::io::stdout().flush();
-    let sig = wait_for_stop_signal(&sigs);
-    tracing::info!(signal = sig, "stopping: flushing every shard");
-    ns.stop();
-    set.stop()
+    node::run_standalone(args, a.namesrv_listen)
 }
 
 /// Appends `crash` topic messages with bodies `q<queue>-n<seq>-` padded to `body_size`,

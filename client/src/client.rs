@@ -31,6 +31,10 @@ use crate::route::{Lookup, MessageQueue, QueueInfo, RouteTable, TopicRoute};
 pub const PULL_TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
 /// Attempts of an offset request when the queue moved or the connection broke.
 pub const QUEUE_REQUEST_ATTEMPTS: u32 = 2;
+/// A cached route is used without asking the name server for this many refresh intervals:
+/// the periodic refresh renews it in the background, so sends never wait for a name server
+/// (a route an error invalidated is fetched at once).
+pub const ROUTE_MAX_AGE_INTERVALS: u32 = 3;
 
 static INSTANCE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -292,6 +296,12 @@ impl Client {
 
     // ----- name server -----
 
+    /// Sends a request to the name servers with failover (the first that answers, the next
+    /// when one cannot be reached); returns the response if it is SUCCESS, else its error.
+    pub async fn call_name_server(&self, code: u16, header: Bytes, topic: &str) -> Result<Frame> {
+        self.call_namesrv(code, header, topic).await
+    }
+
     /// Sends a request to the name servers, starting with the one that answered last and
     /// moving on to the next when one cannot be reached.
     async fn call_namesrv(&self, code: u16, header: Bytes, topic: &str) -> Result<Frame> {
@@ -365,7 +375,7 @@ impl Client {
     /// that fails, the stale cached route when there is one).
     pub async fn topic_route(&self, topic: &str) -> Result<Arc<TopicRoute>> {
         self.check_open()?;
-        let max_age = self.inner.config.poll_name_server_interval;
+        let max_age = self.inner.config.poll_name_server_interval * ROUTE_MAX_AGE_INTERVALS;
         if let Lookup::Fresh(r) = self.lookup(topic, max_age) {
             return Ok(r);
         }
@@ -399,6 +409,23 @@ impl Client {
     pub async fn refresh_route(&self, topic: &str) -> Result<Arc<TopicRoute>> {
         self.invalidate_route(topic);
         self.topic_route(topic).await
+    }
+
+    /// The periodic refresh: fetches a route and replaces the cached one on success, leaving
+    /// the cached one in use meanwhile (and on failure).
+    async fn renew_route(&self, topic: &str) -> Result<()> {
+        let lock = self
+            .inner
+            .route_fetch
+            .lock()
+            .expect("route_fetch lock")
+            .entry(topic.to_owned())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
+        let route = self.fetch_route(topic).await?;
+        self.store_route(route);
+        Ok(())
     }
 
     fn lookup(&self, topic: &str, max_age: Duration) -> Lookup {
@@ -723,7 +750,7 @@ async fn route_refresh_task(weak: Weak<Inner>, every: Duration) {
         let client = Client { inner };
         let topics = client.inner.routes.lock().expect("routes lock").topics();
         for topic in topics {
-            if let Err(e) = client.refresh_route(&topic).await {
+            if let Err(e) = client.renew_route(&topic).await {
                 tracing::warn!(%topic, error = %e, "periodic route refresh failed");
             }
         }

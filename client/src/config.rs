@@ -17,8 +17,9 @@ pub const DEFAULT_POLL_NAME_SERVER_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Timeout of the small requests: routes, offsets, heartbeats.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Timeout of the QUIC handshake.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Timeout of the QUIC handshake: short, so that within one 3 s send an attempt on a dead
+/// broker (nothing answers a QUIC handshake there) still leaves time to retry on another.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// QUIC keep-alive: well below the 30 s idle timeout, so an idle connection stays open.
 pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// QUIC idle timeout (quinn's default, RocketMQ's heartbeat period).
@@ -69,6 +70,11 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Names this client in heartbeats; generated (`ip@pid@n`) when empty.
     pub client_id: String,
+    /// RocketMQ's `sendLatencyFaultEnable` (on here by default): avoid a broker whose send
+    /// failed or was slow for a while.
+    pub send_latency_fault_enable: bool,
+    /// How long a broker whose send failed is avoided.
+    pub fault_isolation: Duration,
 }
 
 impl Default for ClientConfig {
@@ -85,6 +91,8 @@ impl Default for ClientConfig {
             keep_alive_interval: DEFAULT_KEEP_ALIVE_INTERVAL,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             client_id: String::new(),
+            send_latency_fault_enable: true,
+            fault_isolation: crate::latency::DEFAULT_FAILURE_ISOLATION,
         }
     }
 }

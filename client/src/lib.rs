@@ -20,11 +20,13 @@
 //! # Ok(()) }
 //! ```
 
+pub mod allocate;
 pub mod client;
 pub mod config;
 pub mod consumer;
 pub mod error;
 pub mod filter;
+pub mod latency;
 pub mod lite;
 pub mod message;
 pub mod offset;
@@ -40,6 +42,7 @@ pub use config::{ClientConfig, TlsOptions};
 pub use consumer::{ConsumeStatus, ConsumerOptions};
 pub use error::{ClientError, Result};
 pub use filter::SubExpr;
+pub use latency::LatencyFaultTolerance;
 pub use lite::LitePullConsumer;
 pub use message::{Message, MessageExt};
 pub use offset::{ConsumeFromWhere, OffsetTracker};

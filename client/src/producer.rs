@@ -1,5 +1,7 @@
 //! The producer: sync, callback, one-way, batch and selector sends, with retries on another
-//! queue that keep the message's unique key.
+//! queue (of another broker when there is one) that keep the message's unique key. Sends
+//! spread round robin over the writable queues of every broker of the topic, skipping a broker
+//! that failed or was slow for a while (latency fault tolerance).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +18,9 @@ use tokio::time::Instant;
 use crate::client::{validate_group, Client};
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
+use crate::latency::LatencyFaultTolerance;
 use crate::message::Message;
-use crate::route::{select_queue, MessageQueue, QueueInfo};
+use crate::route::{select_send_queue, Avoid, MessageQueue, QueueInfo};
 
 /// What a send returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,7 @@ struct Inner {
     /// Round-robin position over the writable queues.
     next_queue: AtomicUsize,
     keys: Mutex<UniqKeyGen>,
+    faults: Mutex<LatencyFaultTolerance>,
     shut: AtomicBool,
 }
 
@@ -83,6 +87,7 @@ impl Producer {
     fn build(group: &str, client: Client, owns_client: bool) -> Producer {
         client.register_producer(group);
         let keys = Mutex::new(UniqKeyGen::new(client.local_ip()));
+        let faults = Mutex::new(LatencyFaultTolerance::new(client.config().fault_isolation));
         Producer {
             inner: Arc::new(Inner {
                 client,
@@ -91,6 +96,7 @@ impl Producer {
                 // A random start, as RocketMQ: many short-lived producers still spread.
                 next_queue: AtomicUsize::new(random_start()),
                 keys,
+                faults,
                 shut: AtomicBool::new(false),
             }),
         }
@@ -251,10 +257,12 @@ impl Producer {
         let route = self.inner.client.topic_route(&p.topic).await?;
         let writable = route.writable();
         let start = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
-        let i = select_queue(&writable, start, None).ok_or_else(|| ClientError::NoQueue {
-            topic: p.topic.clone(),
-            kind: "writable",
-        })?;
+        let i = self
+            .pick(&writable, start, None)
+            .ok_or_else(|| ClientError::NoQueue {
+                topic: p.topic.clone(),
+                kind: "writable",
+            })?;
         let qi = writable[i];
         let conn = self.inner.client.connection(&qi.endpoint).await?;
         conn.send_oneway(request::SEND_MESSAGE, self.header(&p, qi), p.body.clone())
@@ -273,6 +281,41 @@ impl Producer {
         });
     }
 
+    /// A queue for a send: round robin, steering clear of `avoid` and of brokers the fault
+    /// tolerance is avoiding.
+    fn pick(&self, writable: &[&QueueInfo], start: usize, avoid: Option<&Avoid>) -> Option<usize> {
+        let enabled = self.inner.client.config().send_latency_fault_enable;
+        let faults = self.inner.faults.lock().expect("faults lock");
+        let now = std::time::Instant::now();
+        select_send_queue(writable, start, avoid, |b| {
+            !enabled || faults.is_available(b, now)
+        })
+    }
+
+    /// Feeds the fault tolerance with a send's outcome.
+    fn record(&self, broker: &str, started: std::time::Instant, err: Option<&ClientError>) {
+        if !self.inner.client.config().send_latency_fault_enable {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut f = self.inner.faults.lock().expect("faults lock");
+        match err {
+            None => f.record_success(broker, now - started, now),
+            Some(
+                ClientError::Connect { .. }
+                | ClientError::ConnectionLost { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::SystemBusy(_)
+                | ClientError::ServiceUnavailable(_),
+            ) => {
+                tracing::info!(%broker, error = ?err.map(|e| e.to_string()),
+                    "broker avoided for a while after a failed send");
+                f.record_failure(broker, now)
+            }
+            Some(_) => {}
+        }
+    }
+
     fn header(&self, p: &Prepared, qi: &QueueInfo) -> Bytes {
         header::encode(&SendRequest {
             producer_group: self.inner.group.clone(),
@@ -287,14 +330,14 @@ impl Producer {
         let budget = client.config().send_timeout;
         let deadline = Instant::now() + budget;
         let attempts = 1 + client.config().retry_times_when_send_failed;
-        let mut avoid: Option<String> = None;
+        let mut avoid: Option<Avoid> = None;
         let mut last_err: Option<ClientError> = None;
         for attempt in 1..=attempts {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 break;
             }
-            let res = self.attempt(p, &target, avoid.as_deref(), remaining).await;
+            let res = self.attempt(p, &target, avoid.as_ref(), remaining).await;
             let (err, endpoint) = match res {
                 Ok(r) => return Ok(r),
                 Err(x) => x,
@@ -329,21 +372,22 @@ impl Producer {
         }))
     }
 
-    /// One attempt; on failure also returns the endpoint that failed (to avoid next time).
+    /// One attempt; on failure also returns the broker and endpoint that failed (to avoid
+    /// next time).
     async fn attempt(
         &self,
         p: &Prepared,
         target: &Target<'_>,
-        avoid: Option<&str>,
+        avoid: Option<&Avoid>,
         timeout: Duration,
-    ) -> std::result::Result<Vec<SendResult>, (ClientError, Option<String>)> {
+    ) -> std::result::Result<Vec<SendResult>, (ClientError, Option<Avoid>)> {
         let client = &self.inner.client;
         let route = client.topic_route(&p.topic).await.map_err(|e| (e, None))?;
         let qi: QueueInfo = match target {
             Target::Any => {
                 let writable = route.writable();
                 let start = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
-                let i = select_queue(&writable, start, avoid).ok_or_else(|| {
+                let i = self.pick(&writable, start, avoid).ok_or_else(|| {
                     (
                         ClientError::NoQueue {
                             topic: p.topic.clone(),
@@ -370,8 +414,17 @@ impl Producer {
                 }
             },
         };
-        let fail = |e: ClientError| (e, Some(qi.endpoint.clone()));
-        let f = client
+        let fail = |e: ClientError| {
+            (
+                e,
+                Some(Avoid {
+                    broker: qi.mq.broker_name.clone(),
+                    endpoint: qi.endpoint.clone(),
+                }),
+            )
+        };
+        let started = std::time::Instant::now();
+        let res = client
             .call(
                 &qi.endpoint,
                 request::SEND_MESSAGE,
@@ -380,13 +433,14 @@ impl Producer {
                 timeout,
                 &p.topic,
             )
-            .await
-            .map_err(|e| {
-                if let ClientError::WrongShard { redirect, .. } = &e {
-                    client.redirect_queue(&qi.mq, redirect);
-                }
-                fail(e)
-            })?;
+            .await;
+        self.record(&qi.mq.broker_name, started, res.as_ref().err());
+        let f = res.map_err(|e| {
+            if let ClientError::WrongShard { redirect, .. } = &e {
+                client.redirect_queue(&qi.mq, redirect);
+            }
+            fail(e)
+        })?;
         let resp: SendResponse = header::decode(&f.header).map_err(|e| {
             fail(ClientError::Protocol {
                 endpoint: qi.endpoint.clone(),

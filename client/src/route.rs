@@ -5,15 +5,17 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orbitmq_proto::header::RouteResponse;
+use orbitmq_proto::header::{BrokerRoute, RouteResponse};
 use orbitmq_proto::limits::MAX_QUEUES_PER_TOPIC;
 
 /// RocketMQ permission bit: the queue may be read.
 pub const PERM_READ: u32 = 4;
 /// RocketMQ permission bit: the queue may be written.
 pub const PERM_WRITE: u32 = 2;
+/// Brokers one route may list.
+pub const MAX_ROUTE_BROKERS: usize = 64;
 /// Queues one route may list (all brokers of the topic together).
-pub const MAX_ROUTE_QUEUES: usize = 64 * MAX_QUEUES_PER_TOPIC as usize;
+pub const MAX_ROUTE_QUEUES: usize = MAX_ROUTE_BROKERS * MAX_QUEUES_PER_TOPIC as usize;
 
 /// A queue: the unit of order and of consumption.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -70,6 +72,9 @@ impl QueueInfo {
 pub struct TopicRoute {
     pub topic: String,
     pub queues: Vec<QueueInfo>,
+    /// The brokers of the queues (cluster, addresses per broker id, shard endpoints), by name;
+    /// empty from a name server that does not send them.
+    pub brokers: Vec<BrokerRoute>,
 }
 
 impl TopicRoute {
@@ -118,10 +123,28 @@ impl TopicRoute {
             });
         }
         queues.sort_by(|a, b| a.mq.cmp(&b.mq));
+        if r.brokers.len() > MAX_ROUTE_BROKERS {
+            return Err(format!(
+                "route lists {} brokers, over the limit of {MAX_ROUTE_BROKERS}",
+                r.brokers.len()
+            ));
+        }
+        let mut brokers = r.brokers;
+        brokers.sort_by(|a, b| a.broker_name.cmp(&b.broker_name));
         Ok(TopicRoute {
             topic: topic.to_owned(),
             queues,
+            brokers,
         })
+    }
+
+    /// Names of the brokers that have writable queues.
+    pub fn writable_brokers(&self) -> BTreeSet<&str> {
+        self.queues
+            .iter()
+            .filter(|q| q.writable())
+            .map(|q| q.mq.broker_name.as_str())
+            .collect()
     }
 
     pub fn writable(&self) -> Vec<&QueueInfo> {
@@ -264,6 +287,40 @@ pub fn select_queue(queues: &[&QueueInfo], start: usize, avoid: Option<&str>) ->
     Some(start % n)
 }
 
+/// What a retry steers away from: the broker and the endpoint that just failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Avoid {
+    pub broker: String,
+    pub endpoint: String,
+}
+
+/// Picks a queue for a send, round robin from `start`, in order of preference: a queue of an
+/// available broker other than the one to avoid; any queue of another broker; a queue on
+/// another endpoint; any queue. `available` is the latency fault tolerance's verdict on a
+/// broker. `None` only when `queues` is empty.
+pub fn select_send_queue(
+    queues: &[&QueueInfo],
+    start: usize,
+    avoid: Option<&Avoid>,
+    available: impl Fn(&str) -> bool,
+) -> Option<usize> {
+    let n = queues.len();
+    if n == 0 {
+        return None;
+    }
+    let other_broker = |q: &QueueInfo| avoid.is_none_or(|a| q.mq.broker_name != a.broker);
+    let other_endpoint = |q: &QueueInfo| avoid.is_none_or(|a| q.endpoint != a.endpoint);
+    let find = |ok: &dyn Fn(&QueueInfo) -> bool| {
+        (0..n)
+            .map(|k| start.wrapping_add(k) % n)
+            .find(|&i| ok(queues[i]))
+    };
+    find(&|q| other_broker(q) && available(&q.mq.broker_name))
+        .or_else(|| find(&other_broker))
+        .or_else(|| find(&other_endpoint))
+        .or(Some(start % n))
+}
+
 #[cfg(test)]
 mod tests {
     use orbitmq_proto::header::QueueRoute;
@@ -283,7 +340,74 @@ mod tests {
                     perm: PERM_READ | PERM_WRITE,
                 })
                 .collect(),
+            brokers: Vec::new(),
         }
+    }
+
+    /// Two brokers `a` and `b`, 4 queues each, queue q on shard q % 2.
+    fn two_brokers() -> TopicRoute {
+        let mut r = response("T", 4);
+        let mut b = response("T", 4);
+        for q in &mut b.queues {
+            q.broker_name = "b".into();
+            q.endpoint = format!("127.0.0.2:{}", 10911 + q.shard);
+        }
+        for q in &mut r.queues {
+            q.broker_name = "a".into();
+        }
+        r.queues.extend(b.queues);
+        TopicRoute::from_response("T", r).unwrap()
+    }
+
+    #[test]
+    fn sends_prefer_another_available_broker_on_retry() {
+        let r = two_brokers();
+        let w = r.writable();
+        assert_eq!(r.writable_brokers().len(), 2);
+        let all = |_: &str| true;
+        // Round robin over both brokers.
+        let picks: Vec<&str> = (0..8)
+            .map(|s| {
+                w[select_send_queue(&w, s, None, all).unwrap()]
+                    .mq
+                    .broker_name
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(picks.iter().filter(|b| **b == "a").count(), 4);
+        // A retry after a failure on broker a goes to b, from any start.
+        let avoid = Avoid {
+            broker: "a".into(),
+            endpoint: "127.0.0.1:10911".into(),
+        };
+        for s in 0..8 {
+            let i = select_send_queue(&w, s, Some(&avoid), all).unwrap();
+            assert_eq!(w[i].mq.broker_name, "b");
+        }
+        // A broker the fault tolerance avoids is skipped while another is available...
+        let not_b = |b: &str| b != "b";
+        for s in 0..8 {
+            let i = select_send_queue(&w, s, None, not_b).unwrap();
+            assert_eq!(w[i].mq.broker_name, "a");
+        }
+        // ...but used when it is the only one not just failed.
+        let i = select_send_queue(&w, 0, Some(&avoid), not_b).unwrap();
+        assert_eq!(w[i].mq.broker_name, "b");
+        // One broker: another endpoint (shard) of it.
+        let one = TopicRoute::from_response("T", response("T", 4)).unwrap();
+        let w1 = one.writable();
+        let i = select_send_queue(
+            &w1,
+            0,
+            Some(&Avoid {
+                broker: "b".into(),
+                endpoint: "127.0.0.1:10911".into(),
+            }),
+            all,
+        )
+        .unwrap();
+        assert_eq!(w1[i].endpoint, "127.0.0.1:10912");
+        assert_eq!(select_send_queue(&[], 0, None, all), None);
     }
 
     #[test]

@@ -10,7 +10,20 @@ pub mod request {
     pub const GET_MAX_OFFSET: u16 = 30;
     pub const GET_MIN_OFFSET: u16 = 31;
     pub const HEART_BEAT: u16 = 34;
+    pub const UPDATE_AND_CREATE_TOPIC: u16 = 17;
+    pub const GET_ALL_TOPIC_CONFIG: u16 = 21;
+    pub const UNREGISTER_CLIENT: u16 = 35;
+    pub const GET_CONSUMER_LIST_BY_GROUP: u16 = 38;
+    pub const PUT_KV_CONFIG: u16 = 100;
+    pub const GET_KV_CONFIG: u16 = 101;
+    pub const DELETE_KV_CONFIG: u16 = 102;
+    pub const REGISTER_BROKER: u16 = 103;
+    pub const UNREGISTER_BROKER: u16 = 104;
     pub const GET_ROUTEINFO_BY_TOPIC: u16 = 105;
+    pub const GET_BROKER_CLUSTER_INFO: u16 = 106;
+    pub const GET_ALL_TOPIC_LIST_FROM_NAMESERVER: u16 = 206;
+    pub const DELETE_TOPIC_IN_BROKER: u16 = 215;
+    pub const GET_TOPICS_BY_CLUSTER: u16 = 224;
 
     pub fn name(code: u16) -> &'static str {
         match code {
@@ -23,6 +36,19 @@ pub mod request {
             GET_MIN_OFFSET => "GET_MIN_OFFSET",
             HEART_BEAT => "HEART_BEAT",
             GET_ROUTEINFO_BY_TOPIC => "GET_ROUTEINFO_BY_TOPIC",
+            UPDATE_AND_CREATE_TOPIC => "UPDATE_AND_CREATE_TOPIC",
+            GET_ALL_TOPIC_CONFIG => "GET_ALL_TOPIC_CONFIG",
+            UNREGISTER_CLIENT => "UNREGISTER_CLIENT",
+            GET_CONSUMER_LIST_BY_GROUP => "GET_CONSUMER_LIST_BY_GROUP",
+            PUT_KV_CONFIG => "PUT_KV_CONFIG",
+            GET_KV_CONFIG => "GET_KV_CONFIG",
+            DELETE_KV_CONFIG => "DELETE_KV_CONFIG",
+            REGISTER_BROKER => "REGISTER_BROKER",
+            UNREGISTER_BROKER => "UNREGISTER_BROKER",
+            GET_BROKER_CLUSTER_INFO => "GET_BROKER_CLUSTER_INFO",
+            GET_ALL_TOPIC_LIST_FROM_NAMESERVER => "GET_ALL_TOPIC_LIST_FROM_NAMESERVER",
+            DELETE_TOPIC_IN_BROKER => "DELETE_TOPIC_IN_BROKER",
+            GET_TOPICS_BY_CLUSTER => "GET_TOPICS_BY_CLUSTER",
             _ => "UNKNOWN",
         }
     }

@@ -167,10 +167,138 @@ pub struct QueueRoute {
     pub perm: u32,
 }
 
+/// One broker (all its ids) of a route or of the cluster info.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BrokerRoute {
+    pub cluster: String,
+    pub broker_name: String,
+    /// Broker id (0 = master) -> `host:port` of that broker's shard 0 endpoint.
+    pub addrs: Vec<(u64, String)>,
+    /// `host:port` of every shard endpoint of the master, by shard index.
+    pub shard_endpoints: Vec<String>,
+}
+
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RouteResponse {
     pub topic: String,
     pub queues: Vec<QueueRoute>,
+    /// The brokers the queues are on (empty from servers that predate clusters).
+    pub brokers: Vec<BrokerRoute>,
+}
+
+/// A topic's config as a broker holds it (RocketMQ's TopicConfig).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TopicConfigData {
+    pub name: String,
+    pub read_queues: u32,
+    pub write_queues: u32,
+    /// RocketMQ permissions: 2 write, 4 read.
+    pub perm: u32,
+    /// Created by a first send (autoCreateTopicEnable), not by an admin.
+    pub auto_created: bool,
+}
+
+/// REGISTER_BROKER: a broker tells a name server who it is, where its shards listen and
+/// which topics it has. Sent on start, every `registerNameServerPeriod`, and at once after a
+/// topic change.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct RegisterBrokerRequest {
+    pub cluster: String,
+    pub broker_name: String,
+    pub broker_id: u64,
+    /// `host:port` of every shard endpoint, by shard index (shard 0 is the broker address).
+    pub shard_endpoints: Vec<String>,
+    /// How queues map to shards (the data directory's `queue_map`).
+    pub queue_map: String,
+    pub topics: Vec<TopicConfigData>,
+    /// `autoCreateTopicEnable`: the name server may route unknown topics to this broker.
+    pub auto_create_topic: bool,
+    /// `defaultTopicQueueNums`: queues of an auto-created topic.
+    pub default_topic_queue_nums: u32,
+}
+
+/// UNREGISTER_BROKER: a broker shutting down cleanly.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct UnregisterBrokerRequest {
+    pub cluster: String,
+    pub broker_name: String,
+    pub broker_id: u64,
+    /// The shard 0 endpoint it registered with (a stale unregister must not remove a newer
+    /// registration of the same broker at another address).
+    pub addr: String,
+}
+
+/// One broker of GET_BROKER_CLUSTER_INFO.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct BrokerStatus {
+    pub broker: BrokerRoute,
+    /// Milliseconds since the master's last registration.
+    pub last_seen_ms: u64,
+    pub topics: u32,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ClusterInfoResponse {
+    /// Cluster name -> its brokers.
+    pub clusters: Vec<(String, Vec<BrokerStatus>)>,
+}
+
+/// GET_TOPICS_BY_CLUSTER (and GET_ALL_TOPIC_LIST_FROM_NAMESERVER with an empty cluster).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ClusterRequest {
+    pub cluster: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TopicListResponse {
+    pub topics: Vec<String>,
+}
+
+/// PUT_KV_CONFIG, GET_KV_CONFIG, DELETE_KV_CONFIG (`value` only for a put).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct KvConfigRequest {
+    pub namespace: String,
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct KvConfigResponse {
+    pub value: String,
+}
+
+/// UPDATE_AND_CREATE_TOPIC to a broker. A queue count of 0 keeps the current one (or takes
+/// `defaultTopicQueueNums` for a new topic); a perm of 0 keeps the current one (or 6).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CreateTopicRequest {
+    pub topic: String,
+    pub read_queues: u32,
+    pub write_queues: u32,
+    pub perm: u32,
+}
+
+/// DELETE_TOPIC_IN_BROKER.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TopicRequest {
+    pub topic: String,
+}
+
+/// The answer to UPDATE_AND_CREATE_TOPIC (the stored config) and GET_ALL_TOPIC_CONFIG.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct TopicConfigsResponse {
+    pub topics: Vec<TopicConfigData>,
+}
+
+/// GET_CONSUMER_LIST_BY_GROUP (and UNREGISTER_CLIENT's group list is in the heartbeat form).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupRequest {
+    pub group: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConsumerListResponse {
+    /// Client ids of the group's live consumers, sorted.
+    pub client_ids: Vec<String>,
 }
 
 /// Any non-success response that carries no other header.

@@ -34,10 +34,8 @@ impl EmbeddedBroker {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "orbitmq-bench-{}-{nanos:08x}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("orbitmq-bench-{}-{nanos:08x}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| BenchError::Embedded(format!("cannot create {}: {e}", dir.display())))?;
         let data = dir.join("data");
@@ -46,10 +44,12 @@ impl EmbeddedBroker {
             BenchError::Embedded(format!("cannot create {}: {e}", log_path.display()))
         })?;
         let mut cmd = Command::new(exe);
-        cmd.arg("standalone")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--namesrv-listen", "127.0.0.1:0"]);
+        cmd.arg("standalone").arg("--data-dir").arg(&data).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--namesrv-listen",
+            "127.0.0.1:0",
+        ]);
         if let Some(f) = flush {
             cmd.args(["--flush", f]);
         }
@@ -65,7 +65,9 @@ impl EmbeddedBroker {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(BenchError::Embedded(format!("cannot start the broker: {e}")));
+                return Err(BenchError::Embedded(format!(
+                    "cannot start the broker: {e}"
+                )));
             }
         };
         let stdout = child.stdout.take().expect("piped stdout");

@@ -272,7 +272,11 @@ impl Report {
         if self.errors.is_empty() {
             let _ = writeln!(s, "  errors      none");
         } else {
-            let e: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let e: Vec<String> = self
+                .errors
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
             let _ = writeln!(
                 s,
                 "  errors      {} (failed requests by code; {} messages in them)",
@@ -354,7 +358,11 @@ mod tests {
         assert_eq!(s.samples, 1000);
         assert_eq!(s.messages, 64_000);
         let within = |got: u64, want: u64| got.abs_diff(want) <= want / 500 + 1;
-        assert!(within(s.percentile_us(50.0), 500), "{}", s.percentile_us(50.0));
+        assert!(
+            within(s.percentile_us(50.0), 500),
+            "{}",
+            s.percentile_us(50.0)
+        );
         assert!(within(s.percentile_us(90.0), 900));
         assert!(within(s.percentile_us(99.0), 990));
         assert!(within(s.percentile_us(99.9), 999));

@@ -19,7 +19,10 @@ pub const PERM_READ: u32 = 4;
 pub const PERM_WRITE: u32 = 2;
 pub const PERM_RW: u32 = PERM_READ | PERM_WRITE;
 const TOPICS_FILE: &str = "topics.conf";
-const TOPICS_HEADER: &str = "# orbitmq topics: name read_queues write_queues perm";
+const TOPICS_HEADER: &str =
+    "# orbitmq topics: name read_queues write_queues perm [auto (created by a first send)]";
+/// The fifth word of an auto-created topic's line.
+const AUTO_MARK: &str = "auto";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TopicConfig {
@@ -27,6 +30,9 @@ pub struct TopicConfig {
     pub read_queues: u32,
     pub write_queues: u32,
     pub perm: u32,
+    /// Made by a first send (autoCreateTopicEnable) rather than by an admin: the name server
+    /// then spreads it over every auto-creating broker (see `routes`).
+    pub auto_created: bool,
 }
 
 impl TopicConfig {
@@ -36,6 +42,7 @@ impl TopicConfig {
             read_queues: queues,
             write_queues: queues,
             perm: PERM_RW,
+            auto_created: false,
         }
     }
 
@@ -69,6 +76,8 @@ pub struct Topics {
     path: PathBuf,
     table: Mutex<BTreeMap<String, TopicConfig>>,
     epoch: AtomicU64,
+    /// Woken on every change, so the broker registers with the name servers at once.
+    changed: tokio::sync::Notify,
     pub auto_create: bool,
     pub default_queues: u32,
 }
@@ -95,8 +104,9 @@ impl Topics {
                         why: why.to_owned(),
                     };
                     let w: Vec<&str> = line.split_whitespace().collect();
-                    if w.len() != 4 {
-                        return Err(bad("expected: name read_queues write_queues perm"));
+                    let auto = w.len() == 5 && w[4] == AUTO_MARK;
+                    if w.len() != 4 && !auto {
+                        return Err(bad("expected: name read_queues write_queues perm [auto]"));
                     }
                     let num = |s: &str| s.parse::<u32>().map_err(|_| bad("not a number"));
                     let t = TopicConfig {
@@ -104,6 +114,7 @@ impl Topics {
                         read_queues: num(w[1])?,
                         write_queues: num(w[2])?,
                         perm: num(w[3])?,
+                        auto_created: auto,
                     };
                     limits::validate_topic(&t.name).map_err(|e| bad(&e.to_string()))?;
                     table.insert(t.name.clone(), t);
@@ -121,6 +132,7 @@ impl Topics {
             path,
             table: Mutex::new(table),
             epoch: AtomicU64::new(1),
+            changed: tokio::sync::Notify::new(),
             auto_create,
             default_queues,
         })
@@ -142,6 +154,16 @@ impl Topics {
             .cloned()
     }
 
+    /// Waits for the next change of the table (a change before the call also counts once).
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+
     /// Creates or updates a topic and persists the table.
     pub fn upsert(&self, t: TopicConfig) -> Result<TopicConfig, TopicError> {
         limits::validate_topic(&t.name)?;
@@ -153,8 +175,42 @@ impl Topics {
         let mut table = self.table.lock().expect("topic table lock");
         table.insert(t.name.clone(), t.clone());
         self.persist(&table)?;
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.bump();
         Ok(t)
+    }
+
+    /// An admin create or update: a count or perm of 0 keeps the current value (or, for a new
+    /// topic, takes `defaultTopicQueueNums` and read-write).
+    pub fn create_or_update(
+        &self,
+        name: &str,
+        read_queues: u32,
+        write_queues: u32,
+        perm: u32,
+    ) -> Result<TopicConfig, TopicError> {
+        let base = self
+            .get(name)
+            .unwrap_or_else(|| TopicConfig::new(name, self.default_queues));
+        let pick = |v: u32, old: u32| if v == 0 { old } else { v };
+        self.upsert(TopicConfig {
+            name: name.to_owned(),
+            read_queues: pick(read_queues, base.read_queues),
+            write_queues: pick(write_queues, base.write_queues),
+            perm: pick(perm & PERM_RW, base.perm),
+            auto_created: false,
+        })
+    }
+
+    /// Deletes a topic from the table; returns whether it existed. Its stored messages stay
+    /// until retention removes them.
+    pub fn delete(&self, name: &str) -> Result<bool, TopicError> {
+        let mut table = self.table.lock().expect("topic table lock");
+        if table.remove(name).is_none() {
+            return Ok(false);
+        }
+        self.persist(&table)?;
+        self.bump();
+        Ok(true)
     }
 
     /// The topic's config, creating it with the default queue count when auto-creation is on.
@@ -170,10 +226,11 @@ impl Topics {
         if let Some(t) = table.get(name) {
             return Ok(Some(t.clone()));
         }
-        let t = TopicConfig::new(name, self.default_queues);
+        let mut t = TopicConfig::new(name, self.default_queues);
+        t.auto_created = true;
         table.insert(name.to_owned(), t.clone());
         self.persist(&table)?;
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.bump();
         tracing::info!(
             topic = name,
             queues = self.default_queues,
@@ -185,8 +242,9 @@ impl Topics {
     fn persist(&self, table: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
         let mut s = format!("{TOPICS_HEADER}\n");
         for t in table.values() {
+            let mark = if t.auto_created { " auto" } else { "" };
             s.push_str(&format!(
-                "{} {} {} {}\n",
+                "{} {} {} {}{mark}\n",
                 t.name, t.read_queues, t.write_queues, t.perm
             ));
         }
@@ -243,6 +301,7 @@ mod tests {
         let t = Topics::load(d.path(), true, 8).unwrap();
         let c = t.get_or_auto_create("Orders").unwrap().unwrap();
         assert_eq!((c.read_queues, c.write_queues, c.perm), (8, 8, PERM_RW));
+        assert!(c.auto_created);
         t.upsert(TopicConfig::new("Big", 16)).unwrap();
         assert!(t.upsert(TopicConfig::new("Zero", 0)).is_err());
         assert!(t.get_or_auto_create("bad topic").is_err());
@@ -250,6 +309,14 @@ mod tests {
         assert_eq!(t2.get("Big").unwrap().queues(), 16);
         assert_eq!(t2.get("Orders"), Some(c));
         assert_eq!(t2.get_or_auto_create("Nope").unwrap(), None);
+        assert!(!t2.create_or_update("Orders", 0, 0, 0).unwrap().auto_created);
+        let u = t2.create_or_update("Big", 0, 32, 0).unwrap();
+        assert_eq!((u.read_queues, u.write_queues, u.perm), (16, 32, PERM_RW));
+        let n = t2.create_or_update("New", 0, 0, PERM_READ).unwrap();
+        assert_eq!((n.read_queues, n.write_queues, n.perm), (8, 8, PERM_READ));
+        assert!(t2.delete("Big").unwrap());
+        assert!(!t2.delete("Big").unwrap());
+        assert_eq!(Topics::load(d.path(), false, 8).unwrap().get("Big"), None);
     }
 
     #[test]

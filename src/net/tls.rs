@@ -5,6 +5,10 @@
 //! against that CA (`--tls-ca PATH`); skipping verification is the explicit
 //! [`insecure_client_config`] only.
 //!
+//! In a cluster, every node instead takes a certificate issued by one cluster CA
+//! ([`init_ca`], [`issue`]; `orbitmq cert init|issue`), loaded with [`load_identity`], so
+//! clients verify every broker and name server with the one CA file.
+//!
 //! This module uses neither glommio nor tokio, so the client builders work in the tokio client
 //! crate as they are.
 
@@ -87,6 +91,158 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("QUIC needs a TLS 1.3 initial cipher suite: {0}")]
     NoInitialCipherSuite(#[from] NoInitialCipherSuite),
+    #[error("{0} already exists: a cluster CA is made once (delete the folder to start over)")]
+    Exists(PathBuf),
+    #[error("{path}: bad key: {why}")]
+    Key { path: PathBuf, why: String },
+    #[error("bad certificate name {0:?}: expected a DNS name or an IP address")]
+    Name(String),
+}
+
+/// The cluster CA's certificate and private key in a CA folder.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// Common name prefix of a cluster CA; a hash of its key follows, so that the CA certificate
+/// can be made again, identical in name and key, from the key alone when issuing.
+const CLUSTER_CA_COMMON_NAME: &str = "orbitmq cluster CA";
+
+/// Files of a cluster CA or of an issued node certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The cluster CA certificate for `key` (deterministic in subject and key).
+fn cluster_ca(key: &KeyPair) -> Result<rcgen::Certificate, TlsError> {
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let id = crc32c::crc32c(key.public_key_raw());
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        format!("{CLUSTER_CA_COMMON_NAME} {id:08x}"),
+    );
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(ca.self_signed(key)?)
+}
+
+/// Makes a cluster CA in `dir`: `ca.pem` (give it to clients and nodes) and `ca.key` (mode
+/// 0600; keep it where certificates are issued). Refuses to overwrite an existing CA.
+pub fn init_ca(dir: &Path) -> Result<CertFiles, TlsError> {
+    let files = CertFiles {
+        cert: dir.join(CA_FILE),
+        key: dir.join(CA_KEY_FILE),
+    };
+    for p in [&files.cert, &files.key] {
+        if p.exists() {
+            return Err(TlsError::Exists(p.clone()));
+        }
+    }
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let key = KeyPair::generate()?;
+    let cert = cluster_ca(&key)?;
+    write_atomic(&files.key, key.serialize_pem().as_bytes(), KEY_FILE_MODE)?;
+    write_atomic(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    sync_dir(dir)?;
+    Ok(files)
+}
+
+/// The subject alternative name for `name`: an IP address or a DNS name.
+fn san_of(name: &str) -> Result<SanType, TlsError> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    DnsName::try_from(name).map_err(|_| TlsError::Name(name.to_owned()))?;
+    Ok(SanType::DnsName(
+        name.to_owned()
+            .try_into()
+            .map_err(|_| TlsError::Name(name.to_owned()))?,
+    ))
+}
+
+/// Issues a node certificate signed by the cluster CA in `ca_dir`, for `name` (a host name or
+/// IP), `extra` names, localhost, 127.0.0.1 and ::1. Writes `<out_dir>/<name>.pem` (the node
+/// certificate then the CA's) and `<out_dir>/<name>.key` (mode 0600).
+pub fn issue(
+    ca_dir: &Path,
+    name: &str,
+    extra: &[String],
+    out_dir: &Path,
+) -> Result<CertFiles, TlsError> {
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&pem).map_err(|e| TlsError::Key {
+        path: ca_key_path.clone(),
+        why: e.to_string(),
+    })?;
+    let ca = cluster_ca(&ca_key)?;
+    let ca_pem_path = ca_dir.join(CA_FILE);
+    let ca_pem = fs::read_to_string(&ca_pem_path).map_err(io_err(&ca_pem_path))?;
+    if ca_pem.trim() != ca.pem().trim() {
+        // Same subject and key is what matters; the stored file stays the one to distribute.
+        tracing::debug!("CA certificate re-made for signing differs in encoding only");
+    }
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut names: Vec<&str> = vec![name, LOCALHOST, "127.0.0.1", "::1"];
+    names.extend(extra.iter().map(String::as_str));
+    for n in names {
+        let san = san_of(n)?;
+        if !params.subject_alt_names.contains(&san) {
+            params.subject_alt_names.push(san);
+        }
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let file_stem: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let files = CertFiles {
+        cert: out_dir.join(format!("{file_stem}.pem")),
+        key: out_dir.join(format!("{file_stem}.key")),
+    };
+    write_atomic(&files.key, key.serialize_pem().as_bytes(), KEY_FILE_MODE)?;
+    let chain = format!("{}{}", cert.pem(), ca_pem);
+    write_atomic(&files.cert, chain.as_bytes(), 0o644)?;
+    sync_dir(out_dir)?;
+    Ok(files)
+}
+
+/// A node identity from given files (a cluster node): the certificate chain and key it
+/// serves, and the CA file clients are told to trust.
+pub fn load_identity(cert: &Path, key: &Path, ca: &Path) -> Result<ServerIdentity, TlsError> {
+    if !ca.is_file() {
+        return Err(TlsError::Io {
+            path: ca.to_owned(),
+            source: io::Error::new(io::ErrorKind::NotFound, "CA file not found"),
+        });
+    }
+    let paths = TlsPaths {
+        dir: cert.parent().map(Path::to_owned).unwrap_or_default(),
+        ca: ca.to_owned(),
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+    };
+    let (chain, key) = load_server_files(&paths)?;
+    Ok(ServerIdentity {
+        paths,
+        created: false,
+        chain,
+        key,
+    })
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
@@ -476,5 +632,83 @@ mod tests {
         assert!(verifier
             .verify_server_cert(&id.chain()[0], &[], &other, &[], UnixTime::now())
             .is_err());
+    }
+
+    #[test]
+    fn a_cluster_ca_issues_node_certificates_that_verify_with_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let ca = init_ca(&ca_dir).unwrap();
+        assert!(matches!(init_ca(&ca_dir), Err(TlsError::Exists(_))));
+        let key_mode = fs::metadata(&ca.key).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+            KEY_FILE_MODE
+        );
+        let out = dir.path().join("nodes");
+        let a = issue(&ca_dir, "broker-a.example", &["10.1.2.3".into()], &out).unwrap();
+        let b = issue(&ca_dir, "10.9.9.9", &[], &out).unwrap();
+        assert!(issue(&ca_dir, "bad name!", &[], &out).is_err());
+        let mut roots = RootCertStore::empty();
+        for c in load_certs(&ca.cert).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        for (files, names) in [
+            (
+                &a,
+                vec![
+                    "broker-a.example",
+                    "10.1.2.3",
+                    "localhost",
+                    "127.0.0.1",
+                    "::1",
+                ],
+            ),
+            (&b, vec!["10.9.9.9", "127.0.0.1"]),
+        ] {
+            let id = load_identity(&files.cert, &files.key, &ca.cert).unwrap();
+            assert_eq!(id.chain().len(), 2, "node certificate then the CA's");
+            server_config(&id).unwrap();
+            for name in names {
+                verifier
+                    .verify_server_cert(
+                        &id.chain()[0],
+                        &[],
+                        &ServerName::try_from(name).unwrap(),
+                        &[],
+                        UnixTime::now(),
+                    )
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+        }
+        // Another CA does not verify them.
+        let other = init_ca(&dir.path().join("other")).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(load_certs(&other.cert).unwrap().remove(0))
+            .unwrap();
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let id = load_identity(&a.cert, &a.key, &ca.cert).unwrap();
+        assert!(v
+            .verify_server_cert(
+                &id.chain()[0],
+                &[],
+                &ServerName::try_from("localhost").unwrap(),
+                &[],
+                UnixTime::now()
+            )
+            .is_err());
+        assert!(load_identity(&a.cert, &a.key, &dir.path().join("none.pem")).is_err());
     }
 }

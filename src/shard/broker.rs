@@ -1,18 +1,21 @@
 //! The requests a shard serves: send, pull (with long polling), consumer offsets, queue
-//! offsets, heartbeats. Each shard answers only for the queues it owns and redirects the rest.
+//! offsets, heartbeats and the consumer list per group, topic admin. Each shard answers only
+//! for the queues it owns and redirects the rest; heartbeats and admin requests are the
+//! broker's, whichever shard gets them.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
-    self, HeartbeatRequest, OffsetResponse, PullQueueResult, PullRequest, PullResponse,
-    QueueRequest, QueueValueRequest, SendRequest, SendResponse, SendResult,
+    self, ConsumerListResponse, CreateTopicRequest, GroupRequest, HeartbeatRequest, OffsetResponse,
+    PullQueueResult, PullRequest, PullResponse, QueueRequest, QueueValueRequest, SendRequest,
+    SendResponse, SendResult, TopicConfigsResponse, TopicRequest,
 };
 use orbitmq_proto::limits::{
     MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_MESSAGES,
@@ -24,18 +27,25 @@ use tracing::debug;
 
 use crate::log::shape::Shape;
 use crate::log::{ReadStatus, Store, StoreError};
+use crate::nameserver::routes::topic_data;
 use crate::nameserver::topics::{TopicView, Topics, PERM_READ, PERM_WRITE};
 use crate::net::server::{
     error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer,
 };
+use crate::shard::clients::ClientRegistry;
 
 /// What every shard of a broker shares (read-only after start, or behind its own sync).
 pub struct BrokerShared {
     pub shape: Shape,
     pub topics: Arc<Topics>,
-    /// Endpoint of each shard, known once every shard has bound its port.
+    /// Endpoint of each shard as clients reach it, known once every shard has bound its port.
     pub endpoints: OnceLock<Vec<SocketAddr>>,
+    /// Producers and consumers per group, from their heartbeats (every shard gets some).
+    pub clients: Mutex<ClientRegistry>,
 }
+
+/// Groups one heartbeat may name.
+pub const MAX_HEARTBEAT_GROUPS: usize = 1024;
 
 /// One shard's request handler.
 pub struct ShardHandler {
@@ -454,19 +464,128 @@ impl ShardHandler {
                     Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
                 }
             }
-            request::HEART_BEAT => match header::decode::<HeartbeatRequest>(&req.header) {
-                Ok(h) => {
-                    debug!(client = h.client_id, remote = %peer.remote, "heartbeat");
-                    ok_frame(id, Bytes::new(), Bytes::new())
+            request::HEART_BEAT | request::UNREGISTER_CLIENT => self.heartbeat(&req, peer),
+            request::GET_CONSUMER_LIST_BY_GROUP => {
+                let h: GroupRequest = match header::decode(&req.header) {
+                    Ok(h) => h,
+                    Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+                };
+                let client_ids = self
+                    .shared
+                    .clients
+                    .lock()
+                    .expect("clients lock")
+                    .consumers(&h.group, Instant::now());
+                ok_frame(
+                    id,
+                    header::encode(&ConsumerListResponse { client_ids }),
+                    Bytes::new(),
+                )
+            }
+            request::UPDATE_AND_CREATE_TOPIC => {
+                let h: CreateTopicRequest = match header::decode(&req.header) {
+                    Ok(h) => h,
+                    Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+                };
+                match self.shared.topics.create_or_update(
+                    &h.topic,
+                    h.read_queues,
+                    h.write_queues,
+                    h.perm,
+                ) {
+                    Ok(t) => {
+                        tracing::info!(topic = %t.name, read = t.read_queues, write = t.write_queues,
+                            perm = t.perm, remote = %peer.remote, "topic created or updated");
+                        ok_frame(
+                            id,
+                            header::encode(&TopicConfigsResponse {
+                                topics: vec![topic_data(&t)],
+                            }),
+                            Bytes::new(),
+                        )
+                    }
+                    Err(e) => error_frame(id, response::MESSAGE_ILLEGAL, e.to_string()),
                 }
-                Err(e) => error_frame(id, response::BAD_REQUEST, e.to_string()),
-            },
+            }
+            request::DELETE_TOPIC_IN_BROKER => {
+                let h: TopicRequest = match header::decode(&req.header) {
+                    Ok(h) => h,
+                    Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+                };
+                match self.shared.topics.delete(&h.topic) {
+                    Ok(true) => {
+                        tracing::info!(topic = %h.topic, remote = %peer.remote, "topic deleted");
+                        ok_frame(id, Bytes::new(), Bytes::new())
+                    }
+                    Ok(false) => error_frame(
+                        id,
+                        response::TOPIC_NOT_EXIST,
+                        format!("topic {} does not exist on this broker", h.topic),
+                    ),
+                    Err(e) => error_frame(id, response::SYSTEM_ERROR, e.to_string()),
+                }
+            }
+            request::GET_ALL_TOPIC_CONFIG => {
+                let topics = self
+                    .shared
+                    .topics
+                    .snapshot()
+                    .values()
+                    .map(topic_data)
+                    .collect();
+                ok_frame(
+                    id,
+                    header::encode(&TopicConfigsResponse { topics }),
+                    Bytes::new(),
+                )
+            }
             other => error_frame(
                 id,
                 response::REQUEST_CODE_NOT_SUPPORTED,
                 format!("request code {other} is not supported by a broker"),
             ),
         }
+    }
+}
+
+impl ShardHandler {
+    /// HEART_BEAT records the client in its groups; UNREGISTER_CLIENT removes it.
+    fn heartbeat(&self, req: &Frame, peer: &Peer) -> Frame {
+        let id = req.request_id;
+        let h: HeartbeatRequest = match header::decode(&req.header) {
+            Ok(h) => h,
+            Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+        };
+        let groups = h.producer_groups.iter().chain(&h.consumer_groups);
+        if h.client_id.is_empty()
+            || h.client_id.len() > MAX_GROUP_LEN
+            || h.producer_groups.len() + h.consumer_groups.len() > MAX_HEARTBEAT_GROUPS
+            || groups
+                .clone()
+                .any(|g| g.is_empty() || g.len() > MAX_GROUP_LEN)
+        {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "a heartbeat names a client id and at most {MAX_HEARTBEAT_GROUPS} groups of 1..={MAX_GROUP_LEN} bytes"
+                ),
+            );
+        }
+        let mut clients = self.shared.clients.lock().expect("clients lock");
+        if req.code == request::UNREGISTER_CLIENT {
+            clients.unregister(&h.client_id);
+            debug!(client = h.client_id, remote = %peer.remote, "client unregistered");
+        } else if clients.heartbeat(
+            &h.client_id,
+            &h.producer_groups,
+            &h.consumer_groups,
+            Instant::now(),
+        ) {
+            tracing::info!(client = h.client_id, groups = ?h.consumer_groups, remote = %peer.remote,
+                "consumer joined");
+        }
+        ok_frame(id, Bytes::new(), Bytes::new())
     }
 }
 

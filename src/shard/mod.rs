@@ -5,13 +5,14 @@
 //! another count is refused.
 
 pub mod broker;
+pub mod clients;
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
@@ -115,8 +116,33 @@ pub fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 pub struct NetConfig {
     /// Shard k listens on this port + k (port 0: ephemeral ports).
     pub listen: SocketAddr,
+    /// The address clients reach the shards at when `listen` is the unspecified address
+    /// (`brokerIP1`); it goes into routes, redirects and message ids.
+    pub advertise: Option<IpAddr>,
     pub server: quinn::ServerConfig,
     pub topics: Arc<Topics>,
+    /// Clients silent this long are dropped from the group lists.
+    pub client_expiry: Duration,
+}
+
+impl NetConfig {
+    pub fn new(listen: SocketAddr, server: quinn::ServerConfig, topics: Arc<Topics>) -> Self {
+        NetConfig {
+            listen,
+            advertise: None,
+            server,
+            topics,
+            client_expiry: clients::DEFAULT_CLIENT_EXPIRY,
+        }
+    }
+}
+
+/// The address clients use for an endpoint bound at `bound`.
+pub fn advertised(bound: SocketAddr, advertise: Option<IpAddr>) -> SocketAddr {
+    match advertise {
+        Some(ip) if bound.ip().is_unspecified() => SocketAddr::new(ip, bound.port()),
+        _ => bound,
+    }
 }
 
 /// How to start the shards of one broker.
@@ -221,6 +247,7 @@ impl ShardSet {
                 shape,
                 topics: n.topics.clone(),
                 endpoints: OnceLock::new(),
+                clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
             })
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -270,9 +297,10 @@ impl ShardSet {
             }
         }
         if let Some(shared) = &set.shared {
+            let advertise = cfg.net.as_ref().and_then(|n| n.advertise);
             let eps: Vec<SocketAddr> = endpoints
                 .into_iter()
-                .map(|e| e.expect("every shard bound"))
+                .map(|e| advertised(e.expect("every shard bound"), advertise))
                 .collect();
             let _ = shared.endpoints.set(eps);
         }
@@ -280,7 +308,7 @@ impl ShardSet {
         Ok(set)
     }
 
-    /// Endpoint of each shard (empty without networking).
+    /// Endpoint of each shard as clients reach it (empty without networking).
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.shared
             .as_ref()
@@ -315,6 +343,16 @@ impl ShardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_are_advertised_as_given() {
+        let any: SocketAddr = "0.0.0.0:10911".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:10911".parse().unwrap();
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(advertised(any, Some(ip)), SocketAddr::new(ip, 10911));
+        assert_eq!(advertised(lo, Some(ip)), lo);
+        assert_eq!(advertised(any, None), any);
+    }
 
     #[test]
     fn core_lists() {
