@@ -223,6 +223,13 @@ impl BrokerConfig {
                     }
                     c.retention.disk_max_used_ratio = pct as f64 / 100.0;
                 }
+                "diskSpaceCleanForciblyRatio" => {
+                    let pct: u32 = parse_num(v).map_err(bad)?;
+                    if !(10..=99).contains(&pct) {
+                        return Err(bad("expected a percentage from 10 to 99".into()));
+                    }
+                    c.retention.disk_force_clean_ratio = pct as f64 / 100.0;
+                }
                 "autoCreateTopicEnable" => c.auto_create_topic = parse_bool(v).map_err(bad)?,
                 "defaultTopicQueueNums" => {
                     let n: u32 = parse_num(v).map_err(bad)?;

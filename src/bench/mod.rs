@@ -35,6 +35,10 @@ pub const DEFAULT_MESSAGES: u64 = 1_000_000;
 pub const DEFAULT_TOPIC: &str = "BenchTopic";
 /// `--size` when not given: 1 KiB bodies, as the baseline.
 pub const DEFAULT_SIZE: usize = 1024;
+/// `--batch` when not given: the baseline's 64 messages per request (1: single sends).
+pub const DEFAULT_BATCH: u32 = 64;
+/// `--producers` when not given.
+pub const DEFAULT_PRODUCERS: u32 = 4;
 /// `--deadline` when not given, in seconds: the whole run stops then, whatever is left.
 pub const DEFAULT_DEADLINE_SECS: u64 = 600;
 /// A producer (or consumer) stops after this many failed requests in a row: the cluster
@@ -131,10 +135,10 @@ pub struct ProduceArgs {
     #[arg(long, default_value_t = DEFAULT_MESSAGES)]
     pub messages: u64,
     /// Producers, each a Producer with its own client and connections, on its own task.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = DEFAULT_PRODUCERS)]
     pub producers: u32,
     /// Messages per request, all to one queue (1: single sends).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: u32,
     /// Use only the first Q writable queues of the topic (default: all).
     #[arg(long)]
@@ -189,13 +193,13 @@ pub struct E2eArgs {
     #[arg(long)]
     pub rate: Option<u64>,
     /// Producers, each with its own client, sharing the rate.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_PRODUCERS)]
     pub producers: u32,
     /// Lite pull consumers; the queues are split among them.
     #[arg(long, default_value_t = 1)]
     pub consumers: u32,
     /// Messages per request (1: single sends).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: u32,
     /// Use only the first Q writable queues of the topic (default: all).
     #[arg(long)]
@@ -517,6 +521,7 @@ mod tests {
             panic!("produce")
         };
         assert_eq!((a.size, a.batch, a.messages), (128, 16, DEFAULT_MESSAGES));
+        assert_eq!(a.producers, DEFAULT_PRODUCERS);
         assert!(a.common.json && a.common.namesrv.is_none());
         assert_eq!(a.common.topic, DEFAULT_TOPIC);
         let c = Cli::parse_from([
@@ -539,5 +544,6 @@ mod tests {
             panic!("e2e")
         };
         assert_eq!(a.rate, Some(1000));
+        assert_eq!((a.batch, a.size), (DEFAULT_BATCH, DEFAULT_SIZE));
     }
 }

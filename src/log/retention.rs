@@ -14,8 +14,10 @@ pub const MAX_FORCED_DELETES_PER_RUN: usize = 10;
 pub const DEFAULT_DELETE_WHEN_HOUR: u8 = 4;
 /// RocketMQ's code default for `fileReservedTime` (its sample conf says 48).
 pub const DEFAULT_FILE_RESERVED_HOURS: u64 = 72;
-/// RocketMQ's default `diskMaxUsedSpaceRatio` (75%).
+/// RocketMQ's default `diskMaxUsedSpaceRatio` (75%): expired segments go at any hour.
 pub const DEFAULT_DISK_MAX_USED_RATIO: f64 = 0.75;
+/// RocketMQ's `diskSpaceCleanForciblyRatio` (85%): past it, unexpired segments go too.
+pub const DEFAULT_DISK_FORCE_CLEAN_RATIO: f64 = 0.85;
 /// Milliseconds in an hour, to compare `fileReservedTime` with file times.
 const MS_PER_HOUR: u64 = 60 * 60 * 1000;
 
@@ -70,8 +72,12 @@ pub struct RetentionPolicy {
     pub delete_when_hours: Vec<u8>,
     /// Age after its last write at which a segment expires (`fileReservedTime`).
     pub file_reserved_hours: u64,
-    /// Disk usage at which deletion runs at any hour (`diskMaxUsedSpaceRatio`, 0..1).
+    /// Disk usage at which deletion of expired segments runs at any hour
+    /// (`diskMaxUsedSpaceRatio`, 0..1).
     pub disk_max_used_ratio: f64,
+    /// Disk usage at which the oldest segments are deleted even before they expire
+    /// (`diskSpaceCleanForciblyRatio`, 0..1).
+    pub disk_force_clean_ratio: f64,
 }
 
 impl Default for RetentionPolicy {
@@ -80,6 +86,7 @@ impl Default for RetentionPolicy {
             delete_when_hours: vec![DEFAULT_DELETE_WHEN_HOUR],
             file_reserved_hours: DEFAULT_FILE_RESERVED_HOURS,
             disk_max_used_ratio: DEFAULT_DISK_MAX_USED_RATIO,
+            disk_force_clean_ratio: DEFAULT_DISK_FORCE_CLEAN_RATIO,
         }
     }
 }
@@ -133,12 +140,16 @@ pub fn plan(
         .take_while(|s| expired(s))
         .map(|s| s.base)
         .collect();
-    if !deletes.is_empty() || !disk_pressure {
+    let force = disk_used_ratio
+        >= policy
+            .disk_force_clean_ratio
+            .max(policy.disk_max_used_ratio);
+    if !deletes.is_empty() || !force {
         // Expired data goes first; the caller re-measures the disk before anything younger goes.
         return deletes;
     }
 
-    // Still over the ratio with nothing expired: RocketMQ's forced clean of the oldest
+    // Past the forcible ratio with nothing expired: RocketMQ's forced clean of the oldest
     // segments, bounded so one run cannot wipe the log.
     let forced: Vec<u64> = candidates
         .iter()
@@ -148,7 +159,7 @@ pub fn plan(
     if !forced.is_empty() {
         tracing::warn!(
             disk_used_ratio,
-            max_ratio = policy.disk_max_used_ratio,
+            force_ratio = policy.disk_force_clean_ratio,
             segments = forced.len(),
             first_base = forced[0],
             "disk over its usage ratio: deleting unexpired CommitLog segments"
@@ -299,6 +310,8 @@ mod tests {
         let p = RetentionPolicy::default();
         let mut segs: Vec<SegmentInfo> = (0..15).map(|i| seg(i, 1)).collect();
         segs.push(seg(15, 0));
+        // Over the used ratio but under the forcible one: nothing unexpired goes.
+        assert!(plan(&segs, NOW_MS, 13, 0.8, &p).is_empty());
         let planned = plan(&segs, NOW_MS, 13, 0.9, &p);
         assert_eq!(
             planned,
