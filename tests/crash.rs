@@ -10,6 +10,9 @@ use glommio::{LocalExecutorBuilder, Placement};
 use orbitmq::log::{FlushMode, ReadStatus, Store, StoreConfig};
 use orbitmq::proto::record::{self, Message};
 
+mod store_support;
+use store_support::{read_all, run};
+
 const BIN: &str = env!("CARGO_BIN_EXE_orbitmq");
 /// Small segments so the writer rolls over several before it is killed.
 const SEGMENT: u64 = 64 * 1024;
@@ -26,19 +29,6 @@ fn writer_body(queue: u32, seq: u64, size: usize) -> Vec<u8> {
     let mut b = format!("q{queue}-n{seq}-").into_bytes();
     b.resize(size.max(b.len()), b'.');
     b
-}
-
-fn run<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(512 * 1024)
-        .spawn(f)
-        .expect("glommio executor")
-        .join()
-        .expect("executor ran");
 }
 
 /// Kills the child if a test fails before it does.
@@ -108,31 +98,15 @@ fn store_cfg(dir: &Path, flush: FlushMode) -> StoreConfig {
     c
 }
 
-/// Every record of a queue from offset 0, checking offsets are dense.
+/// Every record body of a queue from offset 0 (dense offsets, up to the queue's end).
 async fn read_queue(store: &Store, queue: u32) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    loop {
-        let r = store
-            .read(TOPIC, queue, off, 64, 1 << 20, None)
-            .await
-            .unwrap();
-        if r.status != ReadStatus::Found {
-            assert_eq!(r.status, ReadStatus::NoNewMessage, "queue {queue} at {off}");
-            assert_eq!(off, r.max_offset);
-            break;
-        }
-        for b in &r.records {
-            let v = record::decode(b).unwrap();
-            assert_eq!(
-                v.queue_offset,
-                out.len() as u64,
-                "queue {queue}: dense offsets"
-            );
-            out.push(v.body.to_vec());
-        }
-        off = r.next_offset;
-    }
+    let out: Vec<Vec<u8>> = read_all(store, TOPIC, queue)
+        .await
+        .into_iter()
+        .map(|m| m.body)
+        .collect();
+    let bounds = store.queue_bounds(TOPIC, queue);
+    assert_eq!(bounds.map(|b| b.1), Some(out.len() as u64), "queue {queue}: read to its end");
     out
 }
 
@@ -210,7 +184,9 @@ fn standalone(data: &Path, shards: u32) -> Command {
     c.args(["standalone", "--data-dir"])
         .arg(data)
         .args(["--shards", &shards.to_string()])
-        .args(["--segment-size", &SEGMENT.to_string()]);
+        .args(["--segment-size", &SEGMENT.to_string()])
+        // Ephemeral ports: the defaults may be taken on a shared machine.
+        .args(["--listen", "127.0.0.1:0", "--namesrv-listen", "127.0.0.1:0"]);
     c
 }
 
