@@ -6,12 +6,11 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use glommio::{LocalExecutorBuilder, Placement};
-use orbitmq::log::{FlushMode, ReadStatus, Store, StoreConfig};
-use orbitmq::proto::record::{self, Message};
+use orbitmq::log::{FlushMode, Store, StoreConfig};
+use orbitmq::proto::record::Message;
 
 mod store_support;
-use store_support::{read_all, run};
+use store_support::{read_bodies_from, run};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orbitmq");
 /// Small segments so the writer rolls over several before it is killed.
@@ -98,18 +97,6 @@ fn store_cfg(dir: &Path, flush: FlushMode) -> StoreConfig {
     c
 }
 
-/// Every record body of a queue from offset 0 (dense offsets, up to the queue's end).
-async fn read_queue(store: &Store, queue: u32) -> Vec<Vec<u8>> {
-    let out: Vec<Vec<u8>> = read_all(store, TOPIC, queue)
-        .await
-        .into_iter()
-        .map(|m| m.body)
-        .collect();
-    let bounds = store.queue_bounds(TOPIC, queue);
-    assert_eq!(bounds.map(|b| b.1), Some(out.len() as u64), "queue {queue}: read to its end");
-    out
-}
-
 fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
     let tmp = tempfile::tempdir().unwrap();
     let acks = write_and_kill(tmp.path(), flush);
@@ -121,7 +108,7 @@ fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
         let store = Store::open(store_cfg(&data, mode)).await.unwrap();
         let mut queues = BTreeMap::new();
         for q in 0..QUEUES {
-            let bodies = read_queue(&store, q).await;
+            let bodies = read_bodies_from(&store, TOPIC, q, 0).await;
             assert_eq!(store.queue_bounds(TOPIC, q), Some((0, bodies.len() as u64)));
             queues.insert(q, bodies);
         }
@@ -153,13 +140,16 @@ fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
             }
         }
         for q in 0..QUEUES {
-            assert!(read_queue(&store, q).await == queues[&q], "queue {q}");
+            assert!(
+                read_bodies_from(&store, TOPIC, q, 0).await == queues[&q],
+                "queue {q}"
+            );
         }
         store.close().await.unwrap();
         let store = Store::open(store_cfg(&data, mode)).await.unwrap();
         for q in 0..QUEUES {
             assert!(
-                read_queue(&store, q).await == queues[&q],
+                read_bodies_from(&store, TOPIC, q, 0).await == queues[&q],
                 "queue {q} reopened"
             );
         }

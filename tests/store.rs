@@ -5,27 +5,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use glommio::{LocalExecutorBuilder, Placement};
 use orbitmq::log::retention::RetentionPolicy;
 use orbitmq::log::{AppendResult, FlushMode, ReadStatus, Store, StoreConfig, StoreError};
 use orbitmq::proto::limits;
 use orbitmq::proto::record::{self, EncodeError, Message};
 
+mod store_support;
+use store_support::{read_all, read_bodies_from, run};
+
 /// Small segments so tests roll over several of them.
 const TEST_SEGMENT: u64 = 64 * 1024;
-
-fn run<F, Fut>(f: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(512 * 1024)
-        .spawn(f)
-        .expect("glommio executor")
-        .join()
-        .expect("executor ran");
-}
 
 fn cfg(dir: &std::path::Path, flush: FlushMode) -> StoreConfig {
     let mut c = StoreConfig::new(dir, flush);
@@ -50,31 +39,6 @@ fn msg(topic: &str, queue: u32, i: usize) -> Message {
         body: format!("body-{i}-").repeat(1 + i % 37).into_bytes(),
         ..Default::default()
     }
-}
-
-async fn read_all(store: &Store, topic: &str, queue: u32) -> Vec<Message> {
-    let mut out = Vec::new();
-    let mut off = 0;
-    loop {
-        let r = store
-            .read(topic, queue, off, 32, 1 << 20, None)
-            .await
-            .unwrap();
-        if r.status != ReadStatus::Found {
-            break;
-        }
-        for b in &r.records {
-            let v = record::decode(b).unwrap();
-            assert_eq!(
-                v.queue_offset,
-                out.len() as u64,
-                "queue offsets are dense and in order"
-            );
-            out.push(v.to_message());
-        }
-        off = r.next_offset;
-    }
-    out
 }
 
 fn append_read_back(flush: FlushMode) {
@@ -262,6 +226,40 @@ async fn assert_queues(
     }
 }
 
+/// Reopens the store at `path` after a damage: it holds exactly `written`; appends of
+/// `more` continue with the next queue offsets (the first at log offset `next`, when given,
+/// where the log must end); and all of it reads back again after one more reopen.
+async fn reopen_and_continue(
+    path: &Path,
+    flush: FlushMode,
+    (topic, queues): (&str, u32),
+    mut written: Vec<(Message, AppendResult)>,
+    more: std::ops::Range<usize>,
+    next: Option<u64>,
+) {
+    let store = Store::open(cfg(path, flush)).await.unwrap();
+    assert_queues(&store, topic, queues, &written).await;
+    if let Some(next) = next {
+        assert_eq!(store.stats().next_offset, next, "the log ends at the cut");
+    }
+    let more = append_range(&store, topic, queues, more).await;
+    if let Some(next) = next {
+        assert_eq!(
+            first_phys(&more),
+            next,
+            "appends continue right after the cut"
+        );
+    }
+    assert_next_offsets(&written, &more);
+    written.extend(more);
+    assert_queues(&store, topic, queues, &written).await;
+    store.close().await.unwrap();
+    // And once more from disk: the cut and the new records are stable.
+    let store = Store::open(cfg(path, flush)).await.unwrap();
+    assert_queues(&store, topic, queues, &written).await;
+    store.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------- torn and zeroed tails
 
 #[derive(Clone, Copy, Debug)]
@@ -285,13 +283,8 @@ fn damaged_tail(damage: Damage) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
-        assert!(
-            last_two(&written).0.physical_offset >= 2 * TEST_SEGMENT,
-            "several segments"
-        );
-        store.close().await.unwrap();
+        let (mut written, last_base) = write_tail(&path).await;
+        assert!(last_base >= 2 * TEST_SEGMENT, "several segments");
 
         let (last, prev) = last_two(&written);
         let (seg, pos) = seg_file(&path, last.physical_offset);
@@ -327,36 +320,22 @@ fn damaged_tail(damage: Damage) {
             written.retain(|(_, r)| r.physical_offset != last.physical_offset);
         }
 
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
         let expect_next = if lost {
             last.physical_offset
         } else {
             last.physical_offset + last.size as u64
         };
-        assert_eq!(
-            store.stats().next_offset,
-            expect_next,
-            "the log ends at the cut"
-        );
-        // Appends continue right after the cut, with the next queue offsets.
-        let more = append_range(
-            &store,
-            TAIL_TOPIC,
-            TAIL_QUEUES,
-            TAIL_MESSAGES..TAIL_MESSAGES + 20,
+        let more = TAIL_MESSAGES..TAIL_MESSAGES + 20;
+        let tail = (TAIL_TOPIC, TAIL_QUEUES);
+        reopen_and_continue(
+            &path,
+            FlushMode::Sync,
+            tail,
+            written,
+            more,
+            Some(expect_next),
         )
         .await;
-        assert_eq!(first_phys(&more), expect_next);
-        assert_next_offsets(&written, &more);
-        written.extend(more);
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
-
-        // And once more from disk: the cut and the new records are stable.
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
     });
 }
 
@@ -380,6 +359,16 @@ fn stale_record_after_the_end_is_not_accepted() {
     damaged_tail(Damage::StaleCopy);
 }
 
+/// Writes the tail tests' messages to a new store at `path` and closes it; returns them
+/// and the base of the segment holding the last one.
+async fn write_tail(path: &Path) -> (Vec<(Message, AppendResult)>, u64) {
+    let store = Store::open(cfg(path, FlushMode::Sync)).await.unwrap();
+    let written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
+    store.close().await.unwrap();
+    let p = last_two(&written).0.physical_offset;
+    (written, p - p % TEST_SEGMENT)
+}
+
 /// Damage in the first record of the last segment: the cut falls exactly on a segment
 /// boundary and appends continue at the start of that segment.
 #[test]
@@ -387,32 +376,24 @@ fn cut_exactly_at_a_segment_boundary() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
-        store.close().await.unwrap();
-        let last_base = {
-            let p = last_two(&written).0.physical_offset;
-            p - p % TEST_SEGMENT
-        };
+        let (mut written, last_base) = write_tail(&path).await;
         assert!(last_base > 0);
         assert!(written.iter().any(|(_, r)| r.physical_offset == last_base));
         let (seg, _) = seg_file(&path, last_base);
         write_at(&seg, 20, &[0xff; 8]);
         written.retain(|(_, r)| r.physical_offset < last_base);
 
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_eq!(store.stats().next_offset, last_base);
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
         let n = written.len();
-        let more = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, n..n + 10).await;
-        assert_eq!(first_phys(&more), last_base);
-        assert_next_offsets(&written, &more);
-        written.extend(more);
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
+        let tail = (TAIL_TOPIC, TAIL_QUEUES);
+        reopen_and_continue(
+            &path,
+            FlushMode::Sync,
+            tail,
+            written,
+            n..n + 10,
+            Some(last_base),
+        )
+        .await;
     });
 }
 
@@ -423,13 +404,7 @@ fn log_ending_with_a_blank_record_continues_in_a_new_segment() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        let mut written = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, 0..TAIL_MESSAGES).await;
-        store.close().await.unwrap();
-        let last_base = {
-            let p = last_two(&written).0.physical_offset;
-            p - p % TEST_SEGMENT
-        };
+        let (mut written, last_base) = write_tail(&path).await;
         // The last segment and the one prepared ahead of need go.
         let mut base = last_base;
         while seg_file(&path, base).0.exists() {
@@ -442,19 +417,17 @@ fn log_ending_with_a_blank_record_continues_in_a_new_segment() {
         );
         written.retain(|(_, r)| r.physical_offset < last_base);
 
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_eq!(store.stats().next_offset, last_base);
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
         let n = written.len();
-        let more = append_range(&store, TAIL_TOPIC, TAIL_QUEUES, n..n + 10).await;
-        assert_eq!(first_phys(&more), last_base);
-        assert_next_offsets(&written, &more);
-        written.extend(more);
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        assert_queues(&store, TAIL_TOPIC, TAIL_QUEUES, &written).await;
-        store.close().await.unwrap();
+        let tail = (TAIL_TOPIC, TAIL_QUEUES);
+        reopen_and_continue(
+            &path,
+            FlushMode::Sync,
+            tail,
+            written,
+            n..n + 10,
+            Some(last_base),
+        )
+        .await;
     });
 }
 
@@ -475,20 +448,11 @@ fn cut_across_a_consume_queue_file_boundary() {
         let (seg, pos) = seg_file(&path, r99.physical_offset);
         write_at(&seg, pos + 30, &[0xee; 4]);
         written.retain(|(_, r)| r.queue_offset < 99);
-        for _ in 0..2 {
-            let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-            assert_queues(&store, "Edge", 1, &written).await;
-            store.close().await.unwrap();
-        }
-        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
-        let more = append_range(&store, "Edge", 1, 200..205).await;
-        assert_next_offsets(&written, &more);
-        written.extend(more);
-        assert_queues(&store, "Edge", 1, &written).await;
-        store.close().await.unwrap();
+        // Reopened twice before appending: the first open's cut is stable on disk.
         let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
         assert_queues(&store, "Edge", 1, &written).await;
         store.close().await.unwrap();
+        reopen_and_continue(&path, FlushMode::Sync, ("Edge", 1), written, 200..205, None).await;
     });
 }
 
@@ -508,16 +472,9 @@ fn rebuilt_after(damage: impl FnOnce(&Path) + Send + 'static) {
         store.close().await.unwrap();
         assert!(cq_file(&path, CQ_TOPIC, 1, 100).exists());
         damage(&path);
-        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
-        assert_queues(&store, CQ_TOPIC, CQ_QUEUES, &written).await;
-        let more = append_range(&store, CQ_TOPIC, CQ_QUEUES, CQ_MESSAGES..CQ_MESSAGES + 6).await;
-        assert_next_offsets(&written, &more);
-        store.close().await.unwrap();
-        let mut all = written;
-        all.extend(more);
-        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
-        assert_queues(&store, CQ_TOPIC, CQ_QUEUES, &all).await;
-        store.close().await.unwrap();
+        let more = CQ_MESSAGES..CQ_MESSAGES + 6;
+        let queues = (CQ_TOPIC, CQ_QUEUES);
+        reopen_and_continue(&path, FlushMode::Async, queues, written, more, None).await;
     });
 }
 
@@ -594,29 +551,6 @@ fn set_mtime(p: &Path, t: SystemTime) {
         .unwrap();
 }
 
-/// Reads a queue from `from` to its end, checking offsets are dense from `from`.
-async fn read_from(store: &Store, topic: &str, queue: u32, from: u64) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut off = from;
-    loop {
-        let r = store
-            .read(topic, queue, off, 16, 1 << 20, None)
-            .await
-            .unwrap();
-        if r.status != ReadStatus::Found {
-            assert_eq!(r.status, ReadStatus::NoNewMessage);
-            break;
-        }
-        for b in &r.records {
-            let v = record::decode(b).unwrap();
-            assert_eq!(v.queue_offset, from + out.len() as u64);
-            out.push(v.body.to_vec());
-        }
-        off = r.next_offset;
-    }
-    out
-}
-
 #[test]
 fn retention_deletes_only_expired_segments() {
     let dir = tempfile::tempdir().unwrap();
@@ -684,7 +618,7 @@ async fn check_after_retention(store: &Store, written: &[(Message, AppendResult)
         assert_eq!(r.status, ReadStatus::OffsetTooSmall);
         assert_eq!(r.next_offset, min);
         assert!(r.records.is_empty());
-        let got = read_from(store, RET_TOPIC, q, min).await;
+        let got = read_bodies_from(store, RET_TOPIC, q, min).await;
         assert!(
             got == all[min as usize..],
             "queue {q}: messages from the minimum"
@@ -728,7 +662,7 @@ fn retention_with_zero_reserved_hours_keeps_the_active_segment() {
         // Appends still work and are readable.
         let more = append_serial(&store, RET_TOPIC, 3, 900..903).await;
         assert_next_offsets(&written, &more);
-        let got = read_from(&store, RET_TOPIC, 0, 300).await;
+        let got = read_bodies_from(&store, RET_TOPIC, 0, 300).await;
         assert_eq!(got, vec![more[0].0.body.clone()]);
         store.close().await.unwrap();
     });
@@ -1039,38 +973,70 @@ fn records_past_a_crash_cut_never_come_back() {
     });
 }
 
-/// A small file system of our own to fill: tmpfs (root can mount it; CI runs as root).
+/// A small file system of our own (root can mount one; CI runs as root): a tmpfs to fill, or
+/// an ext4 image on a loop device to shut down.
 struct SmallFs {
     dir: tempfile::TempDir,
 }
 
 /// Size of the file system the full-disk test fills: a handful of test segments.
 const SMALL_FS_BYTES: u64 = 8 * TEST_SEGMENT;
+/// Size of the ext4 image: room for the journal and a few test segments.
+const EXT4_IMAGE_BYTES: u64 = 64 << 20;
 
 impl SmallFs {
     fn mount() -> Option<SmallFs> {
         let dir = tempfile::tempdir().ok()?;
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={SMALL_FS_BYTES}"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then_some(SmallFs { dir })
+        let size = format!("size={SMALL_FS_BYTES}");
+        mount(&["-t", "tmpfs", "-o", &size, "tmpfs"], dir.path()).then_some(SmallFs { dir })
     }
+
+    /// Mounts the ext4 `image`, made first if `mkfs`, on a new directory.
+    fn mount_ext4(image: &Path, mkfs: bool) -> Option<SmallFs> {
+        if mkfs {
+            std::fs::File::create(image)
+                .and_then(|f| f.set_len(EXT4_IMAGE_BYTES))
+                .ok()?;
+            let made = std::process::Command::new("mkfs.ext4")
+                .arg("-q")
+                .arg(image)
+                .status();
+            if !made.is_ok_and(|s| s.success()) {
+                return None;
+            }
+        }
+        let dir = tempfile::tempdir().ok()?;
+        let image = image.to_str()?;
+        mount(&["-t", "ext4", "-o", "loop", image], dir.path()).then_some(SmallFs { dir })
+    }
+}
+
+fn mount(args: &[&str], on: &Path) -> bool {
+    std::process::Command::new("mount")
+        .args(args)
+        .arg(on)
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
+        let umount = |lazy: bool| {
+            std::process::Command::new("umount")
+                .args(lazy.then_some("-l"))
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // A file still open (a failing test) keeps it busy: detach it anyway, so no mount
+        // outlives the test.
+        if !umount(false) {
+            eprintln!(
+                "umount {}: busy, detaching lazily",
+                self.dir.path().display()
+            );
+            umount(true);
+        }
     }
 }
 
@@ -1114,6 +1080,114 @@ fn a_full_disk_fails_appends_clearly_and_keeps_what_was_written() {
         store.close().await.unwrap();
         let store = Store::open(c).await.unwrap();
         assert_eq!(read_bodies(&store, "Full", 0).await.len(), ok.len());
+        store.close().await.unwrap();
+    });
+}
+
+/// Shuts the file system holding `dir` down (`FS_IOC_SHUTDOWN`): from then on every write and
+/// fdatasync on it fails with EIO, as on a failing device. `flush_log`: commit the journal
+/// first (an I/O error without a power loss) or not (the device went away).
+fn shut_down_fs(dir: &Path, flush_log: bool) {
+    use std::os::fd::AsRawFd;
+    /// `_IOR('X', 125, __u32)`.
+    const FS_IOC_SHUTDOWN: libc::c_ulong = 0x8004_587d;
+    const FS_GOING_FLAGS_LOGFLUSH: u32 = 1;
+    const FS_GOING_FLAGS_NOLOGFLUSH: u32 = 2;
+    let flags = if flush_log {
+        FS_GOING_FLAGS_LOGFLUSH
+    } else {
+        FS_GOING_FLAGS_NOLOGFLUSH
+    };
+    let d = std::fs::File::open(dir).unwrap();
+    // SAFETY: the ioctl reads one u32 that lives across the call, on a descriptor we own.
+    let r = unsafe { libc::ioctl(d.as_raw_fd(), FS_IOC_SHUTDOWN, &flags) };
+    assert_eq!(r, 0, "FS_IOC_SHUTDOWN: {}", std::io::Error::last_os_error());
+}
+
+/// A real I/O error (the ext4 file system under the store is shut down) fences the log:
+/// the append that hit it and every later one fail with `Fenced`, close reports it, and
+/// after a restart every acknowledged record is there.
+fn io_error_fences(flush: FlushMode) {
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("fs.img");
+    let Some(fs) = SmallFs::mount_ext4(&image, true) else {
+        eprintln!("SKIPPED: mounting an ext4 image on a loop device needs root (CI runs as root)");
+        return;
+    };
+    let path = fs.dir.path().join("store");
+    let c = cfg(&path, flush);
+    // Under ASYNC_FLUSH only what was synced survives a lost journal: commit it (the error
+    // is an I/O error, not a power loss). SYNC_FLUSH promises more: lose the journal.
+    let flush_log = flush == FlushMode::Async;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c1, fs_dir) = (c.clone(), path.clone());
+    run(move || async move {
+        let store = Store::open(c1).await.unwrap();
+        let ok = append_serial(&store, "Fence", 1, 0..50).await;
+        shut_down_fs(&fs_dir, flush_log);
+        let err = store.append(&msg("Fence", 0, 50)).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+        assert!(err.to_string().contains("fenced"), "{err}");
+        for i in 51..55 {
+            let e = store.append(&msg("Fence", 0, i)).await.unwrap_err();
+            assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+        }
+        let e = store.close().await.unwrap_err();
+        assert!(matches!(e, StoreError::Fenced(_)), "{e}");
+        tx.send(ok).unwrap();
+    });
+    let ok = rx.recv().unwrap();
+    drop(fs);
+    let fs = SmallFs::mount_ext4(&image, false).expect("the image mounts again");
+    let c = StoreConfig {
+        dir: fs.dir.path().join("store"),
+        ..c
+    };
+    run(move || async move {
+        let store = Store::open(c).await.unwrap();
+        let bodies = read_bodies(&store, "Fence", 0).await;
+        assert_eq!(
+            bodies,
+            bodies_of(&ok, 0),
+            "every acknowledged record, nothing else"
+        );
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn an_io_error_fences_the_log_sync() {
+    io_error_fences(FlushMode::Sync);
+}
+
+#[test]
+fn an_io_error_fences_the_log_async() {
+    io_error_fences(FlushMode::Async);
+}
+
+/// A segment preparation that fails for another reason than a full disk (here the file it
+/// creates is taken by a directory) fails appends with that error, not "disk full".
+#[test]
+fn a_failed_segment_preparation_is_not_called_a_full_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let blocker = path
+        .join("commitlog")
+        .join(format!("{TEST_SEGMENT:020}.prepare"));
+    std::fs::create_dir_all(&blocker).unwrap();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Sync)).await.unwrap();
+        let mut err = None;
+        for i in 0..10_000 {
+            if let Err(e) = store.append(&msg("Prep", 0, i)).await {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = err.expect("the next segment cannot be prepared");
+        assert!(!matches!(err, StoreError::DiskFull(_)), "{err}");
+        assert!(err.to_string().contains("segment"), "{err}");
+        assert_eq!(store.stats().next_offset, store.stats().written_offset);
         store.close().await.unwrap();
     });
 }

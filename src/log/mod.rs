@@ -5,6 +5,7 @@ pub mod commitlog;
 pub mod config;
 pub mod cq;
 pub mod error;
+pub mod fsutil;
 pub mod offsets;
 pub mod recovery;
 pub mod retention;

@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -199,7 +199,7 @@ impl ConsumerOffsets {
     /// Writes the offsets to `path` atomically: `path.tmp`, fsync, rename over `path`, fsync
     /// of the directory. Clears the dirty flag on success.
     pub fn save(&mut self, path: &Path) -> io::Result<()> {
-        write_atomically(path, &self.encode())?;
+        super::fsutil::write_atomically(path, &self.encode())?;
         self.dirty = false;
         tracing::debug!(path = %path.display(), entries = self.entries.len(), "saved consumer offsets");
         Ok(())
@@ -305,31 +305,10 @@ fn validate_name(kind: &'static str, name: &str, max_len: usize) -> Result<(), O
     })
 }
 
-/// Replaces `path` with `bytes` so that a crash leaves either the old or the new file whole.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    // The rename is durable only once the directory entry is.
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn sample() -> ConsumerOffsets {
         let mut o = ConsumerOffsets::new();

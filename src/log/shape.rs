@@ -2,11 +2,13 @@
 //! recorded when the directory is created. Every queue's data lives on one shard, so opening
 //! a directory with another shape would lose queues; such a start is refused, never re-sharded.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
+
+use super::fsutil::{parent_or_cwd, sync_dir, write_atomically};
 
 /// Name of the shape file inside a data directory.
 pub const SHAPE_FILE: &str = "shape.properties";
@@ -252,35 +254,6 @@ fn create_dir_durably(dir: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     sync_dir(parent_or_cwd(dir))
-}
-
-/// Replaces `path` with `bytes` so that a crash leaves either no file or the whole file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)?;
-    // The rename is durable only once the directory entry is.
-    sync_dir(parent_or_cwd(path))
-}
-
-fn parent_or_cwd(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

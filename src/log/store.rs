@@ -26,6 +26,7 @@ use super::commitlog::{align_down, align_up, Batch, DispatchEntry, Need, Staging
 use super::config::{FlushMode, StoreConfig, IO_ALIGN, MAX_WRITE_BYTES};
 use super::cq::{self, ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
 use super::error::{gio, Result, StoreError};
+use super::fsutil;
 use super::offsets::ConsumerOffsets;
 use super::recovery::{self, Checkpoint, Scanned, Stop};
 use super::retention::{self, SegmentInfo};
@@ -138,7 +139,8 @@ struct State {
     staging: Staging,
     segments: BTreeMap<u64, Rc<DmaFile>>,
     preparing: Option<Rc<Signal<()>>>,
-    prepare_failed: Option<(Instant, String)>,
+    /// When and why the last segment preparation failed (`DiskFull` on a full disk).
+    prepare_failed: Option<(Instant, StoreError)>,
     /// All log bytes below this are written: acknowledged under ASYNC_FLUSH.
     written: u64,
     /// All log bytes below this are fdatasynced.
@@ -247,9 +249,7 @@ fn list_numbered(dir: &Path) -> Result<Vec<u64>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(format!("syncing directory {}", dir.display())))
+    fsutil::sync_dir(dir).map_err(io_err(format!("syncing directory {}", dir.display())))
 }
 
 /// Every record below the returned log offset is in the persisted ConsumeQueues: the
@@ -262,6 +262,21 @@ fn index_floor(st: &State, durable: u64) -> u64 {
         .min()
         .unwrap_or(durable)
         .min(durable)
+}
+
+/// A failed segment preparation as appends see it: `DiskFull` when the disk (or a quota) is
+/// full, the error itself otherwise (an EIO is not a full disk).
+fn disk_full_or(e: StoreError) -> StoreError {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    match &e {
+        StoreError::Io { source, .. }
+            if matches!(source.kind(), StorageFull | QuotaExceeded)
+                || matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+        {
+            StoreError::DiskFull(e.to_string())
+        }
+        _ => e,
+    }
 }
 
 /// Reads the ConsumeQueue entry at byte `pos` of the file `path`.
@@ -286,25 +301,25 @@ async fn read_file_entry(path: &Path, cq: &ConsumeQueue, offset: u64) -> Result<
     read_entry_at(path, cq.locate(offset).1).await
 }
 
+/// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O.
+async fn write_zeros(file: &DmaFile, from: u64, to: u64) -> glommio::Result<(), ()> {
+    let mut at = from;
+    while at < to {
+        let n = ((to - at) as usize).min(PREWRITE_CHUNK);
+        let mut buf = file.alloc_dma_buffer(n);
+        buf.as_bytes_mut().fill(0);
+        file.write_at(buf, at).await?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// How a recovery scan ended.
 struct ScanEnd {
     /// Where the log ends: the next record goes here.
     cut: u64,
     /// The scan ended at zeros (or past the last segment), not at damage.
     at_zeros: bool,
-}
-
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let r = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, path)
-    })();
-    r.map_err(io_err(format!("writing {}", path.display())))
 }
 
 impl Store {
@@ -471,11 +486,32 @@ impl Store {
             std::fs::remove_file(log_dir.join(segment_name(*b)))
                 .map_err(io_err(format!("removing segment {b}")))?;
         }
+        // A removed segment that came back after a power loss would put its stale records
+        // back past the end that appends continue from.
+        if bases.iter().any(|b| *b > active) {
+            sync_dir(&log_dir)?;
+        }
         if !self.inner.st.borrow().segments.contains_key(&active) {
             self.prepare_segment(active, false).await?;
             let f = self.open_segment(active).await?;
             self.inner.st.borrow_mut().segments.insert(active, f);
             prepared_now = Some(active);
+        }
+        // Records past the checkpoint may come from writes of a process that died before its
+        // fdatasync (ASYNC_FLUSH): sync the rescanned segments before the recovered end counts
+        // as synced, so no ConsumeQueue entry is persisted past the durable log.
+        let rescanned: Vec<Rc<DmaFile>> = {
+            let st = self.inner.st.borrow();
+            let first = scan_from - scan_from % seg_size;
+            st.segments
+                .range(first..=active)
+                .map(|(_, f)| f.clone())
+                .collect()
+        };
+        for f in rescanned {
+            f.fdatasync()
+                .await
+                .map_err(|e| gio("syncing the CommitLog at recovery", e))?;
         }
         let fresh = prepared_now == Some(active);
         // After a clean close nothing was ever written past the end; after a crash, records
@@ -823,16 +859,9 @@ impl Store {
             };
             if let Err(e) = punched {
                 debug!(error = %e, "cannot punch the CommitLog tail: writing zeros");
-                let mut at = from;
-                while at < seg_size {
-                    let n = ((seg_size - at) as usize).min(PREWRITE_CHUNK);
-                    let mut buf = file.alloc_dma_buffer(n);
-                    buf.as_bytes_mut().fill(0);
-                    file.write_at(buf, at)
-                        .await
-                        .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
-                    at += n as u64;
-                }
+                write_zeros(&file, from, seg_size)
+                    .await
+                    .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
             }
         }
         file.fdatasync()
@@ -876,16 +905,9 @@ impl Store {
                 .await
                 .map_err(|e| gio("allocating a segment", e))?;
             if prewrite {
-                let mut at = 0;
-                while at < cfg.segment_size {
-                    let n = ((cfg.segment_size - at) as usize).min(PREWRITE_CHUNK);
-                    let mut buf = f.alloc_dma_buffer(n);
-                    buf.as_bytes_mut().fill(0);
-                    f.write_at(buf, at)
-                        .await
-                        .map_err(|e| gio("pre-writing a segment", e))?;
-                    at += n as u64;
-                }
+                write_zeros(&f, 0, cfg.segment_size)
+                    .await
+                    .map_err(|e| gio("pre-writing a segment", e))?;
             }
             f.fdatasync()
                 .await
@@ -935,7 +957,7 @@ impl Store {
                     }
                     Err(e) => {
                         error!(error = %e, "cannot prepare the next CommitLog segment");
-                        st.prepare_failed = Some((Instant::now(), e.to_string()));
+                        st.prepare_failed = Some((Instant::now(), disk_full_or(e)));
                     }
                 }
             }
@@ -989,9 +1011,9 @@ impl Store {
                     Ok(r) => break r,
                     Err(Need::Space) => listener,
                     Err(Need::Segment(base)) => {
-                        if let Some((at, why)) = &st.prepare_failed {
+                        if let Some((at, err)) = &st.prepare_failed {
                             if at.elapsed() < PREPARE_RETRY_BACKOFF {
-                                return Err(StoreError::DiskFull(why.clone()));
+                                return Err(err.clone());
                             }
                         }
                         drop(st);
@@ -1176,12 +1198,20 @@ impl Store {
 
     fn batch_done(&self, mut batch: Batch, result: std::result::Result<(), String>) {
         let mut st = self.inner.st.borrow_mut();
+        // The log may have been fenced (a failed fdatasync) while this write was in flight:
+        // its appends are unacknowledged, so they fail too, whatever the write returned.
+        let result = match (result, &st.fenced) {
+            (Ok(()), Some(why)) => Err(why.clone()),
+            (r, _) => r,
+        };
         if let Err(why) = result {
-            error!(
-                why,
-                segment = batch.seg_base,
-                "CommitLog write failed: fencing the log"
-            );
+            if st.fenced.is_none() {
+                error!(
+                    why,
+                    segment = batch.seg_base,
+                    "CommitLog write failed: fencing the log"
+                );
+            }
             let err = StoreError::Fenced(why.clone());
             st.fenced = Some(why);
             batch.done.set(Err(err.clone()));
@@ -1249,6 +1279,8 @@ impl Store {
                 let err = StoreError::Fenced(why.clone());
                 st.fenced = Some(why);
                 st.staging.fail_all(&err);
+                drop(st);
+                self.inner.room.notify();
                 return;
             }
         }
@@ -1338,7 +1370,9 @@ impl Store {
                 queues,
             }
         };
-        write_atomic(&self.inner.cfg.dir.join(CHECKPOINT_FILE), &cp.encode())?;
+        let cp_path = self.inner.cfg.dir.join(CHECKPOINT_FILE);
+        fsutil::write_atomically(&cp_path, &cp.encode())
+            .map_err(io_err(format!("writing {}", cp_path.display())))?;
         if closing {
             self.inner.sealed.set(true);
         }
@@ -1640,6 +1674,9 @@ impl Store {
                 .map_err(io_err(format!("deleting segment {b}")))?;
             info!(segment = %segment_name(*b), "retention deleted a CommitLog segment");
         }
+        if !victims.is_empty() {
+            sync_dir(&self.log_dir())?;
+        }
         if let Some(last) = victims.last() {
             let new_min = last + seg_size;
             self.advance_queue_minimums(new_min).await?;
@@ -1731,20 +1768,25 @@ impl Store {
         self.inner.committer_done.wait().await;
         self.inner.stop.set(true);
         self.flush_dirty().await;
-        if let Some(f) = self.inner.st.borrow().fenced.clone() {
-            return Err(StoreError::Fenced(f));
-        }
+        let fenced = self.inner.st.borrow().fenced.clone();
         // The log is synced; ConsumeQueues are derived from it, so failing to persist them
-        // (a full disk) costs only a rebuild at the next start.
-        if let Err(e) = self.persist_index(true).await {
-            warn!(error = %e, "ConsumeQueues not persisted at close; the next start rebuilds them");
+        // (a full disk) costs only a rebuild at the next start. A fenced log is not known to
+        // be synced: its index is not persisted past what was, and recovery decides.
+        if fenced.is_none() {
+            if let Err(e) = self.persist_index(true).await {
+                warn!(error = %e, "ConsumeQueues not persisted at close; the next start rebuilds them");
+            }
         }
         let offsets = self.persist_offsets();
+        // Close the segments even when fenced, so the files are not held open after close.
         let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)
             .into_values()
             .collect();
         for f in segs {
             let _ = f.close_rc().await;
+        }
+        if let Some(f) = fenced {
+            return Err(StoreError::Fenced(f));
         }
         offsets?;
         info!(dir = %self.inner.cfg.dir.display(), "store closed");

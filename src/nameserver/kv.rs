@@ -148,14 +148,10 @@ impl KvConfig {
         for ((ns, k), v) in &self.table {
             s.push_str(&format!("{}\t{}\t{}\n", escape(ns), escape(k), escape(v)));
         }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, s)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| KvError::Io {
-                path: path.display().to_string(),
-                why: e.to_string(),
-            })
+        crate::log::fsutil::write_atomically(path, s.as_bytes()).map_err(|e| KvError::Io {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })
     }
 }
 

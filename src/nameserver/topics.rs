@@ -248,11 +248,7 @@ impl Topics {
                 t.name, t.read_queues, t.write_queues, t.perm
             ));
         }
-        let tmp = self.path.with_extension("tmp");
-        let r = std::fs::write(&tmp, s)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, &self.path));
-        r.map_err(|e| TopicError::Io {
+        crate::log::fsutil::write_atomically(&self.path, s.as_bytes()).map_err(|e| TopicError::Io {
             path: self.path.display().to_string(),
             source: e,
         })

@@ -1,0 +1,53 @@
+//! Small durable file-system steps shared by everything that persists metadata (checkpoint,
+//! consumer offsets, the shape file, the name server's tables).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old file (or none) or the
+/// whole new one: write `path.tmp`, fsync it, rename it over `path`, fsync the directory
+/// (the rename is durable only once the directory entry is).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)?;
+    sync_dir(parent_or_cwd(path))
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent_or_cwd(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the entries of `dir` (created, renamed or removed files) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_the_file_whole_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        write_atomically(&p, b"one").unwrap();
+        write_atomically(&p, b"two!").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two!");
+        assert!(!d.path().join("f.tmp").exists());
+    }
+}
