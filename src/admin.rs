@@ -29,6 +29,54 @@ pub enum AdminCmd {
     /// Clusters and their brokers as the name servers know them.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// A consumer group's members on each broker, their subscriptions, and any conflict
+    /// among them (RocketMQ's consumerConnection).
+    Consumer(ConsumerArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ConsumerArgs {
+    #[command(subcommand)]
+    pub cmd: Option<ConsumerCmd>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long, required = true)]
+    pub group: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConsumerCmd {
+    /// Per queue: broker (max) offset, the group's committed offset, and the lag.
+    Progress(ProgressArgs),
+    /// Sets the group's committed offsets of a topic to earliest, latest or the first
+    /// message at or after a time (replay). Stop the group first: a running member's next
+    /// commit would overwrite the reset (live resets are not pushed to consumers yet).
+    Reset(ResetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ResetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub group: String,
+    #[arg(long)]
+    pub topic: String,
+    /// `earliest`, `latest`, or a timestamp in milliseconds.
+    #[arg(long)]
+    pub to: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ProgressArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub group: String,
+    /// The topic (default: the topics the group's live members subscribe to).
+    #[arg(long)]
+    pub topic: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -464,6 +512,158 @@ async fn cluster_list(a: ClientArgs) -> Result<(), String> {
     r
 }
 
+/// Commits, for every readable queue of the topic, the offset `--to` names.
+async fn consumer_reset(a: ResetArgs) -> Result<(), String> {
+    let ts = match a.to.as_str() {
+        "earliest" | "latest" => None,
+        t => Some(t.parse::<u64>().map_err(|_| {
+            format!("--to {t:?}: expected earliest, latest or a timestamp in milliseconds")
+        })?),
+    };
+    let c = Client::new(a.client.config())
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = async {
+        let route = c.topic_route(&a.topic).await.map_err(|e| e.to_string())?;
+        for q in route.readable() {
+            let o = match (a.to.as_str(), ts) {
+                ("earliest", _) => c.min_offset(&q.mq).await,
+                (_, Some(ms)) => c.search_offset(&q.mq, ms).await,
+                _ => c.max_offset(&q.mq).await,
+            }
+            .map_err(|e| e.to_string())?;
+            c.update_consumer_offset(&a.group, &q.mq, o)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!(
+                "topic={} broker={} queue={} consumer_offset={o}",
+                a.topic, q.mq.broker_name, q.mq.queue_id
+            );
+        }
+        Ok(())
+    }
+    .await;
+    c.shutdown().await;
+    r
+}
+
+/// Prints per queue the broker offset, the group's committed offset and the lag.
+async fn consumer_progress(a: ProgressArgs) -> Result<(), String> {
+    let c = Client::new(a.client.config())
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = async {
+        let topics: std::collections::BTreeSet<String> = match &a.topic {
+            Some(t) => [t.clone()].into(),
+            None => {
+                let info = cluster_info(&c).await?;
+                let mut topics = std::collections::BTreeSet::new();
+                for (_, brokers) in info.clusters {
+                    for s in brokers {
+                        let Some((_, addr)) = s.broker.addrs.iter().find(|(id, _)| *id == 0)
+                        else {
+                            continue;
+                        };
+                        let r = c
+                            .consumer_connections(addr, &a.group)
+                            .await
+                            .map_err(|e| format!("broker {}: {e}", s.broker.broker_name))?;
+                        for m in r.members {
+                            topics.extend(m.subscriptions.into_iter().map(|s| s.topic));
+                        }
+                    }
+                }
+                if topics.is_empty() {
+                    return Err(format!(
+                        "group {} has no live members with subscriptions: name the topic with --topic",
+                        a.group
+                    ));
+                }
+                topics
+            }
+        };
+        let mut total = 0u64;
+        for topic in topics {
+            let route = c.topic_route(&topic).await.map_err(|e| e.to_string())?;
+            for q in route.readable() {
+                let max = c.max_offset(&q.mq).await.map_err(|e| e.to_string())?;
+                let committed = c
+                    .query_consumer_offset(&a.group, &q.mq)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let lag = max.saturating_sub(committed.unwrap_or(0));
+                total += lag;
+                println!(
+                    "topic={topic} broker={} queue={} broker_offset={max} consumer_offset={} lag={lag}",
+                    q.mq.broker_name,
+                    q.mq.queue_id,
+                    committed.map_or("-".to_string(), |o| o.to_string()),
+                );
+            }
+        }
+        println!("group={} total_lag={total}", a.group);
+        Ok(())
+    }
+    .await;
+    c.shutdown().await;
+    r
+}
+
+/// Prints each master broker's view of a group: members with subscriptions, then conflicts.
+async fn consumer_show(a: ConsumerArgs) -> Result<(), String> {
+    let group = a.group.unwrap_or_default();
+    let c = Client::new(a.client.config())
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = async {
+        let info = cluster_info(&c).await?;
+        let mut conflicts = 0;
+        for (cluster, brokers) in info.clusters {
+            for s in brokers {
+                let Some((_, addr)) = s.broker.addrs.iter().find(|(id, _)| *id == 0) else {
+                    continue;
+                };
+                let r = c
+                    .consumer_connections(addr, &group)
+                    .await
+                    .map_err(|e| format!("broker {}: {e}", s.broker.broker_name))?;
+                for m in &r.members {
+                    let subs: Vec<String> = m
+                        .subscriptions
+                        .iter()
+                        .map(|s| format!("{}({})", s.topic, s.expr))
+                        .collect();
+                    println!(
+                        "cluster={cluster} broker={} group={} member={} subscriptions={}",
+                        s.broker.broker_name,
+                        group,
+                        m.client_id,
+                        if subs.is_empty() {
+                            "unknown".to_string()
+                        } else {
+                            subs.join(",")
+                        }
+                    );
+                }
+                for x in &r.conflicts {
+                    conflicts += 1;
+                    println!(
+                        "cluster={cluster} broker={} group={} CONFLICT: {x}",
+                        s.broker.broker_name, group
+                    );
+                }
+            }
+        }
+        if conflicts == 0 {
+            println!("group={} subscriptions consistent", group);
+        }
+        Ok(())
+    }
+    .await;
+    c.shutdown().await;
+    r
+}
+
 pub fn admin(cmd: AdminCmd) -> Result<(), String> {
     runtime()?.block_on(async move {
         match cmd {
@@ -474,6 +674,15 @@ pub fn admin(cmd: AdminCmd) -> Result<(), String> {
             AdminCmd::Topic(TopicCmd::List(a)) => topic_list(a).await,
             AdminCmd::Topic(TopicCmd::Route(a)) => topic_route(a).await,
             AdminCmd::Cluster(ClusterCmd::List(a)) => cluster_list(a).await,
+            AdminCmd::Consumer(ConsumerArgs {
+                cmd: Some(ConsumerCmd::Progress(p)),
+                ..
+            }) => consumer_progress(p).await,
+            AdminCmd::Consumer(ConsumerArgs {
+                cmd: Some(ConsumerCmd::Reset(r)),
+                ..
+            }) => consumer_reset(r).await,
+            AdminCmd::Consumer(a) => consumer_show(a).await,
         }
     })
 }

@@ -282,8 +282,8 @@ mod tests {
             .filter(|q| q.broker_name != "north-b")
             .all(|q| q.broker_name == "west-b"));
         assert_eq!(s[2].iter().filter(|q| q.broker_name == "west-b").count(), 4);
-        for c in 0..2 {
-            assert!(s[c].iter().all(|q| q.broker_name != "west-b"));
+        for share in &s[0..2] {
+            assert!(share.iter().all(|q| q.broker_name != "west-b"));
         }
     }
 

@@ -1,7 +1,7 @@
 //! The client instance (RocketMQ's `MQClientInstance`): connections, the route cache, name
 //! server failover, heartbeats, and the requests producers and consumers share.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -11,8 +11,9 @@ use bytes::Bytes;
 use orbitmq_proto::codes::{push as push_code, request, response};
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
-    self, HeartbeatRequest, OffsetResponse, PullQueue, PullRequest, PullResponse, QueueRequest,
-    QueueValueRequest, RouteRequest, RouteResponse,
+    self, ConsumerConnectionResponse, ConsumerListResponse, GroupRequest, GroupSubscriptions,
+    HeartbeatRequest, HeartbeatSubscriptions, OffsetResponse, PullQueue, PullRequest, PullResponse,
+    QueueRequest, QueueValueRequest, RouteRequest, RouteResponse, SubscriptionData,
 };
 use orbitmq_proto::limits::{MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_QUEUES, MAX_PULL_SUSPEND_MS};
 use tokio::sync::broadcast;
@@ -51,6 +52,8 @@ pub struct PullTarget {
 struct Groups {
     producers: BTreeSet<String>,
     consumers: BTreeSet<String>,
+    /// Consumer group -> topic -> tag expression, sent with heartbeats.
+    subscriptions: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 struct Inner {
@@ -235,12 +238,61 @@ impl Client {
     }
 
     pub(crate) fn unregister_consumer(&self, group: &str) {
+        let mut g = self.inner.groups.lock().expect("groups lock");
+        g.consumers.remove(group);
+        g.subscriptions.remove(group);
+    }
+
+    /// Records a subscription of a consumer group: heartbeats tell the brokers, which check
+    /// that the members of a group agree.
+    pub(crate) fn set_subscription(&self, group: &str, topic: &str, expr: &str) {
         self.inner
             .groups
             .lock()
             .expect("groups lock")
-            .consumers
-            .remove(group);
+            .subscriptions
+            .entry(group.to_owned())
+            .or_default()
+            .insert(topic.to_owned(), expr.to_owned());
+    }
+
+    pub(crate) fn remove_subscription(&self, group: &str, topic: &str) {
+        if let Some(m) = self
+            .inner
+            .groups
+            .lock()
+            .expect("groups lock")
+            .subscriptions
+            .get_mut(group)
+        {
+            m.remove(topic);
+        }
+    }
+
+    /// The members of a consumer group with their subscriptions, and the conflicts among
+    /// them, as one broker endpoint sees them.
+    pub async fn consumer_connections(
+        &self,
+        endpoint: &str,
+        group: &str,
+    ) -> Result<ConsumerConnectionResponse> {
+        let h = header::encode(&GroupRequest {
+            group: group.to_owned(),
+        });
+        let f = self
+            .call(
+                endpoint,
+                request::GET_CONSUMER_CONNECTION_LIST,
+                h,
+                Bytes::new(),
+                self.inner.config.request_timeout,
+                "",
+            )
+            .await?;
+        header::decode(&f.header).map_err(|e| ClientError::Protocol {
+            endpoint: endpoint.to_owned(),
+            reason: e.to_string(),
+        })
     }
 
     pub(crate) async fn connection(&self, endpoint: &str) -> Result<Arc<Connection>> {
@@ -692,24 +744,95 @@ impl Client {
 
     /// Sends a heartbeat to every broker endpoint of the cached routes.
     pub async fn heartbeat(&self) -> Result<()> {
+        self.to_brokers(request::HEART_BEAT).await
+    }
+
+    /// Tells every broker of the cached routes that this client left (UNREGISTER_CLIENT), so
+    /// its groups rebalance now rather than after the client expiry.
+    pub async fn unregister(&self) -> Result<()> {
+        self.to_brokers(request::UNREGISTER_CLIENT).await
+    }
+
+    /// A consumer of `group` stopped: the brokers forget this client (its groups rebalance),
+    /// then hear its remaining groups again if it has any.
+    pub(crate) async fn leave_consumer_group(&self, group: &str) {
+        self.unregister_consumer(group);
+        if let Err(e) = self.unregister().await {
+            tracing::debug!(%group, error = %e, "unregister failed");
+        }
+        let remaining = {
+            let g = self.inner.groups.lock().expect("groups lock");
+            !g.consumers.is_empty() || !g.producers.is_empty()
+        };
+        if remaining {
+            let _ = self.heartbeat().await;
+        }
+    }
+
+    /// The live consumer ids of a group as one broker endpoint knows them, sorted.
+    pub async fn consumer_ids(&self, endpoint: &str, group: &str) -> Result<Vec<String>> {
+        let h = header::encode(&GroupRequest {
+            group: group.to_owned(),
+        });
+        let f = self
+            .call(
+                endpoint,
+                request::GET_CONSUMER_LIST_BY_GROUP,
+                h,
+                Bytes::new(),
+                self.inner.config.request_timeout,
+                "",
+            )
+            .await?;
+        let r: ConsumerListResponse =
+            header::decode(&f.header).map_err(|e| ClientError::Protocol {
+                endpoint: endpoint.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(r.client_ids)
+    }
+
+    async fn to_brokers(&self, code: u16) -> Result<()> {
         self.check_open()?;
         let endpoints = self.inner.routes.lock().expect("routes lock").endpoints();
-        let header = {
+        let (header, body) = {
             let g = self.inner.groups.lock().expect("groups lock");
-            header::encode(&HeartbeatRequest {
+            let header = header::encode(&HeartbeatRequest {
                 client_id: self.inner.client_id.clone(),
                 producer_groups: g.producers.iter().cloned().collect(),
                 consumer_groups: g.consumers.iter().cloned().collect(),
-            })
+            });
+            let groups: Vec<GroupSubscriptions> = g
+                .subscriptions
+                .iter()
+                .filter(|(group, subs)| g.consumers.contains(*group) && !subs.is_empty())
+                .map(|(group, subs)| GroupSubscriptions {
+                    group: group.clone(),
+                    subscriptions: subs
+                        .iter()
+                        .map(|(topic, expr)| SubscriptionData {
+                            topic: topic.clone(),
+                            expr: expr.clone(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            // Unregistering needs no body; without subscriptions the body stays empty.
+            let body = if groups.is_empty() || code != request::HEART_BEAT {
+                Bytes::new()
+            } else {
+                header::encode(&HeartbeatSubscriptions { groups })
+            };
+            (header, body)
         };
         let mut first_err = None;
         for ep in endpoints {
             let res = self
                 .call(
                     &ep,
-                    request::HEART_BEAT,
+                    code,
                     header.clone(),
-                    Bytes::new(),
+                    body.clone(),
                     self.inner.config.request_timeout,
                     "",
                 )

@@ -1,10 +1,15 @@
 //! What both consumers share: options, listener status, and where a queue starts.
 
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::allocate::Strategy;
 use crate::client::Client;
 use crate::error::Result;
+use crate::local_offsets::{LocalOffsets, OffsetStore};
 use crate::offset::ConsumeFromWhere;
+use crate::rebalance::DEFAULT_REBALANCE_INTERVAL;
 use crate::route::MessageQueue;
 
 /// RocketMQ's `pullBatchSize`: messages one pull asks for per queue.
@@ -47,6 +52,44 @@ pub struct ConsumerOptions {
     /// Lite pull consumer: commit the polled positions every `commit_interval` during
     /// `poll`, and on shutdown (RocketMQ's `autoCommit`, default on).
     pub auto_commit: bool,
+    /// How the group splits a subscribed topic's queues (RocketMQ's
+    /// `allocateMessageQueueStrategy`, default averagely).
+    pub allocate: Strategy,
+    /// Periodic rebalance (a broker's notice also triggers one at once).
+    pub rebalance_interval: Duration,
+    /// Clustering (default: each queue to one member) or broadcasting (every member gets
+    /// every message; offsets kept in a local file).
+    pub message_model: MessageModel,
+    /// Broadcasting: the offsets file (default `$HOME/.orbitmq_offsets/<group>/offsets`;
+    /// give each broadcasting consumer of a group on one host a file of its own).
+    pub local_offset_path: Option<PathBuf>,
+}
+
+/// RocketMQ's `MessageModel`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MessageModel {
+    #[default]
+    Clustering,
+    Broadcasting,
+}
+
+/// Directory under `$HOME` of the default broadcasting offsets files (RocketMQ:
+/// `.rocketmq_offsets`).
+pub const LOCAL_OFFSETS_DIR: &str = ".orbitmq_offsets";
+
+/// Where the consumer's offsets live: the broker, or (broadcasting) a local file.
+pub(crate) fn offset_store(group: &str, o: &ConsumerOptions) -> Result<OffsetStore> {
+    match o.message_model {
+        MessageModel::Clustering => Ok(OffsetStore::Broker),
+        MessageModel::Broadcasting => {
+            let path = o.local_offset_path.clone().unwrap_or_else(|| {
+                let home =
+                    std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+                home.join(LOCAL_OFFSETS_DIR).join(group).join("offsets")
+            });
+            Ok(OffsetStore::Local(Mutex::new(LocalOffsets::open(&path)?)))
+        }
+    }
 }
 
 impl Default for ConsumerOptions {
@@ -63,6 +106,10 @@ impl Default for ConsumerOptions {
             max_in_flight_per_queue: DEFAULT_MAX_IN_FLIGHT_PER_QUEUE,
             max_in_flight_bytes_per_queue: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_QUEUE,
             auto_commit: true,
+            allocate: Strategy::Averagely,
+            rebalance_interval: DEFAULT_REBALANCE_INTERVAL,
+            message_model: MessageModel::Clustering,
+            local_offset_path: None,
         }
     }
 }
@@ -91,9 +138,12 @@ impl ConsumerOptions {
                 "consume threads and batch size must be at least 1".into(),
             ));
         }
-        if self.max_in_flight_per_queue == 0 || self.commit_interval.is_zero() {
+        if self.max_in_flight_per_queue == 0
+            || self.commit_interval.is_zero()
+            || self.rebalance_interval.is_zero()
+        {
             return Err(InvalidArgument(
-                "in-flight limit and commit interval must be positive".into(),
+                "in-flight limit, commit and rebalance intervals must be positive".into(),
             ));
         }
         Ok(())
@@ -112,11 +162,12 @@ pub enum ConsumeStatus {
 /// position for new groups.
 pub(crate) async fn start_offset(
     client: &Client,
+    store: &OffsetStore,
     group: &str,
     mq: &MessageQueue,
     from: ConsumeFromWhere,
 ) -> Result<(u64, bool)> {
-    if let Some(o) = client.query_consumer_offset(group, mq).await? {
+    if let Some(o) = store.read(client, group, mq).await? {
         return Ok((o, true));
     }
     let o = match from {

@@ -2,22 +2,24 @@
 //! flight per shard endpoint (covering all assigned queues of that shard), tracks positions,
 //! and commits them to the broker.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use crate::client::{validate_group, Client, PullTarget};
 use crate::config::ClientConfig;
-use crate::consumer::{start_offset, ConsumerOptions};
+use crate::consumer::{offset_store, start_offset, ConsumerOptions, MessageModel};
 use crate::error::{ClientError, Result};
 use crate::filter::SubExpr;
+use crate::local_offsets::OffsetStore;
 use crate::message::MessageExt;
 use crate::pull::{PullStatus, QueuePullResult};
+use crate::rebalance;
 use crate::route::{MessageQueue, QueueInfo};
 use orbitmq_proto::limits::MAX_PULL_QUEUES;
 
@@ -47,6 +49,8 @@ struct State {
     /// Pulls (`endpoint#chunk`) that failed, and when to try them again.
     backoff: HashMap<String, Instant>,
     last_commit: Instant,
+    /// When the subscribed topics were last rebalanced (`None`: never).
+    last_rebalance: Option<Instant>,
 }
 
 struct PullDone {
@@ -64,10 +68,17 @@ struct Inner {
     done_tx: mpsc::UnboundedSender<PullDone>,
     done_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<PullDone>>,
     shut: AtomicBool,
+    /// Set by a broker's consumer-ids-changed notice: rebalance at the next poll.
+    rebalance_now: Arc<AtomicBool>,
+    notices: Mutex<Option<JoinHandle<()>>>,
+    offsets: OffsetStore,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if let Some(t) = self.notices.lock().ok().and_then(|mut t| t.take()) {
+            t.abort();
+        }
         if let Ok(s) = self.state.lock() {
             for h in s.inflight.values() {
                 h.abort();
@@ -93,8 +104,9 @@ impl LitePullConsumer {
     ) -> Result<LitePullConsumer> {
         validate_group("consumer", group)?;
         options.validate()?;
+        let offsets = offset_store(group, &options)?;
         let client = Client::new(config).await?;
-        Ok(Self::build(group, client, true, options))
+        Ok(Self::build(group, client, true, options, offsets))
     }
 
     /// A consumer sharing a client with others.
@@ -105,10 +117,17 @@ impl LitePullConsumer {
     ) -> Result<LitePullConsumer> {
         validate_group("consumer", group)?;
         options.validate()?;
-        Ok(Self::build(group, client, false, options))
+        let offsets = offset_store(group, &options)?;
+        Ok(Self::build(group, client, false, options, offsets))
     }
 
-    fn build(group: &str, client: Client, owns_client: bool, options: ConsumerOptions) -> Self {
+    fn build(
+        group: &str,
+        client: Client,
+        owns_client: bool,
+        options: ConsumerOptions,
+        offsets: OffsetStore,
+    ) -> Self {
         client.register_consumer(group);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         LitePullConsumer {
@@ -124,10 +143,14 @@ impl LitePullConsumer {
                     inflight: HashMap::new(),
                     backoff: HashMap::new(),
                     last_commit: Instant::now(),
+                    last_rebalance: None,
                 }),
                 done_tx,
                 done_rx: tokio::sync::Mutex::new(done_rx),
                 shut: AtomicBool::new(false),
+                rebalance_now: Arc::new(AtomicBool::new(false)),
+                notices: Mutex::new(None),
+                offsets,
             }),
         }
     }
@@ -152,9 +175,9 @@ impl LitePullConsumer {
         }
     }
 
-    /// Consumes every readable queue of `topic` whose messages match `expr` (`*`,
-    /// `TagA || TagB`). Queues are not balanced among the group's members yet: each member
-    /// reads them all.
+    /// Consumes `topic`'s messages that match `expr` (`*`, `TagA || TagB`): this consumer's
+    /// share of the readable queues among the group's members, by the options' strategy,
+    /// rebalanced every `rebalance_interval` and at a broker's notice (checked in `poll`).
     pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
         self.check_open()?;
         let expr = Arc::new(SubExpr::parse(expr)?);
@@ -168,13 +191,37 @@ impl LitePullConsumer {
                 ));
             }
             s.mode = Mode::Subscribe;
+            self.inner
+                .client
+                .set_subscription(&self.inner.group, topic, &expr.to_string());
             s.subs.insert(topic.to_owned(), expr);
+            s.last_rebalance = None;
+        }
+        {
+            let mut n = self.inner.notices.lock().expect("notices lock");
+            if n.is_none() {
+                *n = Some(rebalance::watch_notices(
+                    self.inner.client.pushes(),
+                    self.inner.group.clone(),
+                    self.inner.rebalance_now.clone(),
+                    Arc::new(tokio::sync::Notify::new()),
+                ));
+            }
+        }
+        // The brokers of the route must know this member before anyone computes shares.
+        self.inner.client.topic_route(topic).await?;
+        self.inner.client.register_consumer(&self.inner.group);
+        if let Err(e) = self.inner.client.heartbeat().await {
+            tracing::warn!(group = %self.inner.group, error = %e, "heartbeat at subscribe failed");
         }
         self.sync_subscriptions().await
     }
 
     /// Stops consuming a topic.
     pub fn unsubscribe(&self, topic: &str) {
+        self.inner
+            .client
+            .remove_subscription(&self.inner.group, topic);
         let mut s = self.state();
         s.subs.remove(topic);
         s.queues.retain(|mq, _| mq.topic != topic);
@@ -212,33 +259,111 @@ impl LitePullConsumer {
         self.state().queues.keys().cloned().collect()
     }
 
-    /// Adds the readable queues of subscribed topics that are not assigned yet.
+    /// Rebalances the subscribed topics when due (interval, notice, new subscription): drops
+    /// the queues that went to other members, committing their positions first, and adds the
+    /// new share's queues, which start at the group's committed offsets.
     async fn sync_subscriptions(&self) -> Result<()> {
-        let subs: Vec<(String, Arc<SubExpr>)> = {
+        let (subs, first) = {
             let s = self.state();
             if s.mode != Mode::Subscribe {
                 return Ok(());
             }
-            s.subs.iter().map(|(t, e)| (t.clone(), e.clone())).collect()
-        };
-        for (topic, expr) in subs {
-            let route = self.inner.client.topic_route(&topic).await?;
-            let mut s = self.state();
-            if !s.subs.contains_key(&topic) {
-                continue;
+            let notified = self.inner.rebalance_now.swap(false, Ordering::AcqRel);
+            let due = s
+                .last_rebalance
+                .is_none_or(|t| t.elapsed() >= self.inner.options.rebalance_interval);
+            if !notified && !due {
+                return Ok(());
             }
-            for q in route.readable() {
-                s.queues
-                    .entry(q.mq.clone())
-                    .and_modify(|lq| lq.expr = expr.clone())
-                    .or_insert_with(|| LiteQueue {
-                        expr: expr.clone(),
-                        position: None,
-                        committed: None,
-                    });
+            let subs: Vec<(String, Arc<SubExpr>)> =
+                s.subs.iter().map(|(t, e)| (t.clone(), e.clone())).collect();
+            (subs, s.last_rebalance.is_none())
+        };
+        self.state().last_rebalance = Some(Instant::now());
+        for (topic, expr) in subs {
+            let share = match self.share(&topic).await {
+                Ok(s) => s,
+                Err(e) if first => return Err(e),
+                Err(e) => {
+                    tracing::warn!(group = %self.inner.group, %topic, error = %e,
+                        "rebalance failed; keeping the current queues");
+                    continue;
+                }
+            };
+            let dropped: Vec<(MessageQueue, Option<u64>, Option<u64>)> = {
+                let mut s = self.state();
+                if !s.subs.contains_key(&topic) {
+                    continue;
+                }
+                let held: BTreeSet<MessageQueue> = s
+                    .queues
+                    .keys()
+                    .filter(|q| q.topic == topic)
+                    .cloned()
+                    .collect();
+                let plan = rebalance::plan(&held, &share);
+                let mut dropped = Vec::new();
+                for mq in plan.drop {
+                    if let Some(q) = s.queues.remove(&mq) {
+                        dropped.push((mq, q.position, q.committed));
+                    }
+                }
+                for mq in plan.add {
+                    s.queues.insert(
+                        mq,
+                        LiteQueue {
+                            expr: expr.clone(),
+                            position: None,
+                            committed: None,
+                        },
+                    );
+                }
+                for (mq, q) in s.queues.iter_mut() {
+                    if mq.topic == topic {
+                        q.expr = expr.clone();
+                    }
+                }
+                if !dropped.is_empty() || !held.is_empty() || !share.is_empty() {
+                    tracing::info!(group = %self.inner.group, %topic, held = held.len(),
+                        now = share.len(), dropped = dropped.len(), "rebalanced");
+                }
+                dropped
+            };
+            // Hand-over: commit what this consumer returned before the new owner reads the
+            // committed offset (a new owner that reads first re-delivers: at-least-once).
+            if self.inner.options.auto_commit {
+                for (mq, position, committed) in dropped {
+                    let Some(p) = position.filter(|p| Some(*p) != committed) else {
+                        continue;
+                    };
+                    if let Err(e) = self
+                        .inner
+                        .offsets
+                        .commit(&self.inner.client, &self.inner.group, &mq, p)
+                        .await
+                    {
+                        tracing::warn!(queue = %mq, offset = p, error = %e,
+                            "commit of a dropped queue failed");
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// This consumer's queues of a topic: its clustering share, or (broadcasting) all.
+    async fn share(&self, topic: &str) -> Result<BTreeSet<MessageQueue>> {
+        if self.inner.options.message_model == MessageModel::Broadcasting {
+            let route = self.inner.client.topic_route(topic).await?;
+            return Ok(route.readable().iter().map(|q| q.mq.clone()).collect());
+        }
+        rebalance::topic_share(
+            &self.inner.client,
+            &self.inner.group,
+            topic,
+            &self.inner.options.allocate,
+        )
+        .await
     }
 
     /// Gives every queue without a position its start offset.
@@ -253,6 +378,7 @@ impl LitePullConsumer {
         for mq in missing {
             let (offset, committed) = start_offset(
                 &self.inner.client,
+                &self.inner.offsets,
                 &self.inner.group,
                 &mq,
                 self.inner.options.consume_from_where,
@@ -457,8 +583,8 @@ impl LitePullConsumer {
         for (mq, offset) in todo {
             match self
                 .inner
-                .client
-                .update_consumer_offset(&self.inner.group, &mq, offset)
+                .offsets
+                .commit(&self.inner.client, &self.inner.group, &mq, offset)
                 .await
             {
                 Ok(()) => {
@@ -502,11 +628,12 @@ impl LitePullConsumer {
         self.state().queues.get(mq).and_then(|q| q.position)
     }
 
-    /// The offset the broker has committed for this group on a queue.
+    /// The offset committed for this group on a queue (the broker's; broadcasting: this
+    /// consumer's offsets file).
     pub async fn committed(&self, mq: &MessageQueue) -> Result<Option<u64>> {
         self.inner
-            .client
-            .query_consumer_offset(&self.inner.group, mq)
+            .offsets
+            .read(&self.inner.client, &self.inner.group, mq)
             .await
     }
 
@@ -526,7 +653,14 @@ impl LitePullConsumer {
         } else {
             Ok(())
         };
-        self.inner.client.unregister_consumer(&self.inner.group);
+        if let Some(t) = self.inner.notices.lock().expect("notices lock").take() {
+            t.abort();
+        }
+        // Leaving tells the brokers, which notify the other members to take the queues.
+        self.inner
+            .client
+            .leave_consumer_group(&self.inner.group)
+            .await;
         if self.inner.owns_client {
             self.inner.client.shutdown().await;
         }

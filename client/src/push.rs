@@ -13,12 +13,14 @@ use tokio::task::JoinHandle;
 
 use crate::client::{validate_group, Client, PullTarget};
 use crate::config::ClientConfig;
-use crate::consumer::{start_offset, ConsumeStatus, ConsumerOptions};
+use crate::consumer::{offset_store, start_offset, ConsumeStatus, ConsumerOptions, MessageModel};
 use crate::error::{ClientError, Result};
 use crate::filter::SubExpr;
+use crate::local_offsets::OffsetStore;
 use crate::message::MessageExt;
 use crate::offset::OffsetTracker;
 use crate::pull::PullStatus;
+use crate::rebalance;
 use crate::route::{MessageQueue, QueueInfo};
 
 /// First wait after a failed pull; doubled on each failure in a row.
@@ -61,6 +63,10 @@ struct Inner {
     running: AtomicBool,
     shut_tx: watch::Sender<bool>,
     shut_rx: watch::Receiver<bool>,
+    /// Set (and `rebalance_wake` notified) by a broker's consumer-ids-changed notice.
+    rebalance_now: Arc<AtomicBool>,
+    rebalance_wake: Arc<Notify>,
+    offsets: OffsetStore,
 }
 
 /// RocketMQ's `DefaultMQPushConsumer` with a concurrent listener.
@@ -91,17 +97,25 @@ impl PushConsumer {
     ) -> Result<PushConsumer> {
         validate_group("consumer", group)?;
         options.validate()?;
+        let offsets = offset_store(group, &options)?;
         let client = Client::new(config).await?;
-        Ok(Self::build(group, client, true, options))
+        Ok(Self::build(group, client, true, options, offsets))
     }
 
     pub fn with_client(group: &str, client: Client, options: ConsumerOptions) -> Result<Self> {
         validate_group("consumer", group)?;
         options.validate()?;
-        Ok(Self::build(group, client, false, options))
+        let offsets = offset_store(group, &options)?;
+        Ok(Self::build(group, client, false, options, offsets))
     }
 
-    fn build(group: &str, client: Client, owns_client: bool, options: ConsumerOptions) -> Self {
+    fn build(
+        group: &str,
+        client: Client,
+        owns_client: bool,
+        options: ConsumerOptions,
+        offsets: OffsetStore,
+    ) -> Self {
         let (shut_tx, shut_rx) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(options.consume_threads));
         PushConsumer {
@@ -122,6 +136,9 @@ impl PushConsumer {
                 running: AtomicBool::new(false),
                 shut_tx,
                 shut_rx,
+                rebalance_now: Arc::new(AtomicBool::new(false)),
+                rebalance_wake: Arc::new(Notify::new()),
+                offsets,
             }),
         }
     }
@@ -134,12 +151,16 @@ impl PushConsumer {
         &self.inner.client
     }
 
-    /// Consumes the topic's messages that match `expr` (`*`, `TagA || TagB`), on every
-    /// readable queue of the topic (no rebalance among group members yet).
+    /// Consumes the topic's messages that match `expr` (`*`, `TagA || TagB`) on this
+    /// consumer's share of the topic's readable queues among the group's members (by the
+    /// options' strategy; rebalanced every `rebalance_interval` and at a broker's notice).
     pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
         orbitmq_proto::limits::validate_topic(topic)
             .map_err(|e| ClientError::InvalidArgument(format!("topic: {e}")))?;
         let expr = Arc::new(SubExpr::parse(expr)?);
+        self.inner
+            .client
+            .set_subscription(&self.inner.group, topic, &expr.to_string());
         self.inner
             .subs
             .lock()
@@ -179,6 +200,17 @@ impl PushConsumer {
             return Err(ClientError::InvalidArgument("already started".into()));
         }
         self.inner.client.register_consumer(&self.inner.group);
+        let notices = rebalance::watch_notices(
+            self.inner.client.pushes(),
+            self.inner.group.clone(),
+            self.inner.rebalance_now.clone(),
+            self.inner.rebalance_wake.clone(),
+        );
+        self.inner
+            .background
+            .lock()
+            .expect("background lock")
+            .push(notices);
         if let Err(e) = sync_assignment(&self.inner).await {
             self.inner.running.store(false, Ordering::Release);
             return Err(e);
@@ -266,7 +298,11 @@ impl PushConsumer {
         } else {
             Ok(())
         };
-        self.inner.client.unregister_consumer(&self.inner.group);
+        // Leaving tells the brokers, which notify the other members to take the queues.
+        self.inner
+            .client
+            .leave_consumer_group(&self.inner.group)
+            .await;
         if self.inner.owns_client {
             self.inner.client.shutdown().await;
         }
@@ -292,8 +328,10 @@ impl Drop for PushConsumer {
     }
 }
 
-/// Brings the assignment in line with the routes of the subscribed topics: new queues get
-/// their start offsets, moved queues their new endpoint, and every endpoint a pull loop.
+/// Rebalances: brings the assignment in line with this consumer's share of the subscribed
+/// topics' queues. Queues that went to other members are dropped after committing what was
+/// consumed of them; new queues get their start offsets (the committed offset), moved queues
+/// their new endpoint, and every endpoint a pull loop.
 async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
     let subs: Vec<(String, Arc<SubExpr>)> = inner
         .subs
@@ -305,21 +343,48 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
     let mut wanted: Vec<(QueueInfo, Arc<SubExpr>)> = Vec::new();
     for (topic, expr) in &subs {
         let route = inner.client.topic_route(topic).await?;
+        let share = match if inner.options.message_model == MessageModel::Broadcasting {
+            // Broadcasting: every consumer takes every queue.
+            Ok(route.readable().iter().map(|q| q.mq.clone()).collect())
+        } else {
+            rebalance::topic_share(&inner.client, &inner.group, topic, &inner.options.allocate)
+                .await
+        } {
+            Ok(s) => s,
+            Err(e) => {
+                // Keep what is held: dropping on a transient error would leave queues idle.
+                tracing::warn!(group = %inner.group, %topic, error = %e,
+                    "rebalance failed; keeping the current queues");
+                inner
+                    .queues
+                    .lock()
+                    .expect("queues lock")
+                    .keys()
+                    .filter(|q| q.topic == *topic)
+                    .cloned()
+                    .collect()
+            }
+        };
         wanted.extend(
             route
                 .readable()
                 .into_iter()
+                .filter(|q| share.contains(&q.mq))
                 .map(|q| (q.clone(), expr.clone())),
         );
     }
     let wanted_set: BTreeSet<MessageQueue> = wanted.iter().map(|(q, _)| q.mq.clone()).collect();
     let mut new_queues = Vec::new();
+    let mut hand_over = Vec::new();
     {
         let mut qs = inner.queues.lock().expect("queues lock");
-        qs.retain(|mq, _| {
+        qs.retain(|mq, q| {
             let keep = wanted_set.contains(mq);
             if !keep {
-                tracing::info!(queue = %mq, "queue no longer in the route; dropped");
+                tracing::info!(queue = %mq, "queue no longer ours (rebalance or route); dropped");
+                if let Some(o) = q.tracker.pending_commit() {
+                    hand_over.push((mq.clone(), o));
+                }
             }
             keep
         });
@@ -337,9 +402,21 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
             }
         }
     }
+    // The old owner commits what it finished before the new owner reads the committed
+    // offset; messages still in the listener are re-delivered to the new owner.
+    for (mq, offset) in hand_over {
+        if let Err(e) = inner
+            .offsets
+            .commit(&inner.client, &inner.group, &mq, offset)
+            .await
+        {
+            tracing::warn!(queue = %mq, offset, error = %e, "commit of a dropped queue failed");
+        }
+    }
     for (info, expr) in new_queues {
         let (offset, committed) = start_offset(
             &inner.client,
+            &inner.offsets,
             &inner.group,
             &info.mq,
             inner.options.consume_from_where,
@@ -603,8 +680,8 @@ async fn commit_all(inner: &Arc<Inner>) -> Result<()> {
     let mut first_err = None;
     for (mq, offset) in todo {
         match inner
-            .client
-            .update_consumer_offset(&inner.group, &mq, offset)
+            .offsets
+            .commit(&inner.client, &inner.group, &mq, offset)
             .await
         {
             Ok(()) => {
@@ -622,22 +699,31 @@ async fn commit_all(inner: &Arc<Inner>) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
-/// Commits every `commit_interval` and follows route changes every
-/// `poll_name_server_interval`.
+/// Commits every `commit_interval`; rebalances (following route changes too) every
+/// `rebalance_interval` and at once when a broker says the group's members changed.
 async fn maintenance_task(inner: Arc<Inner>) {
     let commit_every = inner.options.commit_interval;
-    let route_every = inner.client.config().poll_name_server_interval;
+    let rebalance_every = inner.options.rebalance_interval;
     let mut shut = inner.shut_rx.clone();
-    let mut last_route = tokio::time::Instant::now();
+    let mut last_commit = tokio::time::Instant::now();
+    let mut last_rebalance = tokio::time::Instant::now();
     loop {
-        if sleep_or_shutdown(&mut shut, commit_every).await {
-            return;
+        let next_commit = last_commit + commit_every;
+        let next_rebalance = last_rebalance + rebalance_every;
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_commit.min(next_rebalance)) => {}
+            _ = inner.rebalance_wake.notified() => {}
+            _ = shut.wait_for(|s| *s) => return,
         }
-        let _ = commit_all(&inner).await;
-        if last_route.elapsed() >= route_every {
-            last_route = tokio::time::Instant::now();
+        if last_commit.elapsed() >= commit_every {
+            last_commit = tokio::time::Instant::now();
+            let _ = commit_all(&inner).await;
+        }
+        let notified = inner.rebalance_now.swap(false, Ordering::AcqRel);
+        if notified || last_rebalance.elapsed() >= rebalance_every {
+            last_rebalance = tokio::time::Instant::now();
             if let Err(e) = sync_assignment(&inner).await {
-                tracing::warn!(group = %inner.group, error = %e, "assignment refresh failed");
+                tracing::warn!(group = %inner.group, error = %e, "rebalance failed");
             }
         }
     }

@@ -21,6 +21,8 @@ pub mod request {
     pub const UNREGISTER_BROKER: u16 = 104;
     pub const GET_ROUTEINFO_BY_TOPIC: u16 = 105;
     pub const GET_BROKER_CLUSTER_INFO: u16 = 106;
+    /// The members of a consumer group with their subscriptions (and conflicts).
+    pub const GET_CONSUMER_CONNECTION_LIST: u16 = 203;
     pub const GET_ALL_TOPIC_LIST_FROM_NAMESERVER: u16 = 206;
     pub const DELETE_TOPIC_IN_BROKER: u16 = 215;
     pub const GET_TOPICS_BY_CLUSTER: u16 = 224;
@@ -46,6 +48,7 @@ pub mod request {
             REGISTER_BROKER => "REGISTER_BROKER",
             UNREGISTER_BROKER => "UNREGISTER_BROKER",
             GET_BROKER_CLUSTER_INFO => "GET_BROKER_CLUSTER_INFO",
+            GET_CONSUMER_CONNECTION_LIST => "GET_CONSUMER_CONNECTION_LIST",
             GET_ALL_TOPIC_LIST_FROM_NAMESERVER => "GET_ALL_TOPIC_LIST_FROM_NAMESERVER",
             DELETE_TOPIC_IN_BROKER => "DELETE_TOPIC_IN_BROKER",
             GET_TOPICS_BY_CLUSTER => "GET_TOPICS_BY_CLUSTER",
@@ -103,6 +106,9 @@ pub mod push {
     pub const GOING_AWAY: u16 = 1;
     /// A free-form notice (also used to prove the push channel in tests).
     pub const NOTICE: u16 = 2;
+    /// A consumer group's membership changed (RocketMQ's NOTIFY_CONSUMER_IDS_CHANGED = 40):
+    /// the notice's message is the group name; its members rebalance at once.
+    pub const NOTIFY_CONSUMER_IDS_CHANGED: u16 = 40;
 }
 
 /// QUIC application error codes used to close a stream or connection.

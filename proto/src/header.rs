@@ -150,6 +150,44 @@ pub struct HeartbeatRequest {
     pub consumer_groups: Vec<String>,
 }
 
+/// One subscription of a consumer: a topic and its tag expression.
+#[derive(
+    Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Default,
+)]
+pub struct SubscriptionData {
+    pub topic: String,
+    pub expr: String,
+}
+
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupSubscriptions {
+    pub group: String,
+    pub subscriptions: Vec<SubscriptionData>,
+}
+
+/// The body of a HEART_BEAT (the header stays [`HeartbeatRequest`], unchanged): the
+/// subscriptions of each consumer group of the client. An empty body (older clients, or
+/// no subscriptions) records none.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HeartbeatSubscriptions {
+    pub groups: Vec<GroupSubscriptions>,
+}
+
+/// One live member of a consumer group and what it subscribed to.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConsumerMember {
+    pub client_id: String,
+    pub subscriptions: Vec<SubscriptionData>,
+}
+
+/// GET_CONSUMER_CONNECTION_LIST (request: [`GroupRequest`]): the members, sorted, and the
+/// subscription conflicts the broker sees (empty when all members agree).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConsumerConnectionResponse {
+    pub members: Vec<ConsumerMember>,
+    pub conflicts: Vec<String>,
+}
+
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct RouteRequest {
     pub topic: String,

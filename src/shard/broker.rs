@@ -4,18 +4,20 @@
 //! broker's, whichever shard gets them.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::codes::{push, request, response};
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
-    self, ConsumerListResponse, CreateTopicRequest, GroupRequest, HeartbeatRequest, OffsetResponse,
-    PullQueueResult, PullRequest, PullResponse, QueueRequest, QueueValueRequest, SendRequest,
-    SendResponse, SendResult, TopicConfigsResponse, TopicRequest,
+    self, ConsumerConnectionResponse, ConsumerListResponse, ConsumerMember, CreateTopicRequest,
+    GroupRequest, HeartbeatRequest, HeartbeatSubscriptions, OffsetResponse, PullQueueResult,
+    PullRequest, PullResponse, QueueRequest, QueueValueRequest, SendRequest, SendResponse,
+    SendResult, SubscriptionData, TopicConfigsResponse, TopicRequest,
 };
 use orbitmq_proto::limits::{
     MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_MESSAGES,
@@ -32,7 +34,7 @@ use crate::nameserver::topics::{TopicView, Topics, PERM_READ, PERM_WRITE};
 use crate::net::server::{
     error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer,
 };
-use crate::shard::clients::ClientRegistry;
+use crate::shard::clients::{subscription_conflicts, ClientRegistry};
 
 /// What every shard of a broker shares (read-only after start, or behind its own sync).
 pub struct BrokerShared {
@@ -46,6 +48,10 @@ pub struct BrokerShared {
 
 /// Groups one heartbeat may name.
 pub const MAX_HEARTBEAT_GROUPS: usize = 1024;
+/// Subscriptions one heartbeat may carry per consumer group.
+pub const MAX_SUBSCRIPTIONS_PER_GROUP: usize = 1024;
+/// Longest tag expression recorded from a heartbeat.
+pub const MAX_SUB_EXPR_LEN: usize = 4096;
 
 /// One shard's request handler.
 pub struct ShardHandler {
@@ -53,7 +59,14 @@ pub struct ShardHandler {
     pub store: Store,
     pub shared: Arc<BrokerShared>,
     pub view: RefCell<TopicView>,
+    /// The connection each client last heartbeat on at this shard, to push it notices
+    /// (consumer ids changed). Per shard: a `Peer` belongs to this shard's endpoint.
+    pub peers: RefCell<HashMap<String, Peer>>,
 }
+
+/// Client connections a shard remembers for pushes; heartbeats past it are not remembered
+/// (those clients still rebalance on their periodic timer).
+pub const MAX_PUSH_PEERS: usize = 100_000;
 
 /// Parsed tag expression: `None` for `*`, else the accepted tag hashes.
 pub fn tag_hashes(expr: &str) -> Option<Vec<u64>> {
@@ -465,6 +478,34 @@ impl ShardHandler {
                 }
             }
             request::HEART_BEAT | request::UNREGISTER_CLIENT => self.heartbeat(&req, peer),
+            request::GET_CONSUMER_CONNECTION_LIST => {
+                let h: GroupRequest = match header::decode(&req.header) {
+                    Ok(h) => h,
+                    Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+                };
+                let members = self
+                    .shared
+                    .clients
+                    .lock()
+                    .expect("clients lock")
+                    .members(&h.group, Instant::now());
+                let conflicts = subscription_conflicts(&members);
+                let members = members
+                    .into_iter()
+                    .map(|(client_id, subs)| ConsumerMember {
+                        client_id,
+                        subscriptions: subs
+                            .into_iter()
+                            .map(|(topic, expr)| SubscriptionData { topic, expr })
+                            .collect(),
+                    })
+                    .collect();
+                ok_frame(
+                    id,
+                    header::encode(&ConsumerConnectionResponse { members, conflicts }),
+                    Bytes::new(),
+                )
+            }
             request::GET_CONSUMER_LIST_BY_GROUP => {
                 let h: GroupRequest = match header::decode(&req.header) {
                     Ok(h) => h,
@@ -572,20 +613,91 @@ impl ShardHandler {
                 ),
             );
         }
-        let mut clients = self.shared.clients.lock().expect("clients lock");
-        if req.code == request::UNREGISTER_CLIENT {
-            clients.unregister(&h.client_id);
-            debug!(client = h.client_id, remote = %peer.remote, "client unregistered");
-        } else if clients.heartbeat(
-            &h.client_id,
-            &h.producer_groups,
-            &h.consumer_groups,
-            Instant::now(),
-        ) {
-            tracing::info!(client = h.client_id, groups = ?h.consumer_groups, remote = %peer.remote,
-                "consumer joined");
+        // The body (optional) carries the consumers' subscriptions.
+        let subs: HeartbeatSubscriptions = if req.body.is_empty() {
+            HeartbeatSubscriptions::default()
+        } else {
+            match header::decode(&req.body) {
+                Ok(s) => s,
+                Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+            }
+        };
+        if subs.groups.len() > MAX_HEARTBEAT_GROUPS
+            || subs.groups.iter().any(|g| {
+                g.subscriptions.len() > MAX_SUBSCRIPTIONS_PER_GROUP
+                    || g.subscriptions
+                        .iter()
+                        .any(|s| s.topic.len() > MAX_GROUP_LEN || s.expr.len() > MAX_SUB_EXPR_LEN)
+            })
+        {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "a heartbeat carries at most {MAX_SUBSCRIPTIONS_PER_GROUP} subscriptions a group, expressions of at most {MAX_SUB_EXPR_LEN} bytes"
+                ),
+            );
+        }
+        let now = Instant::now();
+        let (changed, members) = {
+            let mut clients = self.shared.clients.lock().expect("clients lock");
+            let changed = if req.code == request::UNREGISTER_CLIENT {
+                debug!(client = h.client_id, remote = %peer.remote, "client unregistered");
+                clients.unregister(&h.client_id)
+            } else {
+                let c =
+                    clients.heartbeat(&h.client_id, &h.producer_groups, &h.consumer_groups, now);
+                for g in subs.groups {
+                    let list = g
+                        .subscriptions
+                        .into_iter()
+                        .map(|s| (s.topic, s.expr))
+                        .collect();
+                    clients.set_subscriptions(&h.client_id, &g.group, list);
+                }
+                c
+            };
+            let members: Vec<(String, Vec<String>)> = changed
+                .iter()
+                .map(|g| (g.clone(), clients.consumers(g, now)))
+                .collect();
+            (changed, members)
+        };
+        {
+            let mut peers = self.peers.borrow_mut();
+            if req.code == request::UNREGISTER_CLIENT {
+                peers.remove(&h.client_id);
+            } else if peers.len() < MAX_PUSH_PEERS || peers.contains_key(&h.client_id) {
+                peers.insert(h.client_id.clone(), peer.clone());
+            }
+        }
+        if !changed.is_empty() {
+            tracing::info!(client = h.client_id, groups = ?changed, remote = %peer.remote,
+                unregister = req.code == request::UNREGISTER_CLIENT, "consumer group membership changed");
+            self.notify_consumer_ids_changed(members);
         }
         ok_frame(id, Bytes::new(), Bytes::new())
+    }
+
+    /// Pushes NOTIFY_CONSUMER_IDS_CHANGED (the group name) to each member of the changed
+    /// groups that heartbeat on this shard, so they rebalance at once instead of at their
+    /// next periodic rebalance. Best effort: a member not reached rebalances on its timer.
+    fn notify_consumer_ids_changed(&self, members: Vec<(String, Vec<String>)>) {
+        let peers = self.peers.borrow();
+        for (group, ids) in members {
+            for id in ids {
+                let Some(p) = peers.get(&id).cloned() else {
+                    continue;
+                };
+                let group = group.clone();
+                glommio::spawn_local(async move {
+                    if let Err(e) = p.push(push::NOTIFY_CONSUMER_IDS_CHANGED, &group).await {
+                        debug!(client = id, error = %e, "consumer ids changed notice not sent");
+                    }
+                })
+                .detach();
+            }
+        }
     }
 }
 

@@ -30,22 +30,32 @@ impl Groups {
         true
     }
 
-    fn remove_client(&mut self, client: &str) {
-        for g in self.by_group.values_mut() {
-            g.remove(client);
+    /// Removes a client everywhere; returns the groups it was in.
+    fn remove_client(&mut self, client: &str) -> Vec<String> {
+        let mut left = Vec::new();
+        for (name, g) in self.by_group.iter_mut() {
+            if g.remove(client).is_some() {
+                left.push(name.clone());
+            }
         }
         self.by_group.retain(|_, g| !g.is_empty());
+        left
     }
 
-    fn expire(&mut self, now: Instant, expiry: Duration) -> usize {
+    /// Drops silent clients; returns how many went and the groups that lost members.
+    fn expire(&mut self, now: Instant, expiry: Duration) -> (usize, Vec<String>) {
         let mut n = 0;
-        for g in self.by_group.values_mut() {
+        let mut changed = Vec::new();
+        for (name, g) in self.by_group.iter_mut() {
             let before = g.len();
             g.retain(|_, seen| now.saturating_duration_since(*seen) < expiry);
-            n += before - g.len();
+            if g.len() != before {
+                n += before - g.len();
+                changed.push(name.clone());
+            }
         }
         self.by_group.retain(|_, g| !g.is_empty());
-        n
+        (n, changed)
     }
 
     fn live(&self, group: &str, now: Instant, expiry: Duration) -> Vec<String> {
@@ -61,12 +71,39 @@ impl Groups {
     }
 }
 
+/// A subscription: topic and tag expression.
+pub type Sub = (String, String);
+
 /// Producers and consumers per group.
 #[derive(Debug)]
 pub struct ClientRegistry {
     expiry: Duration,
     consumers: Groups,
     producers: Groups,
+    /// Subscriptions per group and consumer (sorted), from heartbeat bodies.
+    subs: BTreeMap<String, BTreeMap<String, Vec<Sub>>>,
+}
+
+/// Describes the disagreements among the members of one group: one line per distinct
+/// subscription set naming the members that hold it, or nothing when all agree. Members
+/// whose subscriptions are unknown (older clients) are left out.
+pub fn subscription_conflicts(members: &[(String, Vec<Sub>)]) -> Vec<String> {
+    let mut by_set: BTreeMap<&[Sub], Vec<&str>> = BTreeMap::new();
+    for (client, subs) in members {
+        if !subs.is_empty() {
+            by_set.entry(subs.as_slice()).or_default().push(client);
+        }
+    }
+    if by_set.len() < 2 {
+        return Vec::new();
+    }
+    by_set
+        .into_iter()
+        .map(|(subs, clients)| {
+            let subs: Vec<String> = subs.iter().map(|(t, e)| format!("{t}({e})")).collect();
+            format!("{} subscribe to {}", clients.join(", "), subs.join(", "))
+        })
+        .collect()
 }
 
 impl ClientRegistry {
@@ -75,42 +112,99 @@ impl ClientRegistry {
             expiry,
             consumers: Groups::default(),
             producers: Groups::default(),
+            subs: BTreeMap::new(),
         }
     }
 
-    /// Records a heartbeat; returns whether a consumer group gained a member.
+    /// Records what a consumer subscribed to in a group it is a member of (ignored
+    /// otherwise, so the map stays bounded by the membership).
+    pub fn set_subscriptions(&mut self, client_id: &str, group: &str, mut subs: Vec<Sub>) {
+        let member = self
+            .consumers
+            .by_group
+            .get(group)
+            .is_some_and(|g| g.contains_key(client_id));
+        if !member {
+            return;
+        }
+        subs.sort();
+        subs.dedup();
+        self.subs
+            .entry(group.to_owned())
+            .or_default()
+            .insert(client_id.to_owned(), subs);
+    }
+
+    /// The live consumers of a group with their subscriptions (empty when unknown).
+    pub fn members(&self, group: &str, now: Instant) -> Vec<(String, Vec<Sub>)> {
+        let subs = self.subs.get(group);
+        self.consumers(group, now)
+            .into_iter()
+            .map(|c| {
+                let s = subs.and_then(|m| m.get(&c)).cloned().unwrap_or_default();
+                (c, s)
+            })
+            .collect()
+    }
+
+    /// Forgets subscriptions of clients no longer in their group.
+    fn prune_subs(&mut self) {
+        let consumers = &self.consumers.by_group;
+        self.subs.retain(|g, m| {
+            m.retain(|c, _| consumers.get(g).is_some_and(|cs| cs.contains_key(c)));
+            !m.is_empty()
+        });
+    }
+
+    /// Records a heartbeat; returns the consumer groups whose membership changed (this
+    /// client joined them, or silent members expired from them), sorted.
     pub fn heartbeat(
         &mut self,
         client_id: &str,
         producer_groups: &[String],
         consumer_groups: &[String],
         now: Instant,
-    ) -> bool {
-        self.expire(now);
-        let mut joined = false;
+    ) -> Vec<String> {
+        let mut changed = self.expire_consumers(now);
+        self.producers.expire(now, self.expiry);
         for g in consumer_groups {
             let new = !self
                 .consumers
                 .live(g, now, self.expiry)
                 .iter()
                 .any(|c| c == client_id);
-            joined |= self.consumers.touch(g, client_id, now) && new;
+            if self.consumers.touch(g, client_id, now) && new {
+                changed.push(g.clone());
+            }
         }
         for g in producer_groups {
             self.producers.touch(g, client_id, now);
         }
-        joined
+        changed.sort();
+        changed.dedup();
+        changed
     }
 
-    /// A client that shut down cleanly.
-    pub fn unregister(&mut self, client_id: &str) {
-        self.consumers.remove_client(client_id);
+    /// A client that shut down cleanly; returns the consumer groups it left.
+    pub fn unregister(&mut self, client_id: &str) -> Vec<String> {
         self.producers.remove_client(client_id);
+        let left = self.consumers.remove_client(client_id);
+        self.prune_subs();
+        left
+    }
+
+    /// Drops consumers silent for the expiry; returns the groups that lost members.
+    pub fn expire_consumers(&mut self, now: Instant) -> Vec<String> {
+        let changed = self.consumers.expire(now, self.expiry).1;
+        if !changed.is_empty() {
+            self.prune_subs();
+        }
+        changed
     }
 
     /// Drops clients silent for the expiry; returns how many entries went.
     pub fn expire(&mut self, now: Instant) -> usize {
-        self.consumers.expire(now, self.expiry) + self.producers.expire(now, self.expiry)
+        self.consumers.expire(now, self.expiry).0 + self.producers.expire(now, self.expiry).0
     }
 
     /// The live consumers of a group, sorted by client id.
@@ -133,9 +227,12 @@ mod tests {
         let exp = Duration::from_secs(120);
         let mut r = ClientRegistry::new(exp);
         let g = |s: &str| vec![s.to_string()];
-        assert!(r.heartbeat("c2", &[], &g("G"), t0));
-        assert!(r.heartbeat("c1", &g("P"), &g("G"), t0));
-        assert!(!r.heartbeat("c1", &g("P"), &g("G"), t0), "already a member");
+        assert_eq!(r.heartbeat("c2", &[], &g("G"), t0), g("G"));
+        assert_eq!(r.heartbeat("c1", &g("P"), &g("G"), t0), g("G"));
+        assert!(
+            r.heartbeat("c1", &g("P"), &g("G"), t0).is_empty(),
+            "already a member"
+        );
         assert_eq!(r.consumers("G", t0), vec!["c1", "c2"]);
         assert_eq!(r.producers("P", t0), vec!["c1"]);
         assert!(r.consumers("Other", t0).is_empty());
@@ -144,7 +241,51 @@ mod tests {
         assert_eq!(r.consumers("G", t0 + exp), vec!["c1"], "c2 is silent");
         assert_eq!(r.expire(t0 + exp), 2, "c2 in G and c1 in P");
         assert!(r.producers("P", t0 + exp).is_empty());
-        r.unregister("c1");
+        assert_eq!(r.unregister("c1"), g("G"));
         assert!(r.consumers("G", t1).is_empty());
+        assert!(r.unregister("c1").is_empty(), "nothing left to leave");
+    }
+
+    #[test]
+    fn members_with_different_subscriptions_are_named() {
+        let t0 = Instant::now();
+        let mut r = ClientRegistry::new(Duration::from_secs(120));
+        let g = |s: &str| vec![s.to_string()];
+        let sub = |t: &str, e: &str| vec![(t.to_string(), e.to_string())];
+        for c in ["c1", "c2", "c3"] {
+            r.heartbeat(c, &[], &g("G"), t0);
+        }
+        r.set_subscriptions("c1", "G", sub("T", "*"));
+        r.set_subscriptions("c2", "G", sub("T", "*"));
+        r.set_subscriptions("nobody", "G", sub("X", "*"));
+        let m = r.members("G", t0);
+        assert_eq!(m.len(), 3);
+        assert!(m[2].1.is_empty(), "c3's subscriptions are unknown");
+        assert!(
+            subscription_conflicts(&m).is_empty(),
+            "the known ones agree"
+        );
+        r.set_subscriptions("c3", "G", sub("T", "TagA"));
+        let c = subscription_conflicts(&r.members("G", t0));
+        assert_eq!(
+            c,
+            vec!["c1, c2 subscribe to T(*)", "c3 subscribe to T(TagA)"]
+        );
+        r.unregister("c3");
+        assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
+        assert!(!r.subs["G"].contains_key("c3"), "pruned");
+    }
+
+    #[test]
+    fn expiry_seen_at_a_heartbeat_reports_the_group() {
+        let t0 = Instant::now();
+        let exp = Duration::from_secs(120);
+        let mut r = ClientRegistry::new(exp);
+        let g = |s: &str| vec![s.to_string()];
+        r.heartbeat("c1", &[], &g("G"), t0);
+        r.heartbeat("c2", &[], &g("G"), t0 + Duration::from_secs(60));
+        // c1 is silent past the expiry: c2's heartbeat reports G changed.
+        assert_eq!(r.heartbeat("c2", &[], &g("G"), t0 + exp), g("G"));
+        assert_eq!(r.consumers("G", t0 + exp), vec!["c2"]);
     }
 }

@@ -219,6 +219,7 @@ async fn run_shard(
         shard: k,
         store: store.clone(),
         view: RefCell::new(TopicView::new(&shared.topics)),
+        peers: RefCell::new(std::collections::HashMap::new()),
         shared,
     });
     let conns = Rc::new(Connections::default());
