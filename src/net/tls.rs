@@ -25,11 +25,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 
 /// ALPN protocol id of orbitmq's wire protocol, version 1 (`orbitmq/1`).
 pub use orbitmq_proto::header::ALPN;
@@ -97,6 +95,8 @@ pub enum TlsError {
     Key { path: PathBuf, why: String },
     #[error("bad certificate name {0:?}: expected a DNS name or an IP address")]
     Name(String),
+    #[error("{0}")]
+    Client(String),
 }
 
 /// The cluster CA's certificate and private key in a CA folder.
@@ -476,92 +476,32 @@ pub fn server_config(identity: &ServerIdentity) -> Result<quinn::ServerConfig, T
 }
 
 /// A QUIC client configuration that trusts the CA certificate(s) in the PEM file `ca_path`.
+/// The rustls side is the client crate's, so clients and brokers verify servers one way.
 pub fn client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca_path)? {
-        roots.add(cert)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    finish_client(tls)
+    finish_client(orbitmq_client::TlsOptions::with_ca(ca_path))
 }
 
 /// A QUIC client configuration that accepts any server certificate (`--insecure` only). The
 /// handshake signatures are still checked, so the connection is encrypted, but not
 /// authenticated: anyone on the path can impersonate the server.
 pub fn insecure_client_config() -> Result<quinn::ClientConfig, TlsError> {
-    tracing::warn!("TLS server verification is off (--insecure)");
-    let provider = provider();
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider)))
-        .with_no_client_auth();
-    finish_client(tls)
+    finish_client(orbitmq_client::TlsOptions::insecure())
 }
 
-fn finish_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    tls.enable_early_data = false;
+fn finish_client(opts: orbitmq_client::TlsOptions) -> Result<quinn::ClientConfig, TlsError> {
+    let tls =
+        orbitmq_client::tls::rustls_config(&opts).map_err(|e| TlsError::Client(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
 }
 
-/// Accepts every server certificate but still verifies the handshake signature.
-#[derive(Debug)]
-struct AcceptAnyServerCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::RootCertStore;
 
     #[test]
     fn files_are_created_once_then_reused() {
