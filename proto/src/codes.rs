@@ -13,6 +13,11 @@ pub mod request {
     pub const UPDATE_AND_CREATE_TOPIC: u16 = 17;
     pub const GET_ALL_TOPIC_CONFIG: u16 = 21;
     pub const UNREGISTER_CLIENT: u16 = 35;
+    /// A consumer hands back a message it failed to consume (retry topic or DLQ).
+    pub const CONSUMER_SEND_MSG_BACK: u16 = 36;
+    /// Orderly consumers lock and unlock the queues they process (broker-wide lock table).
+    pub const LOCK_BATCH_MQ: u16 = 41;
+    pub const UNLOCK_BATCH_MQ: u16 = 42;
     pub const GET_CONSUMER_LIST_BY_GROUP: u16 = 38;
     pub const PUT_KV_CONFIG: u16 = 100;
     pub const GET_KV_CONFIG: u16 = 101;
@@ -26,6 +31,8 @@ pub mod request {
     pub const GET_ALL_TOPIC_LIST_FROM_NAMESERVER: u16 = 206;
     pub const DELETE_TOPIC_IN_BROKER: u16 = 215;
     pub const GET_TOPICS_BY_CLUSTER: u16 = 224;
+    /// Admin to broker: commit a group's new offsets and push them to its live consumers.
+    pub const INVOKE_BROKER_TO_RESET_OFFSET: u16 = 222;
 
     pub fn name(code: u16) -> &'static str {
         match code {
@@ -41,6 +48,10 @@ pub mod request {
             UPDATE_AND_CREATE_TOPIC => "UPDATE_AND_CREATE_TOPIC",
             GET_ALL_TOPIC_CONFIG => "GET_ALL_TOPIC_CONFIG",
             UNREGISTER_CLIENT => "UNREGISTER_CLIENT",
+            CONSUMER_SEND_MSG_BACK => "CONSUMER_SEND_MSG_BACK",
+            LOCK_BATCH_MQ => "LOCK_BATCH_MQ",
+            UNLOCK_BATCH_MQ => "UNLOCK_BATCH_MQ",
+            INVOKE_BROKER_TO_RESET_OFFSET => "INVOKE_BROKER_TO_RESET_OFFSET",
             GET_CONSUMER_LIST_BY_GROUP => "GET_CONSUMER_LIST_BY_GROUP",
             PUT_KV_CONFIG => "PUT_KV_CONFIG",
             GET_KV_CONFIG => "GET_KV_CONFIG",
@@ -109,6 +120,9 @@ pub mod push {
     /// A consumer group's membership changed (RocketMQ's NOTIFY_CONSUMER_IDS_CHANGED = 40):
     /// the notice's message is the group name; its members rebalance at once.
     pub const NOTIFY_CONSUMER_IDS_CHANGED: u16 = 40;
+    /// A group's offsets were reset while it runs (RocketMQ's RESET_CONSUMER_CLIENT_OFFSET):
+    /// the push carries a [`crate::header::ResetOffsetNotice`].
+    pub const RESET_CONSUMER_CLIENT_OFFSET: u16 = 220;
 }
 
 /// QUIC application error codes used to close a stream or connection.

@@ -353,6 +353,86 @@ pub struct Notice {
     pub message: String,
 }
 
+/// CONSUMER_SEND_MSG_BACK: a consumer hands back a message its listener failed. The frame
+/// body is the stored record as the pull returned it (validated again by the broker). Sent to
+/// the shard that owns queue 0 of the group's retry topic on the broker the message came from.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SendBackRequest {
+    pub group: String,
+    /// The message id of the failed delivery (kept as ORIGIN_MESSAGE_ID the first time).
+    pub msg_id: String,
+    /// 0: the broker picks `RETRY_DELAY_LEVEL_BASE + reconsume times`; > 0: that level;
+    /// < 0: straight to the dead-letter topic.
+    pub delay_level: i32,
+    /// The group's maxReconsumeTimes: past it the message goes to the dead-letter topic.
+    pub max_reconsume_times: u32,
+}
+
+/// Where a handed-back message went.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct SendBackResponse {
+    /// `%RETRY%<group>` or `%DLQ%<group>`.
+    pub topic: String,
+    pub queue_id: u32,
+    pub msg_id: String,
+    /// The delay level it waits for (0 for the DLQ).
+    pub delay_level: u32,
+    pub reconsume_times: u32,
+}
+
+/// One queue of a lock request.
+#[derive(
+    Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
+)]
+pub struct LockQueue {
+    pub topic: String,
+    pub queue_id: u32,
+}
+
+/// LOCK_BATCH_MQ and UNLOCK_BATCH_MQ: an orderly consumer locks (or releases) queues of this
+/// broker for its group.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LockBatchRequest {
+    pub group: String,
+    pub client_id: String,
+    pub queues: Vec<LockQueue>,
+}
+
+/// The queues the requester holds after a LOCK_BATCH_MQ (its own locks renewed included).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct LockBatchResponse {
+    pub locked: Vec<LockQueue>,
+}
+
+/// A queue and an offset.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct QueueOffset {
+    pub queue_id: u32,
+    pub offset: u64,
+}
+
+/// INVOKE_BROKER_TO_RESET_OFFSET: commit these offsets of a group's topic (queues the receiving
+/// shard owns) and push them to the group's live consumers.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ResetOffsetRequest {
+    pub group: String,
+    pub topic: String,
+    /// The broker's name as routes give it (shards do not know it): echoed in the notice so
+    /// consumers match the queues exactly.
+    pub broker_name: String,
+    pub offsets: Vec<QueueOffset>,
+}
+
+/// The RESET_CONSUMER_CLIENT_OFFSET push: the consumer moves these queues of `broker_name` to
+/// the given offsets (dropping what it has in flight for them) before its next commit.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ResetOffsetNotice {
+    pub group: String,
+    pub topic: String,
+    pub broker_name: String,
+    pub offsets: Vec<QueueOffset>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,3 +7,4 @@ pub mod header;
 pub mod limits;
 pub mod msgid;
 pub mod record;
+pub mod sys;

@@ -1,0 +1,113 @@
+//! System topics and the message properties the broker and the client act on. Names are
+//! RocketMQ's where it has the same thing, so tools and habits carry over.
+
+/// Where a message sent with a delay level waits: queue `level - 1` on the shard of its target
+/// queue. Not readable by consumers (it is never a topic in the topic table).
+pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
+/// Where a message with a delivery time (`TIMER_DELIVER_MS`) waits: queue 0 on the shard of its
+/// target queue; the ConsumeQueue entry's tag field holds the delivery time.
+pub const TIMER_TOPIC: &str = "rmq_sys_wheel_timer";
+/// A consumer group's retry topic is this prefix and the group name.
+pub const RETRY_GROUP_TOPIC_PREFIX: &str = "%RETRY%";
+/// A consumer group's dead-letter topic is this prefix and the group name.
+pub const DLQ_GROUP_TOPIC_PREFIX: &str = "%DLQ%";
+/// Queues of a retry and of a dead-letter topic (RocketMQ: 1).
+pub const RETRY_DLQ_QUEUES: u32 = 1;
+/// Most times a message is retried by default before it goes to the DLQ (RocketMQ's 16).
+pub const DEFAULT_MAX_RECONSUME_TIMES: u32 = 16;
+/// The delay level of the first retry is this plus the reconsume times (RocketMQ: 3, 10 s).
+pub const RETRY_DELAY_LEVEL_BASE: u32 = 3;
+
+/// Encoded property bytes the broker may add to a message on its way (a delay's real topic and
+/// queue, a retry's original topic and message id, the applied delay): clients keep their
+/// messages this far under `MAX_PROPERTIES_LEN`, so a retry or a delay never makes a stored
+/// message too large.
+pub const BROKER_PROPERTIES_RESERVE: usize = 512;
+
+/// Properties the broker and client set and read.
+pub mod property {
+    /// Delay level 1..=levels (RocketMQ's `DELAY`); cleared when delivered.
+    pub const DELAY: &str = "DELAY";
+    /// Delivery time in ms since the epoch (RocketMQ 5's `TIMER_DELIVER_MS`); cleared when
+    /// delivered.
+    pub const TIMER_DELIVER_MS: &str = "TIMER_DELIVER_MS";
+    /// The topic and queue a waiting (delayed or timer) message is delivered to.
+    pub const REAL_TOPIC: &str = "REAL_TOPIC";
+    pub const REAL_QID: &str = "REAL_QID";
+    /// Set on delivery: how long the message was held, in ms (the delay of its level, or the
+    /// time from store to its delivery time).
+    pub const DELAY_APPLIED_MS: &str = "DELAY_APPLIED_MS";
+    /// On a retry or dead-letter message: the topic it was first sent to.
+    pub const RETRY_TOPIC: &str = "RETRY_TOPIC";
+    /// On a retry or dead-letter message: the message id of the first delivery.
+    pub const ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+    /// Properties no user may set: the broker or client owns them.
+    pub const RESERVED: &[&str] = &[
+        crate::msgid::UNIQ_KEY,
+        DELAY,
+        TIMER_DELIVER_MS,
+        REAL_TOPIC,
+        REAL_QID,
+        DELAY_APPLIED_MS,
+        RETRY_TOPIC,
+        ORIGIN_MESSAGE_ID,
+    ];
+}
+
+/// `%RETRY%<group>`.
+pub fn retry_topic(group: &str) -> String {
+    format!("{RETRY_GROUP_TOPIC_PREFIX}{group}")
+}
+
+/// `%DLQ%<group>`.
+pub fn dlq_topic(group: &str) -> String {
+    format!("{DLQ_GROUP_TOPIC_PREFIX}{group}")
+}
+
+/// The group of a retry or dead-letter topic.
+pub fn group_of(topic: &str) -> Option<&str> {
+    topic
+        .strip_prefix(RETRY_GROUP_TOPIC_PREFIX)
+        .or_else(|| topic.strip_prefix(DLQ_GROUP_TOPIC_PREFIX))
+}
+
+/// Topics only the broker writes: a client may not send to or create them.
+pub fn is_internal_topic(topic: &str) -> bool {
+    topic == SCHEDULE_TOPIC || topic == TIMER_TOPIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_covers_what_the_broker_adds() {
+        use crate::limits::MAX_TOPIC_LEN;
+        let entry = |k: &str, v: usize| 4 + k.len() + v;
+        let added = entry(property::REAL_TOPIC, MAX_TOPIC_LEN)
+            + entry(property::REAL_QID, 10)
+            + entry(property::DELAY, 10)
+            + entry(property::RETRY_TOPIC, MAX_TOPIC_LEN)
+            + entry(property::ORIGIN_MESSAGE_ID, 32)
+            + entry(property::DELAY_APPLIED_MS, 20);
+        assert!(added <= BROKER_PROPERTIES_RESERVE, "{added}");
+    }
+
+    #[test]
+    fn group_topics() {
+        assert_eq!(retry_topic("g1"), "%RETRY%g1");
+        assert_eq!(dlq_topic("g1"), "%DLQ%g1");
+        assert_eq!(group_of("%RETRY%g1"), Some("g1"));
+        assert_eq!(group_of("%DLQ%g1"), Some("g1"));
+        assert_eq!(group_of("Orders"), None);
+        assert!(is_internal_topic(SCHEDULE_TOPIC) && !is_internal_topic("%RETRY%g"));
+        for t in [
+            SCHEDULE_TOPIC,
+            TIMER_TOPIC,
+            &retry_topic("g"),
+            &dlq_topic("g"),
+        ] {
+            assert_eq!(crate::limits::validate_topic(t), Ok(()));
+        }
+    }
+}
