@@ -58,12 +58,24 @@ enum Target<'a> {
     Queue(&'a MessageQueue),
 }
 
-/// A message ready to go: metadata with its unique key, and its body.
+/// A message ready to go: the request header with its unique keys, and its body. The header
+/// is built once; an attempt only sets its queue id, so a retry clones nothing.
 struct Prepared {
-    topic: String,
-    metas: Vec<MessageMeta>,
+    req: SendRequest,
     uniq_keys: Vec<String>,
     body: Bytes,
+}
+
+impl Prepared {
+    fn topic(&self) -> &str {
+        &self.req.topic
+    }
+
+    /// The encoded header for `queue_id`.
+    fn header(&mut self, queue_id: u32) -> Bytes {
+        self.req.queue_id = queue_id;
+        header::encode(&self.req)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -155,7 +167,7 @@ impl Producer {
             let mut g = self.inner.keys.lock().expect("key generator lock");
             msgs.iter().map(|_| g.next_key()).collect()
         };
-        let metas = msgs
+        let metas: Vec<MessageMeta> = msgs
             .iter()
             .zip(&uniq_keys)
             .map(|(m, k)| m.meta(k, born, flag))
@@ -171,8 +183,12 @@ impl Producer {
             first.body.clone()
         };
         Ok(Prepared {
-            topic: first.topic.clone(),
-            metas,
+            req: SendRequest {
+                producer_group: self.inner.group.clone(),
+                topic: first.topic.clone(),
+                queue_id: 0,
+                messages: metas,
+            },
             uniq_keys,
             body,
         })
@@ -182,21 +198,21 @@ impl Producer {
     /// it is sent again on another queue (up to `retry_times_when_send_failed` more times,
     /// within `send_timeout`), with the same unique key.
     pub async fn send(&self, msg: Message) -> Result<SendResult> {
-        let p = self.prepare(std::slice::from_ref(&msg))?;
-        let mut r = self.send_prepared(&p, Target::Any).await?;
+        let mut p = self.prepare(std::slice::from_ref(&msg))?;
+        let mut r = self.send_prepared(&mut p, Target::Any).await?;
         Ok(r.remove(0))
     }
 
     /// Sends to one queue (no retry on another queue: ordered messages stay in their queue).
     pub async fn send_to_queue(&self, msg: Message, mq: &MessageQueue) -> Result<SendResult> {
-        let p = self.prepare(std::slice::from_ref(&msg))?;
-        if mq.topic != p.topic {
+        let mut p = self.prepare(std::slice::from_ref(&msg))?;
+        if mq.topic != p.topic() {
             return Err(ClientError::InvalidArgument(format!(
                 "queue {mq} is not of the message's topic {}",
-                p.topic
+                p.topic()
             )));
         }
-        let mut r = self.send_prepared(&p, Target::Queue(mq)).await?;
+        let mut r = self.send_prepared(&mut p, Target::Queue(mq)).await?;
         Ok(r.remove(0))
     }
 
@@ -229,8 +245,8 @@ impl Producer {
     /// Sends several messages of one topic to one queue in one request; they are stored
     /// together, in order, with consecutive offsets.
     pub async fn send_batch(&self, msgs: Vec<Message>) -> Result<Vec<SendResult>> {
-        let p = self.prepare(&msgs)?;
-        self.send_prepared(&p, Target::Any).await
+        let mut p = self.prepare(&msgs)?;
+        self.send_prepared(&mut p, Target::Any).await
     }
 
     /// Sends several messages of one topic to this queue in one request (RocketMQ's
@@ -240,32 +256,33 @@ impl Producer {
         msgs: Vec<Message>,
         mq: &MessageQueue,
     ) -> Result<Vec<SendResult>> {
-        let p = self.prepare(&msgs)?;
-        if mq.topic != p.topic {
+        let mut p = self.prepare(&msgs)?;
+        if mq.topic != p.topic() {
             return Err(ClientError::InvalidArgument(format!(
                 "queue {mq} is not of the messages' topic {}",
-                p.topic
+                p.topic()
             )));
         }
-        self.send_prepared(&p, Target::Queue(mq)).await
+        self.send_prepared(&mut p, Target::Queue(mq)).await
     }
 
     /// Sends without waiting for the store result: returns once the request is queued on
     /// the connection. No retry; a failure after that point is not reported.
     pub async fn send_oneway(&self, msg: Message) -> Result<()> {
-        let p = self.prepare(std::slice::from_ref(&msg))?;
-        let route = self.inner.client.topic_route(&p.topic).await?;
+        let mut p = self.prepare(std::slice::from_ref(&msg))?;
+        let route = self.inner.client.topic_route(p.topic()).await?;
         let writable = route.writable();
         let start = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
         let i = self
             .pick(&writable, start, None)
             .ok_or_else(|| ClientError::NoQueue {
-                topic: p.topic.clone(),
+                topic: p.topic().to_owned(),
                 kind: "writable",
             })?;
         let qi = writable[i];
         let conn = self.inner.client.connection(&qi.endpoint).await?;
-        conn.send_oneway(request::SEND_MESSAGE, self.header(&p, qi), p.body.clone())
+        let h = p.header(qi.mq.queue_id);
+        conn.send_oneway(request::SEND_MESSAGE, h, p.body.clone())
             .await
     }
 
@@ -316,16 +333,7 @@ impl Producer {
         }
     }
 
-    fn header(&self, p: &Prepared, qi: &QueueInfo) -> Bytes {
-        header::encode(&SendRequest {
-            producer_group: self.inner.group.clone(),
-            topic: p.topic.clone(),
-            queue_id: qi.mq.queue_id,
-            messages: p.metas.clone(),
-        })
-    }
-
-    async fn send_prepared(&self, p: &Prepared, target: Target<'_>) -> Result<Vec<SendResult>> {
+    async fn send_prepared(&self, p: &mut Prepared, target: Target<'_>) -> Result<Vec<SendResult>> {
         let client = &self.inner.client;
         let budget = client.config().send_timeout;
         let deadline = Instant::now() + budget;
@@ -343,7 +351,7 @@ impl Producer {
                 Err(x) => x,
             };
             if err.invalidates_route() {
-                client.invalidate_route(&p.topic);
+                client.invalidate_route(p.topic());
             }
             // A queue of our own choosing may move on; a fixed queue is retried only when
             // the message surely was not stored.
@@ -361,13 +369,13 @@ impl Producer {
             if !retry || attempt == attempts {
                 return Err(err);
             }
-            tracing::warn!(topic = %p.topic, uniq_key = %p.uniq_keys[0], attempt, error = %err,
+            tracing::warn!(topic = %p.topic(), uniq_key = %p.uniq_keys[0], attempt, error = %err,
                 "send failed, retrying");
             avoid = endpoint;
             last_err = Some(err);
         }
         Err(last_err.unwrap_or_else(|| ClientError::Timeout {
-            what: format!("send to {}", p.topic),
+            what: format!("send to {}", p.topic()),
             after: budget,
         }))
     }
@@ -376,30 +384,31 @@ impl Producer {
     /// next time).
     async fn attempt(
         &self,
-        p: &Prepared,
+        p: &mut Prepared,
         target: &Target<'_>,
         avoid: Option<&Avoid>,
         timeout: Duration,
     ) -> std::result::Result<Vec<SendResult>, (ClientError, Option<Avoid>)> {
         let client = &self.inner.client;
-        let route = client.topic_route(&p.topic).await.map_err(|e| (e, None))?;
-        let qi: QueueInfo = match target {
+        let route = client.topic_route(p.topic()).await.map_err(|e| (e, None))?;
+        // Borrowed from the route this attempt holds: nothing of it is cloned per attempt.
+        let qi: &QueueInfo = match target {
             Target::Any => {
                 let writable = route.writable();
                 let start = self.inner.next_queue.fetch_add(1, Ordering::Relaxed);
                 let i = self.pick(&writable, start, avoid).ok_or_else(|| {
                     (
                         ClientError::NoQueue {
-                            topic: p.topic.clone(),
+                            topic: p.topic().to_owned(),
                             kind: "writable",
                         },
                         None,
                     )
                 })?;
-                writable[i].clone()
+                writable[i]
             }
             Target::Queue(mq) => match route.find(mq) {
-                Some(q) if q.writable() => q.clone(),
+                Some(q) if q.writable() => q,
                 Some(_) => {
                     return Err((
                         ClientError::InvalidArgument(format!("queue {mq} is not writable")),
@@ -424,14 +433,15 @@ impl Producer {
             )
         };
         let started = std::time::Instant::now();
+        let h = p.header(qi.mq.queue_id);
         let res = client
             .call(
                 &qi.endpoint,
                 request::SEND_MESSAGE,
-                self.header(p, &qi),
+                h,
                 p.body.clone(),
                 timeout,
-                &p.topic,
+                &p.req.topic,
             )
             .await;
         self.record(&qi.mq.broker_name, started, res.as_ref().err());
@@ -447,25 +457,27 @@ impl Producer {
                 reason: format!("send response: {e}"),
             })
         })?;
-        if resp.queue_id != qi.mq.queue_id || resp.results.len() != p.metas.len() {
+        let sent = p.req.messages.len();
+        if resp.queue_id != qi.mq.queue_id || resp.results.len() != sent {
             return Err(fail(ClientError::Protocol {
                 endpoint: qi.endpoint.clone(),
                 reason: format!(
                     "send to queue {} of {} messages answered for queue {} with {} results",
                     qi.mq.queue_id,
-                    p.metas.len(),
+                    sent,
                     resp.queue_id,
                     resp.results.len()
                 ),
             }));
         }
+        // The send is over: its unique keys move into the results.
         Ok(resp
             .results
             .into_iter()
-            .zip(&p.uniq_keys)
-            .map(|(r, k)| SendResult {
+            .zip(std::mem::take(&mut p.uniq_keys))
+            .map(|(r, uniq_key)| SendResult {
                 msg_id: r.msg_id,
-                uniq_key: k.clone(),
+                uniq_key,
                 queue: qi.mq.clone(),
                 queue_offset: r.queue_offset,
             })

@@ -263,6 +263,7 @@ pub async fn run(
     if prefill {
         let p = produce::Plan {
             topic: plan.topic.clone(),
+            topics: 1,
             size: a.size,
             messages: a.messages,
             producers: PREFILL_PRODUCERS,

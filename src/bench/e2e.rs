@@ -19,6 +19,7 @@ pub async fn run(
 ) -> Result<Report, BenchError> {
     let pplan = produce::Plan {
         topic: a.common.topic.clone(),
+        topics: 1,
         size: a.size,
         messages: a.messages,
         producers: a.producers,

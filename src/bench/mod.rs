@@ -143,6 +143,10 @@ pub struct ProduceArgs {
     /// Use only the first Q writable queues of the topic (default: all).
     #[arg(long)]
     pub queues: Option<u32>,
+    /// Spread the sends over N topics named `<topic>-<i>` (i < N), created before the clock
+    /// starts with the brokers' default queues (1: `--topic` alone).
+    #[arg(long, default_value_t = 1)]
+    pub topics: u32,
     /// Tag of every message.
     #[arg(long)]
     pub tag: Option<String>,

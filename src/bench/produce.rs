@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use orbitmq_client::{ClientConfig, Message, MessageQueue, Producer};
+use orbitmq_client::{Client, ClientConfig, ClientError, Message, MessageQueue, Producer};
+use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::header::{self, ClusterInfoResponse, CreateTopicRequest};
 use orbitmq_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_SIZE};
 use tokio::time::Instant;
 
@@ -17,11 +19,22 @@ use super::{
 pub const STAMP_MAGIC: &[u8; 4] = b"OMQB";
 /// Magic and a little-endian µs timestamp.
 pub const STAMP_LEN: usize = 4 + 8;
+/// Most topics one run may spread over (`--topics`).
+pub const MAX_BENCH_TOPICS: u32 = 100_000;
+/// Topic creations (and route look-ups) in flight at once before a `--topics` run.
+const SETUP_CONCURRENCY: usize = 64;
+/// How long a route look-up waits for the name servers to learn a topic just created (the
+/// broker registers at once after a topic change; this is one default registration period).
+const CREATED_ROUTE_WAIT: Duration = Duration::from_secs(30);
+/// Pause between look-ups of a created topic the name servers do not know yet.
+const CREATED_ROUTE_RETRY: Duration = Duration::from_millis(200);
 
 /// What a set of producers is to do.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub topic: String,
+    /// 1: `topic` alone; N > 1: topics `<topic>-<i>`, i < N, created before the clock starts.
+    pub topics: u32,
     pub size: usize,
     pub messages: u64,
     pub producers: u32,
@@ -55,7 +68,21 @@ impl Plan {
         if self.queues == Some(0) || self.rate == Some(0) {
             return bad("--queues and --rate must be at least 1".into());
         }
+        if self.topics == 0 || self.topics > MAX_BENCH_TOPICS {
+            return bad(format!("--topics must be 1..={MAX_BENCH_TOPICS}"));
+        }
         Ok(())
+    }
+
+    /// The topics the run sends to.
+    pub fn topic_names(&self) -> Vec<String> {
+        if self.topics <= 1 {
+            vec![self.topic.clone()]
+        } else {
+            (0..self.topics)
+                .map(|i| format!("{}-{i}", self.topic))
+                .collect()
+        }
     }
 
     /// "per request (batch of B)" or "per request (single sends)".
@@ -117,28 +144,34 @@ pub async fn run_producers(
     for _ in 0..plan.producers {
         producers.push(Producer::new(PRODUCER_GROUP, config.clone()).await?);
     }
-    // Queues sorted by broker and id: "the first Q" is the same set on every run.
-    let route = producers[0].client().topic_route(&plan.topic).await?;
-    let mut queues: Vec<MessageQueue> = route.writable().iter().map(|q| q.mq.clone()).collect();
-    if queues.is_empty() {
-        return Err(BenchError::Invalid(format!(
-            "topic {} has no writable queue",
-            plan.topic
-        )));
+    let topics = plan.topic_names();
+    if topics.len() > 1 {
+        create_topics(producers[0].client(), &topics).await?;
     }
-    if let Some(q) = plan.queues {
-        if q as usize > queues.len() {
+    // Queues sorted by broker and id: "the first Q" is the same set on every run.
+    let routes = lookup_routes(producers[0].client(), &topics).await?;
+    let mut queues: Vec<MessageQueue> = Vec::new();
+    for (topic, route) in topics.iter().zip(&routes) {
+        let mut qs: Vec<MessageQueue> = route.writable().iter().map(|q| q.mq.clone()).collect();
+        if qs.is_empty() {
             return Err(BenchError::Invalid(format!(
-                "--queues {q}: topic {} has {} writable queues",
-                plan.topic,
-                queues.len()
+                "topic {topic} has no writable queue"
             )));
         }
-        queues.truncate(q as usize);
+        if let Some(q) = plan.queues {
+            if q as usize > qs.len() {
+                return Err(BenchError::Invalid(format!(
+                    "--queues {q}: topic {topic} has {} writable queues",
+                    qs.len()
+                )));
+            }
+            qs.truncate(q as usize);
+        }
+        queues.extend(qs);
     }
-    // The others look the route up now, so the clock starts with every producer ready.
+    // The others look the routes up now, so the clock starts with every producer ready.
     for p in &producers[1..] {
-        p.client().topic_route(&plan.topic).await?;
+        lookup_routes(p.client(), &topics).await?;
     }
     let queues = Arc::new(queues);
     let claims = Arc::new(Claims::new(plan.messages));
@@ -148,10 +181,13 @@ pub async fn run_producers(
         Duration::from_secs_f64(f64::from(plan.batch) * f64::from(plan.producers) / r as f64)
     });
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(producers.len());
+    let producers_len = producers.len();
+    let mut tasks = Vec::with_capacity(producers_len);
     for (i, producer) in producers.into_iter().enumerate() {
         let w = Worker {
             index: i,
+            // Producers start spread over the queues (and topics), not on neighbours.
+            first_queue: i * queues.len() / producers_len,
             producer,
             queues: queues.clone(),
             claims: claims.clone(),
@@ -176,8 +212,106 @@ pub async fn run_producers(
     })
 }
 
+/// Creates `topics` (broker default queues and permissions) on every master broker the name
+/// servers know, so the run measures sends and not auto-creation.
+async fn create_topics(client: &Client, topics: &[String]) -> Result<(), BenchError> {
+    let f = client
+        .call_name_server(request::GET_BROKER_CLUSTER_INFO, Bytes::new(), "")
+        .await?;
+    let info: ClusterInfoResponse =
+        header::decode(&f.header).map_err(|e| BenchError::Invalid(format!("cluster info: {e}")))?;
+    let masters: Vec<String> = info
+        .clusters
+        .into_iter()
+        .flat_map(|(_, brokers)| brokers)
+        .filter_map(|b| {
+            b.broker
+                .addrs
+                .into_iter()
+                .find(|(id, _)| *id == 0)
+                .map(|(_, a)| a)
+        })
+        .collect();
+    if masters.is_empty() {
+        return Err(BenchError::Invalid(
+            "the name servers know no master broker to create the topics on".into(),
+        ));
+    }
+    let create = |topic: String, addr: String| {
+        let client = client.clone();
+        async move {
+            let h = header::encode(&CreateTopicRequest {
+                topic,
+                read_queues: 0,
+                write_queues: 0,
+                perm: 0,
+            });
+            let f = client
+                .request(&addr, request::UPDATE_AND_CREATE_TOPIC, h, Bytes::new())
+                .await?;
+            if f.code != response::SUCCESS {
+                return Err(ClientError::from_response(f.code, &f.header, ""));
+            }
+            Ok(())
+        }
+    };
+    let jobs: Vec<(String, String)> = topics
+        .iter()
+        .flat_map(|t| masters.iter().map(move |m| (t.clone(), m.clone())))
+        .collect();
+    for chunk in jobs.chunks(SETUP_CONCURRENCY) {
+        let mut set = tokio::task::JoinSet::new();
+        for (t, m) in chunk {
+            set.spawn(create(t.clone(), m.clone()));
+        }
+        while let Some(r) = set.join_next().await {
+            r.map_err(|e| BenchError::Invalid(format!("topic creation task: {e}")))??;
+        }
+    }
+    eprintln!(
+        "orbitmq bench: created {} topics on {} broker(s)",
+        topics.len(),
+        masters.len()
+    );
+    Ok(())
+}
+
+/// The routes of `topics`, in order (looked up concurrently, cached by the client).
+async fn lookup_routes(
+    client: &Client,
+    topics: &[String],
+) -> Result<Vec<Arc<orbitmq_client::TopicRoute>>, BenchError> {
+    let mut routes = Vec::with_capacity(topics.len());
+    for chunk in topics.chunks(SETUP_CONCURRENCY) {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, t) in chunk.iter().enumerate() {
+            let (client, t) = (client.clone(), t.clone());
+            set.spawn(async move {
+                let until = Instant::now() + CREATED_ROUTE_WAIT;
+                loop {
+                    match client.topic_route(&t).await {
+                        Err(ClientError::TopicNotExist(_)) if Instant::now() < until => {
+                            tokio::time::sleep(CREATED_ROUTE_RETRY).await
+                        }
+                        r => return (i, r),
+                    }
+                }
+            });
+        }
+        let mut got: Vec<Option<Arc<orbitmq_client::TopicRoute>>> = vec![None; chunk.len()];
+        while let Some(r) = set.join_next().await {
+            let (i, route) =
+                r.map_err(|e| BenchError::Invalid(format!("route look-up task: {e}")))?;
+            got[i] = Some(route?);
+        }
+        routes.extend(got.into_iter().flatten());
+    }
+    Ok(routes)
+}
+
 struct Worker {
     index: usize,
+    first_queue: usize,
     producer: Producer,
     queues: Arc<Vec<MessageQueue>>,
     claims: Arc<Claims>,
@@ -195,7 +329,7 @@ impl Worker {
         let plan = &self.plan;
         let mut failures = 0u32;
         // Producers start on different queues so they do not move in lockstep.
-        let mut next_queue = self.index;
+        let mut next_queue = self.first_queue;
         let mut next_send = Instant::now();
         let mut finished = Instant::now();
         loop {
@@ -226,7 +360,7 @@ impl Worker {
             } else {
                 self.template.clone()
             };
-            let mut msg = Message::new(plan.topic.clone(), body);
+            let mut msg = Message::new(mq.topic.clone(), body);
             if let Some(t) = &plan.tag {
                 msg = msg.with_tags(t.clone());
             }
@@ -287,6 +421,7 @@ pub async fn run(
 ) -> Result<Report, BenchError> {
     let plan = Plan {
         topic: a.common.topic.clone(),
+        topics: a.topics,
         size: a.size,
         messages: a.messages,
         producers: a.producers,
@@ -308,6 +443,7 @@ pub async fn run(
     r.stopped = live.stopped();
     r.settings = vec![
         ("topic", plan.topic.clone()),
+        ("topics", plan.topics.to_string()),
         ("size", plan.size.to_string()),
         ("producers", plan.producers.to_string()),
         ("batch", plan.batch.to_string()),
@@ -342,6 +478,7 @@ mod tests {
     fn plans_are_checked() {
         let p = Plan {
             topic: "T".into(),
+            topics: 1,
             size: 1024,
             messages: 10,
             producers: 1,
@@ -379,5 +516,30 @@ mod tests {
         }
         .check()
         .is_err());
+        assert!(Plan {
+            topics: 0,
+            ..p.clone()
+        }
+        .check()
+        .is_err());
+    }
+
+    #[test]
+    fn many_topics_are_named_after_the_topic() {
+        let p = Plan {
+            topic: "T".into(),
+            topics: 3,
+            size: 1024,
+            messages: 10,
+            producers: 1,
+            batch: 64,
+            queues: None,
+            tag: None,
+            rate: None,
+            stamp: false,
+            deadline: Instant::now(),
+        };
+        assert_eq!(p.topic_names(), vec!["T-0", "T-1", "T-2"]);
+        assert_eq!(Plan { topics: 1, ..p }.topic_names(), vec!["T"]);
     }
 }
