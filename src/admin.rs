@@ -32,6 +32,10 @@ pub enum AdminCmd {
     /// A consumer group's members on each broker, their subscriptions, and any conflict
     /// among them (RocketMQ's consumerConnection).
     Consumer(ConsumerArgs),
+    /// A consumer group's dead letters (`%DLQ%<group>`): list them, or resend them to their
+    /// original topic.
+    #[command(subcommand)]
+    Dlq(crate::dlq::DlqCmd),
 }
 
 #[derive(Args, Debug)]
@@ -50,8 +54,9 @@ pub enum ConsumerCmd {
     /// Per queue: broker (max) offset, the group's committed offset, and the lag.
     Progress(ProgressArgs),
     /// Sets the group's committed offsets of a topic to earliest, latest or the first
-    /// message at or after a time (replay). Stop the group first: a running member's next
-    /// commit would overwrite the reset (live resets are not pushed to consumers yet).
+    /// message at or after a time (replay), stopped or live: each broker shard commits the
+    /// offsets of its queues and pushes them to the group's running consumers, which drop
+    /// what they have in flight and go on from there (their next commit does not undo it).
     Reset(ResetArgs),
 }
 
@@ -525,6 +530,9 @@ async fn consumer_reset(a: ResetArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let r = async {
         let route = c.topic_route(&a.topic).await.map_err(|e| e.to_string())?;
+        // The new offsets, by the shard endpoint (and broker) that owns the queues.
+        let mut by_shard: std::collections::BTreeMap<(String, String), Vec<(u32, u64)>> =
+            Default::default();
         for q in route.readable() {
             let o = match (a.to.as_str(), ts) {
                 ("earliest", _) => c.min_offset(&q.mq).await,
@@ -532,13 +540,22 @@ async fn consumer_reset(a: ResetArgs) -> Result<(), String> {
                 _ => c.max_offset(&q.mq).await,
             }
             .map_err(|e| e.to_string())?;
-            c.update_consumer_offset(&a.group, &q.mq, o)
+            by_shard
+                .entry((q.endpoint.clone(), q.mq.broker_name.clone()))
+                .or_default()
+                .push((q.mq.queue_id, o));
+        }
+        // Each shard commits its queues' offsets and pushes them to the live consumers.
+        for ((endpoint, broker), offsets) in by_shard {
+            c.reset_offset(&endpoint, &a.group, &a.topic, &broker, &offsets)
                 .await
-                .map_err(|e| e.to_string())?;
-            println!(
-                "topic={} broker={} queue={} consumer_offset={o}",
-                a.topic, q.mq.broker_name, q.mq.queue_id
-            );
+                .map_err(|e| format!("broker {broker} ({endpoint}): {e}"))?;
+            for (queue, o) in offsets {
+                println!(
+                    "topic={} broker={broker} queue={queue} consumer_offset={o}",
+                    a.topic
+                );
+            }
         }
         Ok(())
     }
@@ -683,6 +700,7 @@ pub fn admin(cmd: AdminCmd) -> Result<(), String> {
                 ..
             }) => consumer_reset(r).await,
             AdminCmd::Consumer(a) => consumer_show(a).await,
+            AdminCmd::Dlq(c) => crate::dlq::run(c).await,
         }
     })
 }

@@ -49,9 +49,15 @@ pub struct SendArgs {
     pub tag: Option<String>,
     #[arg(long)]
     pub key: Option<String>,
-    /// RocketMQ delay level 1..=18 (stored; delayed delivery arrives with the scheduler issue).
-    #[arg(long)]
+    /// Delay level (1..=18 with the default `messageDelayLevel`; above the top: the top).
+    #[arg(long, conflicts_with_all = ["deliver_at", "deliver_in_ms"])]
     pub delay_level: Option<u32>,
+    /// Deliver at this time, ms since the epoch (up to the broker's `timerMaxDelaySec` ahead).
+    #[arg(long, conflicts_with = "deliver_in_ms")]
+    pub deliver_at: Option<u64>,
+    /// Deliver this many ms from now.
+    #[arg(long)]
+    pub deliver_in_ms: Option<u64>,
     #[arg(long)]
     pub body: String,
 }
@@ -99,6 +105,15 @@ pub fn send(a: SendArgs) -> Result<(), String> {
         }
         if let Some(d) = a.delay_level {
             m = m.with_delay_level(d);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if let Some(at) = a
+            .deliver_at
+            .or(a.deliver_in_ms.map(|d| now.saturating_add(d)))
+        {
+            m = m.with_deliver_at(at);
         }
         let r = producer.send(m).await;
         producer.shutdown().await;

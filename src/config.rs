@@ -84,6 +84,8 @@ pub struct BrokerConfig {
     pub tls_key_file: Option<PathBuf>,
     /// `tlsCaFile`: the cluster CA; clients are pointed at it and name servers verified by it.
     pub tls_ca_file: Option<PathBuf>,
+    /// `messageDelayLevel` and `timerMaxDelaySec`.
+    pub schedule: crate::schedule::ScheduleConfig,
     /// Warnings to log at start (keys known but not acted on).
     pub warnings: Vec<String>,
 }
@@ -113,6 +115,7 @@ impl Default for BrokerConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_ca_file: None,
+            schedule: crate::schedule::ScheduleConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -120,7 +123,6 @@ impl Default for BrokerConfig {
 
 /// RocketMQ keys orbitmq accepts but does not act on yet.
 const KNOWN_NOT_ACTED_ON: &[&str] = &[
-    "messageDelayLevel",
     "brokerIP2",
     "haListenPort",
     "sendMessageThreadPoolNums",
@@ -276,6 +278,17 @@ impl BrokerConfig {
                     }
                     c.client_expiry = Duration::from_millis(ms);
                 }
+                "messageDelayLevel" => {
+                    c.schedule.levels_ms = crate::schedule::parse_levels(v).map_err(|e| bad(e.to_string()))?
+                }
+                "timerMaxDelaySec" => {
+                    let secs: u64 = parse_num(v).map_err(bad)?;
+                    let max = crate::schedule::MAX_TIMER_MAX_DELAY_SEC;
+                    if !(1..=max).contains(&secs) {
+                        return Err(bad(format!("expected 1..={max} seconds")));
+                    }
+                    c.schedule.timer_max_delay_ms = secs * 1000;
+                }
                 "tlsCertFile" => c.tls_cert_file = Some(PathBuf::from(v)),
                 "tlsKeyFile" => c.tls_key_file = Some(PathBuf::from(v)),
                 "tlsCaFile" => c.tls_ca_file = Some(PathBuf::from(v)),
@@ -327,7 +340,20 @@ mod tests {
         assert_eq!(c.retention.file_reserved_hours, 48);
         assert_eq!(c.retention.delete_when_hours, vec![4]);
         assert_eq!(c.flush_disk_type, FlushMode::Async);
-        assert_eq!(c.warnings.len(), 1, "messageDelayLevel is not acted on yet");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.schedule.levels_ms.len(), 18);
+        assert_eq!(c.schedule.levels_ms[17], 2 * 3600 * 1000);
+        let c = BrokerConfig::parse(
+            "b.conf",
+            "messageDelayLevel = 200ms 1s\ntimerMaxDelaySec = 60\n",
+        )
+        .unwrap();
+        assert_eq!(c.schedule.levels_ms, vec![200, 1000]);
+        assert_eq!(c.schedule.timer_max_delay_ms, 60_000);
+        let e = BrokerConfig::parse("b.conf", "\nmessageDelayLevel = 1s 5q\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.conf:2") && e.contains("unknown unit"), "{e}");
     }
 
     #[test]

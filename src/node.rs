@@ -297,6 +297,7 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         },
         store,
         net: Some(net),
+        schedule: conf.schedule.clone(),
     })
     .map_err(|e| e.to_string())?;
     let eps: Vec<String> = set.endpoints().iter().map(|e| e.to_string()).collect();

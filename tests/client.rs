@@ -38,7 +38,7 @@ use tempfile::TempDir;
 /// does not exist.
 const TOPICS: &[&str] = &[
     "Spread", "Tags", "Batch", "Ordered", "OneWay", "Callback", "Errors", "Shards", "PushAll",
-    "Hold", "Tls", "Failover", "Edge",
+    "Tls", "Failover", "Edge",
 ];
 const QUEUES: u32 = 8;
 
@@ -692,120 +692,6 @@ async fn push_consumer_redelivers_reconsume_later_and_commits_everything() {
         );
     }
     client.shutdown().await;
-    p.shutdown().await;
-}
-
-/// Listener calls per queue offset, and which offsets fail.
-#[derive(Default)]
-struct Hold {
-    calls: Mutex<BTreeMap<u64, u32>>,
-    done: Mutex<BTreeSet<u64>>,
-    failing: Mutex<BTreeSet<u64>>,
-}
-
-impl Hold {
-    fn listener(self: &Arc<Self>, queue_id: u32) -> impl Fn(&[MessageExt]) -> ConsumeStatus {
-        let h = self.clone();
-        move |msgs| {
-            let m = &msgs[0];
-            assert_eq!(m.queue_id, queue_id);
-            *h.calls.lock().unwrap().entry(m.queue_offset).or_default() += 1;
-            if h.failing.lock().unwrap().contains(&m.queue_offset) {
-                return ConsumeStatus::ReconsumeLater;
-            }
-            h.done.lock().unwrap().insert(m.queue_offset);
-            ConsumeStatus::ConsumeSuccess
-        }
-    }
-
-    fn calls(&self, offset: u64) -> u32 {
-        self.calls
-            .lock()
-            .unwrap()
-            .get(&offset)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn done(&self) -> BTreeSet<u64> {
-        self.done.lock().unwrap().clone()
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reconsume_later_holds_the_committed_offset_until_the_message_succeeds() {
-    let s = shared();
-    let b = &s.broker;
-    let p = Producer::new("hold-pg", b.config()).await.unwrap();
-    let c = p.client().clone();
-    let route = c.topic_route("Hold").await.unwrap();
-    let mq = route.queues[0].mq.clone();
-    for i in 0..5 {
-        p.send_to_queue(Message::new("Hold", format!("h{i}")), &mq)
-            .await
-            .unwrap();
-    }
-    let mut opts = from_first();
-    opts.reconsume_delay = Duration::from_millis(20);
-    let start = |hold: &Arc<Hold>| {
-        let (hold, opts, config) = (hold.clone(), opts.clone(), b.config());
-        let mq = mq.clone();
-        async move {
-            let pc = PushConsumer::with_options("hold", config, opts)
-                .await
-                .unwrap();
-            pc.subscribe("Hold", "*").await.unwrap();
-            pc.register_listener(hold.listener(mq.queue_id));
-            pc.start().await.unwrap();
-            pc
-        }
-    };
-
-    // Offset 2 is handed back again and again: the committed offset stays at 2 though 3
-    // and 4 are done.
-    let hold = Arc::new(Hold::default());
-    hold.failing.lock().unwrap().insert(2);
-    let pc = start(&hold).await;
-    wait_until("3 and 4 done, 2 tried 3 times", || {
-        hold.done() == BTreeSet::from([0, 1, 3, 4]) && hold.calls(2) >= 3
-    })
-    .await;
-    pc.commit().await.unwrap();
-    assert_eq!(c.query_consumer_offset("hold", &mq).await.unwrap(), Some(2));
-    let tried = hold.calls(2);
-    wait_until("2 tried twice more", || hold.calls(2) >= tried + 2).await;
-    pc.commit().await.unwrap();
-    assert_eq!(c.query_consumer_offset("hold", &mq).await.unwrap(), Some(2));
-    // Once it succeeds, the committed offset moves past everything.
-    hold.failing.lock().unwrap().clear();
-    wait_until("2 done", || hold.done().contains(&2)).await;
-    pc.commit().await.unwrap();
-    assert_eq!(c.query_consumer_offset("hold", &mq).await.unwrap(), Some(5));
-
-    // A message still failing at shutdown stays uncommitted and comes back, with what
-    // follows it, to the next consumer of the group; what was committed does not.
-    hold.failing.lock().unwrap().insert(6);
-    for i in 5..8 {
-        p.send_to_queue(Message::new("Hold", format!("h{i}")), &mq)
-            .await
-            .unwrap();
-    }
-    wait_until("5 and 7 done, 6 tried", || {
-        hold.done().is_superset(&BTreeSet::from([5, 7])) && hold.calls(6) >= 2
-    })
-    .await;
-    pc.shutdown().await.unwrap();
-    assert_eq!(c.query_consumer_offset("hold", &mq).await.unwrap(), Some(6));
-    let next = Arc::new(Hold::default());
-    let pc = start(&next).await;
-    wait_until("6 and 7 again", || next.done() == BTreeSet::from([6, 7])).await;
-    pc.shutdown().await.unwrap();
-    assert_eq!(
-        next.done(),
-        BTreeSet::from([6, 7]),
-        "nothing before 6 again"
-    );
-    assert_eq!(c.query_consumer_offset("hold", &mq).await.unwrap(), Some(8));
     p.shutdown().await;
 }
 

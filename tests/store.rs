@@ -626,17 +626,24 @@ async fn check_after_retention(store: &Store, written: &[(Message, AppendResult)
     }
 }
 
+/// A store that keeps nothing past its active segment, filled with 900 messages over 3
+/// queues: the store, what was written, and the active segment's base.
+async fn store_with_expired_segments(path: &Path) -> (Store, Vec<(Message, AppendResult)>, u64) {
+    let store = Store::open(retention_cfg(path, 0)).await.unwrap();
+    let written = append_range(&store, RET_TOPIC, 3, 0..900).await;
+    let active = {
+        let p = last_two(&written).0.physical_offset;
+        p - p % TEST_SEGMENT
+    };
+    (store, written, active)
+}
+
 #[test]
 fn retention_with_zero_reserved_hours_keeps_the_active_segment() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     run(move || async move {
-        let store = Store::open(retention_cfg(&path, 0)).await.unwrap();
-        let written = append_range(&store, RET_TOPIC, 3, 0..900).await;
-        let active = {
-            let p = last_two(&written).0.physical_offset;
-            p - p % TEST_SEGMENT
-        };
+        let (store, written, active) = store_with_expired_segments(&path).await;
         // Rebuilt ConsumeQueues (all files written in one round) are cleaned up as well.
         store.close().await.unwrap();
         std::fs::remove_dir_all(path.join("consumequeue")).unwrap();
@@ -664,6 +671,31 @@ fn retention_with_zero_reserved_hours_keeps_the_active_segment() {
         assert_next_offsets(&written, &more);
         let got = read_bodies_from(&store, RET_TOPIC, 0, 300).await;
         assert_eq!(got, vec![more[0].0.body.clone()]);
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn retention_keeps_segments_the_scheduler_holds_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let (store, _, active) = store_with_expired_segments(&path).await;
+        assert!(active >= 3 * TEST_SEGMENT, "{active}");
+        // Something in segment 1 still waits for its delivery time.
+        store.hold_from(TEST_SEGMENT + 10);
+        let deleted = store
+            .run_retention(now_ms(), RETENTION_HOUR, 0.1)
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![0], "only the segment wholly below the hold");
+        assert!(seg_file(&path, TEST_SEGMENT).0.exists());
+        // A disk past diskSpaceCleanForciblyRatio is cleaned regardless.
+        let deleted = store
+            .run_retention(now_ms(), RETENTION_HOUR, 0.95)
+            .await
+            .unwrap();
+        assert!(deleted.contains(&TEST_SEGMENT), "{deleted:?}");
         store.close().await.unwrap();
     });
 }

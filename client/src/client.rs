@@ -15,7 +15,9 @@ use orbitmq_proto::header::{
     HeartbeatRequest, HeartbeatSubscriptions, OffsetResponse, PullQueue, PullRequest, PullResponse,
     QueueRequest, QueueValueRequest, RouteRequest, RouteResponse, SubscriptionData,
 };
+use orbitmq_proto::header::{SendBackRequest, SendBackResponse};
 use orbitmq_proto::limits::{MAX_GROUP_LEN, MAX_PULL_BYTES, MAX_PULL_QUEUES, MAX_PULL_SUSPEND_MS};
+use orbitmq_proto::msgid::OffsetId;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -23,6 +25,7 @@ use tokio::time::Instant;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::filter::SubExpr;
+use crate::message::MessageExt;
 use crate::pull::{decode_pull_response, QueuePullResult};
 use crate::remoting::{Connection, Push, Remoting};
 use crate::route::{Lookup, MessageQueue, QueueInfo, RouteTable, TopicRoute};
@@ -861,6 +864,127 @@ impl Client {
 
     pub(crate) fn now_ms() -> u64 {
         now_ms()
+    }
+}
+
+/// Attempts of a send-back: the endpoint the route (or the message id) names, then the
+/// shards a WRONG_SHARD redirect names.
+pub const SEND_BACK_ATTEMPTS: u32 = 3;
+
+/// Retry and dead letters (CONSUMER_SEND_MSG_BACK).
+impl Client {
+    /// Hands a message `group` failed to consume back to the broker it came from, which
+    /// stores it in `%RETRY%<group>` to come again after a delay level (0: the broker's
+    /// backoff, `3 + reconsume times`; > 0: that level), or in `%DLQ%<group>` once its
+    /// reconsume times pass `max_reconsume_times` (or for a negative level). Goes to the shard
+    /// that owns queue 0 of the retry topic on the message's broker, following WRONG_SHARD.
+    pub async fn send_back(
+        &self,
+        msg: &MessageExt,
+        group: &str,
+        delay_level: i32,
+        max_reconsume_times: u32,
+    ) -> Result<SendBackResponse> {
+        validate_group("consumer", group)?;
+        let record = msg.record_bytes().clone();
+        if record.is_empty() {
+            return Err(ClientError::InvalidArgument(
+                "a send-back needs a message as pulled (it has no stored record)".into(),
+            ));
+        }
+        let retry = orbitmq_proto::sys::retry_topic(group);
+        let mq = MessageQueue::new(&retry, &msg.broker_name, 0);
+        let mut endpoint = match self.queue_info(&mq).await {
+            Ok(q) => q.endpoint,
+            // Not routed yet (the topic is made at the group's first heartbeat): the shard the
+            // message came from knows the owner and redirects.
+            Err(e) => match OffsetId::decode(&msg.msg_id) {
+                Some(id) => {
+                    let [a, b, c, d] = id.ip;
+                    tracing::debug!(queue = %mq, error = %e,
+                        "no route to the retry queue yet; asking the message's shard");
+                    format!("{a}.{b}.{c}.{d}:{}", id.port)
+                }
+                None => return Err(e),
+            },
+        };
+        let header = header::encode(&SendBackRequest {
+            group: group.to_owned(),
+            msg_id: msg.msg_id.clone(),
+            delay_level,
+            max_reconsume_times,
+        });
+        let mut attempt = 1;
+        loop {
+            let res = self
+                .call(
+                    &endpoint,
+                    request::CONSUMER_SEND_MSG_BACK,
+                    header.clone(),
+                    record.clone(),
+                    self.inner.config.request_timeout,
+                    &retry,
+                )
+                .await;
+            match res {
+                Ok(f) => {
+                    return header::decode(&f.header).map_err(|e| ClientError::Protocol {
+                        endpoint,
+                        reason: format!("send-back response: {e}"),
+                    })
+                }
+                Err(ClientError::WrongShard { redirect, .. })
+                    if !redirect.is_empty() && attempt < SEND_BACK_ATTEMPTS =>
+                {
+                    self.redirect_queue(&mq, &redirect);
+                    tracing::debug!(queue = %mq, from = %endpoint, to = %redirect,
+                        "send-back redirected");
+                    endpoint = redirect;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    if e.invalidates_route() {
+                        self.invalidate_route(&retry);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// The live offset reset (admin side).
+impl Client {
+    /// INVOKE_BROKER_TO_RESET_OFFSET: asks the shard at `endpoint` (the owner of these queues
+    /// of `topic` on broker `broker_name`) to commit `offsets` (queue id, offset) for `group`
+    /// and push them to the group's live consumers, which move there before their next commit.
+    pub async fn reset_offset(
+        &self,
+        endpoint: &str,
+        group: &str,
+        topic: &str,
+        broker_name: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<()> {
+        let h = header::encode(&orbitmq_proto::header::ResetOffsetRequest {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            broker_name: broker_name.to_owned(),
+            offsets: offsets
+                .iter()
+                .map(|&(queue_id, offset)| orbitmq_proto::header::QueueOffset { queue_id, offset })
+                .collect(),
+        });
+        self.call(
+            endpoint,
+            request::INVOKE_BROKER_TO_RESET_OFFSET,
+            h,
+            Bytes::new(),
+            self.inner.config.request_timeout,
+            topic,
+        )
+        .await
+        .map(drop)
     }
 }
 

@@ -25,6 +25,22 @@ pub const DEFAULT_CONSUME_BATCH_SIZE: usize = 1;
 /// Delay before a message the listener asked to reconsume is handed back (locally, until
 /// the retry topic exists).
 pub const DEFAULT_RECONSUME_DELAY: Duration = Duration::from_secs(1);
+/// RocketMQ's `suspendCurrentQueueTimeMillis`: how long an orderly listener's
+/// `SuspendCurrentQueueAMoment` holds its queue before the same messages are retried.
+pub const DEFAULT_SUSPEND_CURRENT_QUEUE_TIME: Duration = Duration::from_secs(1);
+/// Allowed suspend times (RocketMQ: 10 ms to 30 s).
+pub const SUSPEND_CURRENT_QUEUE_TIME_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(30);
+/// RocketMQ's `maxReconsumeTimes`: send-backs before a message goes to the group's
+/// dead-letter topic.
+pub const DEFAULT_MAX_RECONSUME_TIMES: u32 = orbitmq_proto::sys::DEFAULT_MAX_RECONSUME_TIMES;
+/// Largest `max_reconsume_times` a broker accepts in a send-back.
+pub const MAX_RECONSUME_TIMES_LIMIT: u32 = 10_000;
+/// RocketMQ's `consumeTimeout` (15 minutes): a listener call running longer counts as
+/// failed and its messages are sent back.
+pub const DEFAULT_CONSUME_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Shortest consume timeout allowed (RocketMQ counts it in whole minutes; tests need less).
+pub const MIN_CONSUME_TIMEOUT: Duration = Duration::from_millis(100);
 /// RocketMQ's `persistConsumerOffsetInterval` / `autoCommitIntervalMillis`.
 pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
 /// RocketMQ's `pullThresholdForQueue`: pulled, unconsumed messages per queue before pulls
@@ -45,7 +61,21 @@ pub struct ConsumerOptions {
     pub long_poll_suspend: Duration,
     pub consume_threads: usize,
     pub consume_batch_size: usize,
+    /// Local redelivery delay of a failed message when its send-back to the broker failed
+    /// (and, broadcasting, of every failed message: broadcasting sends nothing back).
     pub reconsume_delay: Duration,
+    /// Push consumer, clustering: a message whose listener failed this many times more goes
+    /// to the group's dead-letter topic (`%DLQ%<group>`) instead of the retry topic.
+    pub max_reconsume_times: u32,
+    /// Push consumer: a listener call that runs longer counts as `ReconsumeLater` (its
+    /// messages are sent back; the call itself cannot be stopped and its result is ignored).
+    pub consume_timeout: Duration,
+    /// Orderly listener: the pause before messages it suspended are retried in place.
+    pub suspend_current_queue_time: Duration,
+    /// Orderly listener: a message suspended this many times more goes to the group's
+    /// dead-letter topic and the queue moves on; `None` (default, as RocketMQ's orderly
+    /// consumers): retried in place without limit.
+    pub orderly_max_reconsume_times: Option<u32>,
     pub commit_interval: Duration,
     pub max_in_flight_per_queue: usize,
     pub max_in_flight_bytes_per_queue: u64,
@@ -102,6 +132,10 @@ impl Default for ConsumerOptions {
             consume_threads: DEFAULT_CONSUME_THREADS,
             consume_batch_size: DEFAULT_CONSUME_BATCH_SIZE,
             reconsume_delay: DEFAULT_RECONSUME_DELAY,
+            max_reconsume_times: DEFAULT_MAX_RECONSUME_TIMES,
+            consume_timeout: DEFAULT_CONSUME_TIMEOUT,
+            suspend_current_queue_time: DEFAULT_SUSPEND_CURRENT_QUEUE_TIME,
+            orderly_max_reconsume_times: None,
             commit_interval: DEFAULT_COMMIT_INTERVAL,
             max_in_flight_per_queue: DEFAULT_MAX_IN_FLIGHT_PER_QUEUE,
             max_in_flight_bytes_per_queue: DEFAULT_MAX_IN_FLIGHT_BYTES_PER_QUEUE,
@@ -146,6 +180,29 @@ impl ConsumerOptions {
                 "in-flight limit, commit and rebalance intervals must be positive".into(),
             ));
         }
+        if self.max_reconsume_times > MAX_RECONSUME_TIMES_LIMIT {
+            return Err(InvalidArgument(format!(
+                "max_reconsume_times must be at most {MAX_RECONSUME_TIMES_LIMIT}"
+            )));
+        }
+        if self.consume_timeout < MIN_CONSUME_TIMEOUT {
+            return Err(InvalidArgument(format!(
+                "consume_timeout must be at least {MIN_CONSUME_TIMEOUT:?}"
+            )));
+        }
+        if self
+            .orderly_max_reconsume_times
+            .is_some_and(|n| n > MAX_RECONSUME_TIMES_LIMIT)
+        {
+            return Err(InvalidArgument(format!(
+                "orderly_max_reconsume_times must be at most {MAX_RECONSUME_TIMES_LIMIT}"
+            )));
+        }
+        if !(SUSPEND_CURRENT_QUEUE_TIME_RANGE).contains(&self.suspend_current_queue_time) {
+            return Err(InvalidArgument(format!(
+                "suspend_current_queue_time must be within {SUSPEND_CURRENT_QUEUE_TIME_RANGE:?}"
+            )));
+        }
         Ok(())
     }
 }
@@ -156,6 +213,16 @@ pub enum ConsumeStatus {
     ConsumeSuccess,
     /// Hand the messages back later; they are never dropped.
     ReconsumeLater,
+}
+
+/// What an orderly listener says about the messages of its queue (RocketMQ's
+/// `ConsumeOrderlyStatus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumeOrderlyStatus {
+    Success,
+    /// Hold the queue for `suspend_current_queue_time`, then retry the same messages (their
+    /// `reconsume_times` one higher); nothing after them is consumed meanwhile.
+    SuspendCurrentQueueAMoment,
 }
 
 /// The first offset to consume on a queue: the group's committed offset, else the start
@@ -170,6 +237,15 @@ pub(crate) async fn start_offset(
     if let Some(o) = store.read(client, group, mq).await? {
         return Ok((o, true));
     }
+    // A retry topic holds only this group's failures: read all of it (RocketMQ does too).
+    let from = if mq
+        .topic
+        .starts_with(orbitmq_proto::sys::RETRY_GROUP_TOPIC_PREFIX)
+    {
+        ConsumeFromWhere::FirstOffset
+    } else {
+        from
+    };
     let o = match from {
         ConsumeFromWhere::LastOffset => client.max_offset(mq).await?,
         ConsumeFromWhere::FirstOffset => client.min_offset(mq).await?,
@@ -200,7 +276,20 @@ mod tests {
                 consume_threads: 0,
                 ..Default::default()
             },
+            ConsumerOptions {
+                max_reconsume_times: MAX_RECONSUME_TIMES_LIMIT + 1,
+                ..Default::default()
+            },
+            ConsumerOptions {
+                consume_timeout: Duration::from_millis(99),
+                ..Default::default()
+            },
         ];
+        assert_eq!(ConsumerOptions::default().max_reconsume_times, 16);
+        assert_eq!(
+            ConsumerOptions::default().consume_timeout,
+            Duration::from_secs(900)
+        );
         for o in bad {
             assert!(o.validate().is_err(), "{o:?}");
         }

@@ -42,7 +42,7 @@ pub mod tls;
 pub use allocate::Strategy;
 pub use client::{Client, PullTarget};
 pub use config::{ClientConfig, TlsOptions};
-pub use consumer::{ConsumeStatus, ConsumerOptions, MessageModel};
+pub use consumer::{ConsumeOrderlyStatus, ConsumeStatus, ConsumerOptions, MessageModel};
 pub use error::{ClientError, Result};
 pub use filter::SubExpr;
 pub use latency::LatencyFaultTolerance;

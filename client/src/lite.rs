@@ -71,12 +71,17 @@ struct Inner {
     /// Set by a broker's consumer-ids-changed notice: rebalance at the next poll.
     rebalance_now: Arc<AtomicBool>,
     notices: Mutex<Option<JoinHandle<()>>>,
+    /// Applies live offset resets (RESET_CONSUMER_CLIENT_OFFSET) for the group.
+    resets: Mutex<Option<JoinHandle<()>>>,
     offsets: OffsetStore,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(t) = self.notices.lock().ok().and_then(|mut t| t.take()) {
+            t.abort();
+        }
+        if let Some(t) = self.resets.lock().ok().and_then(|mut t| t.take()) {
             t.abort();
         }
         if let Ok(s) = self.state.lock() {
@@ -150,6 +155,7 @@ impl LitePullConsumer {
                 shut: AtomicBool::new(false),
                 rebalance_now: Arc::new(AtomicBool::new(false)),
                 notices: Mutex::new(None),
+                resets: Mutex::new(None),
                 offsets,
             }),
         }
@@ -197,6 +203,7 @@ impl LitePullConsumer {
             s.subs.insert(topic.to_owned(), expr);
             s.last_rebalance = None;
         }
+        self.watch_resets();
         {
             let mut n = self.inner.notices.lock().expect("notices lock");
             if n.is_none() {
@@ -240,6 +247,9 @@ impl LitePullConsumer {
             ));
         }
         s.mode = Mode::Assign;
+        drop(s);
+        self.watch_resets();
+        let mut s = self.state();
         let all = Arc::new(SubExpr::All);
         let mut next = BTreeMap::new();
         for mq in queues {
@@ -623,6 +633,33 @@ impl LitePullConsumer {
         Ok(())
     }
 
+    /// Starts applying the brokers' live offset resets of this group (once).
+    fn watch_resets(&self) {
+        let mut r = self.inner.resets.lock().expect("resets lock");
+        if r.is_some() {
+            return;
+        }
+        let mut rx = self.inner.client.pushes();
+        // Weak: the task must not keep the consumer alive (its Drop aborts the task).
+        let weak = Arc::downgrade(&self.inner);
+        *r = Some(tokio::spawn(async move {
+            loop {
+                let push = match rx.recv().await {
+                    Ok(p) => p,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if push.code != orbitmq_proto::codes::push::RESET_CONSUMER_CLIENT_OFFSET {
+                    continue;
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Some(n) = push.reset.filter(|n| n.group == inner.group) {
+                    apply_reset(&inner, &n);
+                }
+            }
+        }));
+    }
+
     /// The next offset `poll` will return for a queue (`None` before the first poll).
     pub fn position(&self, mq: &MessageQueue) -> Option<u64> {
         self.state().queues.get(mq).and_then(|q| q.position)
@@ -656,6 +693,9 @@ impl LitePullConsumer {
         if let Some(t) = self.inner.notices.lock().expect("notices lock").take() {
             t.abort();
         }
+        if let Some(t) = self.inner.resets.lock().expect("resets lock").take() {
+            t.abort();
+        }
         // Leaving tells the brokers, which notify the other members to take the queues.
         self.inner
             .client
@@ -665,5 +705,23 @@ impl LitePullConsumer {
             self.inner.client.shutdown().await;
         }
         res
+    }
+}
+
+/// A live offset reset: each held queue the notice names moves to its new offset. A pull in
+/// flight for it is ignored when it lands (it no longer starts at the position), and the
+/// next commit writes the new offset (never the old position).
+fn apply_reset(inner: &Inner, notice: &orbitmq_proto::header::ResetOffsetNotice) {
+    let mut s = inner.state.lock().expect("lite state lock");
+    for o in &notice.offsets {
+        let mq = MessageQueue::new(&notice.topic, &notice.broker_name, o.queue_id);
+        if let Some(q) = s.queues.get_mut(&mq) {
+            q.position = Some(o.offset);
+            // The broker has it; committing it again is harmless and repairs a commit of the
+            // old position that crossed the reset.
+            q.committed = None;
+            tracing::info!(group = %inner.group, queue = %mq, offset = o.offset,
+                "offset reset by the broker");
+        }
     }
 }

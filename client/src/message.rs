@@ -14,18 +14,22 @@ use orbitmq_proto::record::RecordView;
 use crate::error::{ClientError, Result};
 use crate::route::MessageQueue;
 
-/// Property carrying the delay level (stored now, acted on by the broker later).
-pub const PROPERTY_DELAY: &str = "DELAY";
+/// Property carrying the delay level: the broker holds the message for that level's delay.
+pub const PROPERTY_DELAY: &str = orbitmq_proto::sys::property::DELAY;
+/// Property carrying the delivery time (ms since the epoch): the broker holds the message
+/// until then.
+pub const PROPERTY_TIMER_DELIVER_MS: &str = orbitmq_proto::sys::property::TIMER_DELIVER_MS;
 /// Property carrying the client's unique key ([`UNIQ_KEY`]).
 pub const PROPERTY_UNIQ_KEY: &str = UNIQ_KEY;
-/// Highest delay level: RocketMQ's 18 levels `1s 5s 10s 30s 1m 2m ... 1h 2h`.
+/// Highest delay level of RocketMQ's default table `1s 5s 10s 30s 1m 2m ... 1h 2h`. A broker
+/// may configure others (`messageDelayLevel`); a level above its top is its top level.
 pub const MAX_DELAY_LEVEL: u32 = 18;
 /// Longest property name or value: the record stores each with a 16-bit length.
 pub const MAX_PROPERTY_FIELD_LEN: usize = u16::MAX as usize;
 /// Separator of keys in the stored KEYS field (RocketMQ's).
 pub const KEY_SEPARATOR: char = ' ';
-/// Property names the client sets itself; a user property may not use them.
-pub const RESERVED_PROPERTIES: &[&str] = &[PROPERTY_UNIQ_KEY, PROPERTY_DELAY];
+/// Property names the client or broker sets; a user property may not use them.
+pub const RESERVED_PROPERTIES: &[&str] = orbitmq_proto::sys::property::RESERVED;
 
 /// A message to send.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,8 +42,11 @@ pub struct Message {
     /// User properties.
     pub properties: BTreeMap<String, String>,
     pub body: Bytes,
-    /// 0: deliver now; 1..=18: RocketMQ's delay levels.
+    /// 0: deliver now; 1..: the broker's delay levels (RocketMQ's 18 by default).
     pub delay_level: u32,
+    /// 0: deliver now; else the delivery time in ms since the epoch (the broker holds the
+    /// message until then, up to its `timerMaxDelaySec`).
+    pub deliver_at_ms: u64,
     /// The producer's flag, opaque to the broker.
     pub flag: u32,
 }
@@ -80,6 +87,12 @@ impl Message {
 
     pub fn with_delay_level(mut self, level: u32) -> Message {
         self.delay_level = level;
+        self
+    }
+
+    /// Delivers the message at a time (ms since the epoch) rather than at once.
+    pub fn with_deliver_at(mut self, deliver_at_ms: u64) -> Message {
+        self.deliver_at_ms = deliver_at_ms;
         self
     }
 
@@ -127,11 +140,8 @@ impl Message {
                 "keys are {keys_len} bytes, over the limit of {MAX_KEYS_LEN}"
             ));
         }
-        if self.delay_level > MAX_DELAY_LEVEL {
-            return illegal(format!(
-                "delay level {} is over the highest level {MAX_DELAY_LEVEL}",
-                self.delay_level
-            ));
+        if self.delay_level > 0 && self.deliver_at_ms > 0 {
+            return illegal("a message has a delay level or a delivery time, not both".into());
         }
         let mut props = 0usize;
         for (k, v) in &self.properties {
@@ -140,7 +150,7 @@ impl Message {
             }
             if RESERVED_PROPERTIES.contains(&k.as_str()) {
                 return illegal(format!(
-                    "property {k} is reserved (set by the client; use delay_level for DELAY)"
+                    "property {k} is reserved (set by the client or broker; use delay_level or deliver_at_ms for a delay)"
                 ));
             }
             if k.len() > MAX_PROPERTY_FIELD_LEN || v.len() > MAX_PROPERTY_FIELD_LEN {
@@ -150,8 +160,11 @@ impl Message {
             }
             props += 4 + k.len() + v.len();
         }
-        // Room for the properties the client adds (UNIQ_KEY: 32 hex digits, DELAY).
-        props += 4 + PROPERTY_UNIQ_KEY.len() + 32 + 4 + PROPERTY_DELAY.len() + 2;
+        // Room for the properties the client adds (UNIQ_KEY: 32 hex digits, DELAY or
+        // TIMER_DELIVER_MS: 20 digits at most).
+        props += 4 + PROPERTY_UNIQ_KEY.len() + 32 + 4 + PROPERTY_TIMER_DELIVER_MS.len() + 20;
+        // And for what the broker adds on a delay or a retry.
+        props += orbitmq_proto::sys::BROKER_PROPERTIES_RESERVE;
         if props > MAX_PROPERTIES_LEN {
             return illegal(format!(
                 "properties are {props} bytes encoded, over the limit of {MAX_PROPERTIES_LEN}"
@@ -170,6 +183,12 @@ impl Message {
         properties.push((PROPERTY_UNIQ_KEY.to_owned(), uniq_key.to_owned()));
         if self.delay_level > 0 {
             properties.push((PROPERTY_DELAY.to_owned(), self.delay_level.to_string()));
+        }
+        if self.deliver_at_ms > 0 {
+            properties.push((
+                PROPERTY_TIMER_DELIVER_MS.to_owned(),
+                self.deliver_at_ms.to_string(),
+            ));
         }
         properties.extend(self.properties.iter().map(|(k, v)| (k.clone(), v.clone())));
         MessageMeta {
@@ -203,14 +222,30 @@ pub struct MessageExt {
     pub born_timestamp: u64,
     pub born_host: SocketAddr,
     pub store_timestamp: u64,
-    /// Times this message was handed back for consumption (counted locally until the retry
-    /// topic arrives).
+    /// Times this message was handed back for consumption: from the record (a message of the
+    /// retry topic carries its count), plus the local redeliveries when a send-back failed.
     pub reconsume_times: u32,
     pub sys_flag: u32,
     pub flag: u32,
     /// Position in the shard's CommitLog.
     pub commit_log_offset: u64,
     pub store_size: u32,
+    /// The stored record as pulled (a slice of the pull buffer, no copy): a send-back hands
+    /// it to the broker as is.
+    record: RawRecord,
+    /// The topic the message was pulled from when `topic` shows a retry message's original
+    /// topic (RocketMQ's resetRetryAndNamespace); offsets are kept on this one.
+    pulled_topic: Option<String>,
+}
+
+/// A record's bytes; `Debug` shows only their length.
+#[derive(Clone, PartialEq, Eq, Default)]
+struct RawRecord(Bytes);
+
+impl std::fmt::Debug for RawRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawRecord({} bytes)", self.0.len())
+    }
 }
 
 impl MessageExt {
@@ -251,15 +286,26 @@ impl MessageExt {
             flag: view.flag,
             commit_log_offset: view.physical_offset,
             store_size: view.total_size,
+            record: RawRecord(record_bytes(view, body)),
+            pulled_topic: None,
         }
     }
 
+    /// The queue the message was pulled from (for a retry message shown with its original
+    /// topic: the group's retry queue, where its offset lives).
     pub fn message_queue(&self) -> MessageQueue {
-        MessageQueue::new(&self.topic, &self.broker_name, self.queue_id)
+        MessageQueue::new(self.queue_topic(), &self.broker_name, self.queue_id)
     }
 
     pub fn property(&self, name: &str) -> Option<&str> {
         self.properties.get(name).map(String::as_str)
+    }
+
+    /// How long the broker held this message, in ms (a delay level or a delivery time);
+    /// `None` for a message delivered at once.
+    pub fn delay_applied_ms(&self) -> Option<u64> {
+        self.property(orbitmq_proto::sys::property::DELAY_APPLIED_MS)
+            .and_then(|v| v.parse().ok())
     }
 
     /// The delay level the producer asked for (0 for none).
@@ -275,6 +321,54 @@ impl MessageExt {
             .iter()
             .filter(|(k, _)| !RESERVED_PROPERTIES.contains(&k.as_str()))
             .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// On a retry or dead-letter message: the topic it was first sent to (`RETRY_TOPIC`).
+    pub fn retry_topic(&self) -> Option<&str> {
+        self.property(orbitmq_proto::sys::property::RETRY_TOPIC)
+    }
+
+    /// On a retry or dead-letter message: the message id of its first delivery
+    /// (`ORIGIN_MESSAGE_ID`); else its own id.
+    pub fn origin_msg_id(&self) -> &str {
+        self.property(orbitmq_proto::sys::property::ORIGIN_MESSAGE_ID)
+            .unwrap_or(&self.msg_id)
+    }
+
+    /// The topic of the queue the message was pulled from: `topic`, except for a retry
+    /// message shown with its original topic, which lives in `%RETRY%<group>`.
+    pub fn queue_topic(&self) -> &str {
+        self.pulled_topic.as_deref().unwrap_or(&self.topic)
+    }
+
+    /// The stored record as pulled (what a send-back hands to the broker).
+    pub fn record_bytes(&self) -> &Bytes {
+        &self.record.0
+    }
+
+    /// A push consumer shows a message of its group's retry topic with its original topic,
+    /// as RocketMQ's resetRetryAndNamespace; the queue stays the retry queue. Returns
+    /// whether it changed the message.
+    pub(crate) fn show_original_topic(&mut self, group: &str) -> bool {
+        if self.pulled_topic.is_some() || self.topic != orbitmq_proto::sys::retry_topic(group) {
+            return false;
+        }
+        let Some(original) = self.retry_topic().map(str::to_owned) else {
+            return false;
+        };
+        self.pulled_topic = Some(std::mem::replace(&mut self.topic, original));
+        true
+    }
+}
+
+/// The whole record `view` was decoded from, as a slice of `buf` (its body is the last
+/// field, so the record ends where the body ends).
+fn record_bytes(view: &RecordView<'_>, buf: &Bytes) -> Bytes {
+    let body = buf.slice_ref(view.body);
+    let end = body.as_ptr() as usize - buf.as_ptr() as usize + body.len();
+    match end.checked_sub(view.total_size as usize) {
+        Some(start) => buf.slice(start..end),
+        None => Bytes::new(),
     }
 }
 
@@ -329,7 +423,15 @@ mod tests {
         );
         assert!(err(Message::new("T", "x").with_tags("A || B")).contains("one tag"));
         assert!(err(Message::new("T", "x").with_key("a b")).contains("key"));
-        assert!(err(Message::new("T", "x").with_delay_level(19)).contains("delay"));
+        Message::new("T", "x")
+            .with_delay_level(19)
+            .validate()
+            .unwrap();
+        assert!(err(Message::new("T", "x")
+            .with_delay_level(1)
+            .with_deliver_at(5))
+        .contains("not both"));
+        assert!(err(Message::new("T", "x").with_property("REAL_TOPIC", "y")).contains("reserved"));
         assert!(err(Message::new("T", "x").with_property("UNIQ_KEY", "y")).contains("reserved"));
         assert!(err(Message::new("T", "x").with_property("", "y")).contains("empty"));
         assert!(
@@ -380,5 +482,47 @@ mod tests {
         assert_eq!(e.queue_offset, 5);
         assert_eq!(e.msg_id, OffsetId::new(addr, 1, 4096).encode());
         assert_eq!(e.message_queue(), MessageQueue::new("T", "b", 2));
+        assert_eq!(&e.record_bytes()[..], &bytes[..], "the whole record");
+        assert_eq!(e.origin_msg_id(), e.msg_id);
+        assert_eq!(e.retry_topic(), None);
+    }
+
+    #[test]
+    fn a_retry_message_shows_its_original_topic_and_keeps_its_queue() {
+        let m = record::Message {
+            topic: "%RETRY%g1".into(),
+            properties: vec![
+                ("UNIQ_KEY".into(), "U1".into()),
+                ("RETRY_TOPIC".into(), "Orders".into()),
+                ("ORIGIN_MESSAGE_ID".into(), "FIRST".into()),
+            ],
+            reconsume_times: 2,
+            body: b"x".to_vec(),
+            ..Default::default()
+        };
+        let mut buf = vec![0xAAu8; 3]; // the record need not start the buffer
+        let placement = Placement {
+            queue_offset: 0,
+            physical_offset: 0,
+            store_timestamp: 0,
+        };
+        record::encode_into(&m, placement, &mut buf);
+        let bytes = Bytes::from(buf);
+        let view = record::decode(&bytes[3..]).unwrap();
+        let addr: SocketAddr = "127.0.0.1:10911".parse().unwrap();
+        let mut e = MessageExt::from_record(&view, &bytes, "b", addr, 0);
+        assert_eq!(&e.record_bytes()[..], &bytes[3..]);
+        assert!(
+            !e.show_original_topic("other"),
+            "another group's retry topic"
+        );
+        assert!(e.show_original_topic("g1"));
+        assert!(!e.show_original_topic("g1"), "once");
+        assert_eq!(e.topic, "Orders");
+        assert_eq!(e.queue_topic(), "%RETRY%g1");
+        assert_eq!(e.message_queue(), MessageQueue::new("%RETRY%g1", "b", 0));
+        assert_eq!(e.reconsume_times, 2);
+        assert_eq!(e.origin_msg_id(), "FIRST");
+        assert_eq!(e.retry_topic(), Some("Orders"));
     }
 }

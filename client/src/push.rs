@@ -23,6 +23,12 @@ use crate::pull::PullStatus;
 use crate::rebalance;
 use crate::route::{MessageQueue, QueueInfo};
 
+#[path = "orderly.rs"]
+mod orderly;
+pub use orderly::{
+    OrderlyListener, CLIENT_LOCK_MAX_LIVE, LOCK_RENEW_INTERVAL, LOCK_RETRY_INTERVAL,
+};
+
 /// First wait after a failed pull; doubled on each failure in a row.
 pub const PULL_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait after failed pulls.
@@ -32,6 +38,9 @@ pub const PULL_BACKOFF_MAX: Duration = Duration::from_secs(3);
 pub const FLOW_CONTROL_RECHECK: Duration = Duration::from_millis(100);
 /// How long shutdown waits for listener calls in progress.
 pub const SHUTDOWN_CONSUME_WAIT: Duration = Duration::from_secs(10);
+/// After start, when the retry topic had no route yet (its first heartbeat makes it), the
+/// consumer rebalances again this much later to pick it up.
+pub const RETRY_ROUTE_RECHECK: Duration = Duration::from_secs(1);
 /// How long shutdown waits for a pull loop to notice.
 pub const SHUTDOWN_LOOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -67,9 +76,16 @@ struct Inner {
     rebalance_now: Arc<AtomicBool>,
     rebalance_wake: Arc<Notify>,
     offsets: OffsetStore,
+    /// Orderly listener and queue locks (see `orderly`).
+    orderly: orderly::Orderly,
+    /// Wakes the pull loops to pull again at once (a live offset reset moved a queue).
+    repull: Notify,
+    /// Queues a rebalance is taking (reading their start offsets), and the live resets that
+    /// came for them meanwhile: a reset applies when the queue is in place.
+    taking: Mutex<HashMap<MessageQueue, Option<u64>>>,
 }
 
-/// RocketMQ's `DefaultMQPushConsumer` with a concurrent listener.
+/// RocketMQ's `DefaultMQPushConsumer` with a concurrent or an orderly listener.
 pub struct PushConsumer {
     inner: Arc<Inner>,
 }
@@ -139,6 +155,9 @@ impl PushConsumer {
                 rebalance_now: Arc::new(AtomicBool::new(false)),
                 rebalance_wake: Arc::new(Notify::new()),
                 offsets,
+                orderly: orderly::Orderly::default(),
+                repull: Notify::new(),
+                taking: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -173,7 +192,11 @@ impl PushConsumer {
     }
 
     /// Sets the listener. Called concurrently from up to `consume_threads` threads; it may
-    /// block. `ReconsumeLater` (or a panic) hands the messages back after `reconsume_delay`.
+    /// block. `ReconsumeLater` (or a panic, or a call past `consume_timeout`) sends each
+    /// message back to its broker (clustering): it comes again from the group's retry topic
+    /// after the broker's backoff, showing its original topic and its `reconsume_times`, and
+    /// goes to `%DLQ%<group>` after `max_reconsume_times`. Broadcasting, or when the
+    /// send-back fails, the messages are consumed again locally after `reconsume_delay`.
     pub fn register_listener<F>(&self, listener: F)
     where
         F: Fn(&[MessageExt]) -> ConsumeStatus + Send + Sync + 'static,
@@ -181,14 +204,28 @@ impl PushConsumer {
         *self.inner.listener.lock().expect("listener lock") = Some(Arc::new(listener));
     }
 
+    /// Sets an orderly listener instead (RocketMQ's `MessageListenerOrderly`): it gets the
+    /// messages of one queue at a time, in offset order, never two calls for one queue at
+    /// once, and only while this consumer holds the queue's lock on its broker (so a
+    /// rebalance never has two members consuming one queue). `SuspendCurrentQueueAMoment`
+    /// (or a panic) retries the same messages after `suspend_current_queue_time`, before
+    /// anything behind them.
+    pub fn register_orderly_listener<F>(&self, listener: F)
+    where
+        F: Fn(&[MessageExt]) -> crate::consumer::ConsumeOrderlyStatus + Send + Sync + 'static,
+    {
+        *self.inner.orderly.listener.lock().expect("listener lock") = Some(Arc::new(listener));
+    }
+
     /// Resolves the subscribed queues and their start offsets and starts pulling.
     pub async fn start(&self) -> Result<()> {
         if *self.inner.shut_rx.borrow() {
             return Err(ClientError::ShutDown);
         }
-        if self.inner.listener.lock().expect("listener lock").is_none() {
+        let concurrent = self.inner.listener.lock().expect("listener lock").is_some();
+        if concurrent == self.inner.orderly.enabled() {
             return Err(ClientError::InvalidArgument(
-                "register a listener before start".into(),
+                "register one listener (concurrent or orderly) before start".into(),
             ));
         }
         if self.inner.subs.lock().expect("subs lock").is_empty() {
@@ -199,6 +236,7 @@ impl PushConsumer {
         if self.inner.running.swap(true, Ordering::AcqRel) {
             return Err(ClientError::InvalidArgument("already started".into()));
         }
+        let retry = self.subscribe_retry_topic(concurrent)?;
         self.inner.client.register_consumer(&self.inner.group);
         let notices = rebalance::watch_notices(
             self.inner.client.pushes(),
@@ -211,6 +249,20 @@ impl PushConsumer {
             .lock()
             .expect("background lock")
             .push(notices);
+        let resets = tokio::spawn(watch_resets(self.inner.clone()));
+        self.inner
+            .background
+            .lock()
+            .expect("background lock")
+            .push(resets);
+        if self.inner.orderly.enabled() {
+            let locks = tokio::spawn(orderly::lock_task(self.inner.clone()));
+            self.inner
+                .background
+                .lock()
+                .expect("background lock")
+                .push(locks);
+        }
         if let Err(e) = sync_assignment(&self.inner).await {
             self.inner.running.store(false, Ordering::Release);
             return Err(e);
@@ -224,19 +276,79 @@ impl PushConsumer {
         if let Err(e) = self.inner.client.heartbeat().await {
             tracing::warn!(group = %self.inner.group, error = %e, "first heartbeat failed");
         }
+        if retry && self.retry_assignment().is_empty() {
+            // That heartbeat made the retry topic: rebalance once its route is registered
+            // rather than at the next periodic rebalance.
+            let inner = self.inner.clone();
+            let recheck = tokio::spawn(async move {
+                tokio::time::sleep(RETRY_ROUTE_RECHECK).await;
+                inner.rebalance_now.store(true, Ordering::Release);
+                inner.rebalance_wake.notify_one();
+            });
+            self.inner
+                .background
+                .lock()
+                .expect("background lock")
+                .push(recheck);
+        }
         tracing::info!(group = %self.inner.group, queues = self.assignment().len(),
             "push consumer started");
         Ok(())
     }
 
-    /// The queues this consumer pulls.
+    /// Clustering with a concurrent listener: the group's retry topic (`%RETRY%<group>`) is
+    /// subscribed with `*`, as RocketMQ's copySubscription, so sent-back messages come again.
+    /// Returns whether it did.
+    fn subscribe_retry_topic(&self, concurrent: bool) -> Result<bool> {
+        if !concurrent || self.inner.options.message_model != MessageModel::Clustering {
+            return Ok(false);
+        }
+        let retry = orbitmq_proto::sys::retry_topic(&self.inner.group);
+        if let Err(e) = orbitmq_proto::limits::validate_topic(&retry) {
+            tracing::warn!(group = %self.inner.group, error = %e,
+                "the group name makes no valid retry topic; failed messages are retried locally");
+            return Ok(false);
+        }
+        let expr = Arc::new(SubExpr::parse("*")?);
+        self.inner
+            .client
+            .set_subscription(&self.inner.group, &retry, &expr.to_string());
+        self.inner
+            .subs
+            .lock()
+            .expect("subs lock")
+            .entry(retry)
+            .or_insert(expr);
+        Ok(true)
+    }
+
+    /// The queues of the subscribed topics this consumer pulls (the group's retry queue,
+    /// subscribed automatically, is pulled too but not listed: see [`Self::retry_assignment`]).
     pub fn assignment(&self) -> Vec<MessageQueue> {
+        let retry = orbitmq_proto::sys::retry_topic(&self.inner.group);
         let mut v: Vec<MessageQueue> = self
             .inner
             .queues
             .lock()
             .expect("queues lock")
             .keys()
+            .filter(|q| q.topic != retry)
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The queues of the group's retry topic (`%RETRY%<group>`) this consumer pulls.
+    pub fn retry_assignment(&self) -> Vec<MessageQueue> {
+        let retry = orbitmq_proto::sys::retry_topic(&self.inner.group);
+        let mut v: Vec<MessageQueue> = self
+            .inner
+            .queues
+            .lock()
+            .expect("queues lock")
+            .keys()
+            .filter(|q| q.topic == retry)
             .cloned()
             .collect();
         v.sort();
@@ -298,6 +410,8 @@ impl PushConsumer {
         } else {
             Ok(())
         };
+        // Orderly: the queues go to the next owner only after the final commit.
+        orderly::unlock_all(&self.inner).await;
         // Leaving tells the brokers, which notify the other members to take the queues.
         self.inner
             .client
@@ -341,8 +455,25 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
         .map(|(t, e)| (t.clone(), e.clone()))
         .collect();
     let mut wanted: Vec<(QueueInfo, Arc<SubExpr>)> = Vec::new();
+    let own_retry = orbitmq_proto::sys::retry_topic(&inner.group);
     for (topic, expr) in &subs {
-        let route = inner.client.topic_route(topic).await?;
+        let route = match inner.client.topic_route(topic).await {
+            Ok(r) => r,
+            // The retry topic is made at the group's first heartbeat: until its route is
+            // known, keep what is held and look again at the next rebalance.
+            Err(e) if *topic == own_retry => {
+                tracing::debug!(group = %inner.group, %topic, error = %e,
+                    "no route to the retry topic yet");
+                let qs = inner.queues.lock().expect("queues lock");
+                wanted.extend(
+                    qs.values()
+                        .filter(|q| q.info.mq.topic == *topic)
+                        .map(|q| (q.info.clone(), q.expr.clone())),
+                );
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let share = match if inner.options.message_model == MessageModel::Broadcasting {
             // Broadcasting: every consumer takes every queue.
             Ok(route.readable().iter().map(|q| q.mq.clone()).collect())
@@ -374,6 +505,22 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
         );
     }
     let wanted_set: BTreeSet<MessageQueue> = wanted.iter().map(|(q, _)| q.mq.clone()).collect();
+    // Orderly: queues about to go finish their listener call before the commit below.
+    let (dropping, quiet) = if inner.orderly.enabled() {
+        let dropping: Vec<QueueInfo> = inner
+            .queues
+            .lock()
+            .expect("queues lock")
+            .iter()
+            .filter(|(mq, _)| !wanted_set.contains(mq))
+            .map(|(_, q)| q.info.clone())
+            .collect();
+        let mqs: Vec<MessageQueue> = dropping.iter().map(|q| q.mq.clone()).collect();
+        let quiet = orderly::quiesce(inner, &mqs).await;
+        (dropping, quiet)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let mut new_queues = Vec::new();
     let mut hand_over = Vec::new();
     {
@@ -413,6 +560,20 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
             tracing::warn!(queue = %mq, offset, error = %e, "commit of a dropped queue failed");
         }
     }
+    // Orderly: unlock the dropped queues now that their offsets are committed, and lock the
+    // new ones before reading their committed offsets (the previous owner's final commit).
+    let new_queues = if inner.orderly.enabled() {
+        orderly::release(inner, &dropping, &quiet).await;
+        orderly::lock_new(inner, new_queues).await
+    } else {
+        new_queues
+    };
+    let added = !new_queues.is_empty();
+    inner
+        .taking
+        .lock()
+        .expect("taking lock")
+        .extend(new_queues.iter().map(|(q, _)| (q.mq.clone(), None)));
     for (info, expr) in new_queues {
         let (offset, committed) = start_offset(
             &inner.client,
@@ -422,21 +583,30 @@ async fn sync_assignment(inner: &Arc<Inner>) -> Result<()> {
             inner.options.consume_from_where,
         )
         .await?;
-        let tracker = if committed {
-            OffsetTracker::from_committed(offset)
-        } else {
-            OffsetTracker::new(offset)
-        };
-        inner
-            .queues
+        // A live reset that came while the queue was being taken wins over what was read.
+        // Both locks at once: a notice sees the queue either taking or in place.
+        let mut qs = inner.queues.lock().expect("queues lock");
+        let reset = inner
+            .taking
             .lock()
-            .expect("queues lock")
-            .entry(info.mq.clone())
-            .or_insert(PushQueue {
-                info,
-                expr,
-                tracker,
-            });
+            .expect("taking lock")
+            .remove(&info.mq)
+            .flatten();
+        let tracker = match reset {
+            Some(o) => OffsetTracker::from_committed(o),
+            None if committed => OffsetTracker::from_committed(offset),
+            None => OffsetTracker::new(offset),
+        };
+        qs.entry(info.mq.clone()).or_insert(PushQueue {
+            info,
+            expr,
+            tracker,
+        });
+    }
+    if added {
+        // A pull parked on an endpoint covers the queues it had when it started: make it
+        // start again with the new ones instead of after its long poll.
+        inner.repull.notify_waiters();
     }
     ensure_loops(inner);
     Ok(())
@@ -488,6 +658,7 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
             for q in qs.values().filter(|q| q.info.endpoint == endpoint) {
                 assigned = true;
                 if targets.len() >= MAX_PULL_QUEUES
+                    || !orderly::may_pull(&inner, &q.info.mq)
                     || q.tracker.in_flight_count() >= inner.options.max_in_flight_per_queue
                     || q.tracker.in_flight_bytes() >= inner.options.max_in_flight_bytes_per_queue
                 {
@@ -509,6 +680,7 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
         }
         if targets.is_empty() {
             tokio::select! {
+                _ = inner.repull.notified() => {}
                 _ = progress => {}
                 _ = tokio::time::sleep(FLOW_CONTROL_RECHECK) => {}
                 _ = shut.wait_for(|s| *s) => return,
@@ -516,6 +688,8 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
             continue;
         }
         let pulled = tokio::select! {
+            // A live reset moved a queue: pull again from the new offsets.
+            _ = inner.repull.notified() => continue,
             r = inner.client.pull(
                 &endpoint,
                 &inner.group,
@@ -576,6 +750,7 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
                         tracing::warn!(queue = %r.mq, from = r.pulled_from, to = r.next_offset,
                             "offset moved by the broker");
                         q.tracker.reset(r.next_offset);
+                        orderly::on_reset(&inner, &r.mq, q.tracker.epoch());
                     }
                     PullStatus::WrongShard | PullStatus::TopicNotExist => reroute = true,
                     PullStatus::Other(code) => {
@@ -586,6 +761,10 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
             }
         }
         for (msgs, epoch) in deliveries {
+            if inner.orderly.enabled() {
+                orderly::deliver(&inner, msgs, epoch);
+                continue;
+            }
             for batch in msgs.chunks(inner.options.consume_batch_size) {
                 spawn_consume(&inner, batch.to_vec(), epoch, None);
             }
@@ -625,15 +804,29 @@ fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64, delay: 
         let Some(listener) = inner.listener.lock().expect("listener lock").clone() else {
             return;
         };
+        let mut batch = batch;
+        for m in &mut batch {
+            // A retry message shows its original topic; `message_queue` stays the retry queue.
+            m.show_original_topic(&inner.group);
+        }
         let mq = batch[0].message_queue();
         let batch = Arc::new(batch);
         let b = batch.clone();
-        let status = tokio::task::spawn_blocking(move || listener(&b)).await;
-        drop(permit);
-        let status = match status {
-            Ok(s) => s,
-            Err(e) => {
+        // The permit goes with the call: a call past its timeout still holds a thread.
+        let call = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            listener(&b)
+        });
+        let status = match tokio::time::timeout(inner.options.consume_timeout, call).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 tracing::error!(queue = %mq, error = %e, "listener panicked; reconsuming later");
+                ConsumeStatus::ReconsumeLater
+            }
+            Err(_) => {
+                tracing::warn!(queue = %mq, offset = batch[0].queue_offset,
+                    timeout = ?inner.options.consume_timeout,
+                    "listener call ran past the consume timeout; reconsuming later");
                 ConsumeStatus::ReconsumeLater
             }
         };
@@ -657,7 +850,18 @@ fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64, delay: 
                 if !still_ours {
                     return; // the queue was reset or dropped meanwhile
                 }
-                let mut again = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+                let batch = Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone());
+                let mut again = if inner.options.message_model == MessageModel::Clustering {
+                    send_back_batch(&inner, &mq, epoch, batch).await
+                } else {
+                    // RocketMQ drops them; orbitmq keeps its local redelivery.
+                    tracing::warn!(queue = %mq, offset = batch[0].queue_offset,
+                        "broadcasting sends nothing back; consuming the messages again locally");
+                    batch
+                };
+                if again.is_empty() {
+                    return;
+                }
                 for m in &mut again {
                     m.reconsume_times += 1;
                 }
@@ -667,6 +871,47 @@ fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64, delay: 
             }
         }
     });
+}
+
+/// Sends each failed message back to its broker (delay level 0: the broker's backoff, or the
+/// DLQ past `max_reconsume_times`); a message sent back counts as consumed. Returns those
+/// whose send-back failed, to be consumed again locally.
+async fn send_back_batch(
+    inner: &Arc<Inner>,
+    mq: &MessageQueue,
+    epoch: u64,
+    batch: Vec<MessageExt>,
+) -> Vec<MessageExt> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for m in batch {
+        match inner
+            .client
+            .send_back(&m, &inner.group, 0, inner.options.max_reconsume_times)
+            .await
+        {
+            Ok(r) => {
+                tracing::debug!(queue = %mq, offset = m.queue_offset, to = %r.topic,
+                    delay_level = r.delay_level, reconsume_times = r.reconsume_times,
+                    "message sent back");
+                done.push(m.queue_offset);
+            }
+            Err(e) => {
+                tracing::warn!(queue = %mq, offset = m.queue_offset, error = %e,
+                    "send-back failed; consuming the message again locally");
+                failed.push(m);
+            }
+        }
+    }
+    if !done.is_empty() {
+        if let Some(q) = inner.queues.lock().expect("queues lock").get_mut(mq) {
+            for o in done {
+                q.tracker.on_consumed(epoch, o);
+            }
+        }
+        inner.progress.notify_waiters();
+    }
+    failed
 }
 
 async fn commit_all(inner: &Arc<Inner>) -> Result<()> {
@@ -726,5 +971,61 @@ async fn maintenance_task(inner: Arc<Inner>) {
                 tracing::warn!(group = %inner.group, error = %e, "rebalance failed");
             }
         }
+    }
+}
+
+// ----- live offset reset (RESET_CONSUMER_CLIENT_OFFSET) -----
+
+/// Applies the brokers' live offset resets for this consumer's group as they come.
+async fn watch_resets(inner: Arc<Inner>) {
+    let mut rx = inner.client.pushes();
+    loop {
+        let push = match rx.recv().await {
+            Ok(p) => p,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(group = %inner.group, missed = n, "push observer lagged");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if push.code != orbitmq_proto::codes::push::RESET_CONSUMER_CLIENT_OFFSET {
+            continue;
+        }
+        let Some(notice) = push.reset.filter(|n| n.group == inner.group) else {
+            continue;
+        };
+        apply_reset(&inner, &notice);
+    }
+}
+
+/// Moves each held queue the notice names to its new offset: what is in flight for it is
+/// dropped (completions of it are ignored: a new tracker epoch), the next pull starts there,
+/// and commits go on from it.
+fn apply_reset(inner: &Arc<Inner>, notice: &orbitmq_proto::header::ResetOffsetNotice) {
+    let mut moved = Vec::new();
+    {
+        let mut qs = inner.queues.lock().expect("queues lock");
+        for o in &notice.offsets {
+            let mq = MessageQueue::new(&notice.topic, &notice.broker_name, o.queue_id);
+            let Some(q) = qs.get_mut(&mq) else {
+                // Being taken by a rebalance right now: it applies once the queue is in place.
+                if let Some(r) = inner.taking.lock().expect("taking lock").get_mut(&mq) {
+                    *r = Some(o.offset);
+                }
+                continue;
+            };
+            q.tracker.reset(o.offset);
+            // The broker committed it: the next commit is due once consumption moves on
+            // (without this, reaching the old committed offset again would commit nothing).
+            q.tracker.mark_committed(o.offset);
+            orderly::on_reset(inner, &mq, q.tracker.epoch());
+            moved.push((mq, o.offset));
+        }
+    }
+    for (mq, offset) in &moved {
+        tracing::info!(group = %inner.group, queue = %mq, offset, "offset reset by the broker");
+    }
+    if !moved.is_empty() {
+        inner.repull.notify_waiters();
     }
 }

@@ -2,9 +2,9 @@
 //! readable queues among the group's live consumers, by the group's allocation strategy.
 //! The share and the hand-over plan are pure; fetching the inputs is the thin async part.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orbitmq_proto::codes::push as push_code;
@@ -50,9 +50,48 @@ pub fn share(
         .collect()
 }
 
+/// The queues of `share` that were added to the topic live: readable now, not in the route
+/// this consumer saw at its previous rebalance (`None` at its first). Such a queue has only
+/// messages sent since it was created, so its new owner must start at its first offset
+/// whatever the group's `consume_from_where` says (RocketMQ's broker answers offset 0 for a
+/// group without an offset on a young queue, to the same end): starting at its last offset
+/// would skip what producers sent to it before this rebalance.
+pub fn added_live(
+    previous: Option<&BTreeSet<MessageQueue>>,
+    share: &BTreeSet<MessageQueue>,
+) -> Vec<MessageQueue> {
+    match previous {
+        None => Vec::new(),
+        Some(prev) => share.difference(prev).cloned().collect(),
+    }
+}
+
+/// Readable queues of each topic's route at the last rebalance, by (client id, group, topic).
+type SeenRoutes = BTreeMap<(String, String, String), BTreeSet<MessageQueue>>;
+
+/// What [`added_live`] compares against: one small entry per consumer client, group and
+/// topic this process has rebalanced (kept after the consumer shuts down).
+static SEEN_ROUTES: Mutex<SeenRoutes> = Mutex::new(BTreeMap::new());
+
+/// Commits the first offset of a queue added live for the group, unless the group already
+/// has an offset there, so that the new owner (this consumer, next) starts at it.
+async fn start_added_queue(client: &Client, group: &str, mq: &MessageQueue) -> Result<()> {
+    if client.query_consumer_offset(group, mq).await?.is_some() {
+        return Ok(());
+    }
+    let first = client.min_offset(mq).await?;
+    client.update_consumer_offset(group, mq, first).await?;
+    tracing::info!(%group, queue = %mq, offset = first,
+        "queue added to the topic live: the group starts it at its first offset");
+    Ok(())
+}
+
 /// Fetches the topic's readable queues (route) and the group's consumer ids (from the first
-/// broker endpoint of the route, sorted, so every member asks the same broker) and returns
-/// this client's share. A client the broker has not heard from yet heartbeats first.
+/// broker endpoint of the route, sorted, so every member asks the same broker, or the next
+/// one when it does not answer) and returns this client's share. A client the broker has not
+/// heard from yet heartbeats first. Queues of the share added to the topic since the previous
+/// rebalance ([`added_live`]) get the group's offset set to their first offset when it has
+/// none.
 pub(crate) async fn topic_share(
     client: &Client,
     group: &str,
@@ -61,20 +100,70 @@ pub(crate) async fn topic_share(
 ) -> Result<BTreeSet<MessageQueue>> {
     let route = client.topic_route(topic).await?;
     let queues: Vec<MessageQueue> = route.readable().iter().map(|q| q.mq.clone()).collect();
-    let Some(endpoint) = route.endpoints().into_iter().next().map(str::to_owned) else {
+    let endpoints: Vec<String> = route.endpoints().into_iter().map(str::to_owned).collect();
+    if endpoints.is_empty() {
         return Ok(BTreeSet::new());
-    };
-    let me = client.client_id().to_owned();
-    let mut ids = client.consumer_ids(&endpoint, group).await?;
-    if !ids.contains(&me) {
-        client.heartbeat().await?;
-        ids = client.consumer_ids(&endpoint, group).await?;
     }
-    warn_on_conflicts(client, &endpoint, group).await;
+    let me = client.client_id().to_owned();
+    // The first endpoint that answers: every member asks in the same order, so they agree
+    // while it is up, and a dead broker (still routed until the name servers drop it) does
+    // not stop the group from rebalancing.
+    let mut asked = None;
+    let mut first_err = None;
+    for endpoint in &endpoints {
+        match group_members(client, endpoint, group, &me).await {
+            Ok(ids) => {
+                asked = Some((endpoint, ids));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(%group, %endpoint, error = %e,
+                    "no consumer list from this endpoint; asking the next");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let Some((endpoint, ids)) = asked else {
+        return Err(first_err.expect("at least one endpoint was asked"));
+    };
+    warn_on_conflicts(client, endpoint, group).await;
     let mine = share(strategy, &me, &queues, &ids);
+    let key = (me, group.to_owned(), topic.to_owned());
+    let added = added_live(
+        SEEN_ROUTES.lock().expect("seen routes lock").get(&key),
+        &mine,
+    );
+    for mq in &added {
+        // On failure the route is not recorded: the next rebalance tries again (the caller
+        // keeps its current queues meanwhile).
+        start_added_queue(client, group, mq).await?;
+    }
+    SEEN_ROUTES
+        .lock()
+        .expect("seen routes lock")
+        .insert(key, queues.iter().cloned().collect());
     tracing::debug!(%group, %topic, consumers = ids.len(), queues = queues.len(),
-        mine = mine.len(), strategy = strategy.name(), "rebalanced");
+        mine = mine.len(), added = added.len(), strategy = strategy.name(), "rebalanced");
     Ok(mine)
+}
+
+/// The group's consumer ids as `endpoint` knows them. A client missing from the list (the
+/// broker has not heard from it yet) heartbeats first; a heartbeat failing on another broker
+/// does not matter here.
+async fn group_members(
+    client: &Client,
+    endpoint: &str,
+    group: &str,
+    me: &str,
+) -> Result<Vec<String>> {
+    let ids = client.consumer_ids(endpoint, group).await?;
+    if ids.iter().any(|id| id == me) {
+        return Ok(ids);
+    }
+    if let Err(e) = client.heartbeat().await {
+        tracing::debug!(%group, error = %e, "heartbeat before rebalancing failed somewhere");
+    }
+    client.consumer_ids(endpoint, group).await
 }
 
 /// Logs a warning naming the members when the broker sees members of the group subscribe
@@ -143,6 +232,25 @@ mod tests {
         }
         assert_eq!(share(&Strategy::Averagely, "a", &queues, &ids).len(), 3);
         assert!(share(&Strategy::Averagely, "unknown", &queues, &ids).is_empty());
+    }
+
+    #[test]
+    fn queues_added_live_are_those_of_the_share_missing_from_the_previous_route() {
+        let before: BTreeSet<_> = qs(4).into_iter().collect();
+        let after = qs(8);
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let mine = share(&Strategy::AveragelyByCircle, "a", &after, &ids);
+        // The first rebalance of a consumer: nothing counts as added.
+        assert!(added_live(None, &mine).is_empty());
+        let added = added_live(Some(&before), &mine);
+        let ids: Vec<u32> = added.iter().map(|q| q.queue_id).collect();
+        assert_eq!(
+            ids,
+            vec![4, 6],
+            "the new queues of this member's share only"
+        );
+        let all: BTreeSet<_> = after.iter().cloned().collect();
+        assert!(added_live(Some(&all), &mine).is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use orbitmq_proto::codes::{push as push_code, quic as quic_code};
 use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
-use orbitmq_proto::header::{self, Notice};
+use orbitmq_proto::header::{self, Notice, ResetOffsetNotice};
+use orbitmq_proto::limits::{MAX_GROUP_LEN, MAX_QUEUES_PER_TOPIC, MAX_TOPIC_LEN};
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -46,7 +47,11 @@ pub struct Push {
     pub endpoint: String,
     /// A code of `orbitmq_proto::codes::push`.
     pub code: u16,
+    /// The notice's text (RESET_CONSUMER_CLIENT_OFFSET: the group).
     pub message: String,
+    /// RESET_CONSUMER_CLIENT_OFFSET: the group's new offsets (that push's header is a
+    /// `ResetOffsetNotice` rather than a `Notice`).
+    pub reset: Option<ResetOffsetNotice>,
 }
 
 /// Splits `host:port` (IPv6 hosts in brackets) and checks the port.
@@ -346,9 +351,31 @@ async fn reader_task(
     }
 }
 
+/// Decodes a RESET_CONSUMER_CLIENT_OFFSET header and checks its bounds.
+fn decode_reset(h: &[u8]) -> std::result::Result<ResetOffsetNotice, String> {
+    let n = header::decode::<ResetOffsetNotice>(h).map_err(|e| e.to_string())?;
+    if n.group.is_empty() || n.group.len() > MAX_GROUP_LEN || n.topic.len() > MAX_TOPIC_LEN {
+        return Err("reset notice with a bad group or topic".into());
+    }
+    if n.offsets.len() > MAX_QUEUES_PER_TOPIC as usize {
+        return Err(format!(
+            "reset notice names {} queues, over {MAX_QUEUES_PER_TOPIC}",
+            n.offsets.len()
+        ));
+    }
+    Ok(n)
+}
+
 fn dispatch_push(endpoint: &str, f: Frame, pushes: &broadcast::Sender<Push>) {
-    let message = match header::decode::<Notice>(&f.header) {
-        Ok(n) => n.message,
+    let decoded = if f.code == push_code::RESET_CONSUMER_CLIENT_OFFSET {
+        decode_reset(&f.header).map(|n| (n.group.clone(), Some(n)))
+    } else {
+        header::decode::<Notice>(&f.header)
+            .map(|n| (n.message, None))
+            .map_err(|e| e.to_string())
+    };
+    let (message, reset) = match decoded {
+        Ok(d) => d,
         Err(e) => {
             tracing::warn!(%endpoint, code = f.code, error = %e, "push with an invalid header");
             return;
@@ -364,6 +391,7 @@ fn dispatch_push(endpoint: &str, f: Frame, pushes: &broadcast::Sender<Push>) {
         endpoint: endpoint.to_owned(),
         code: f.code,
         message,
+        reset,
     });
 }
 

@@ -23,7 +23,11 @@ pub const MAX_SHAPE_FILE_LEN: u64 = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueMap {
     /// `shard = (crc32c(topic bytes) + queue_id) % shards`: the queues of one topic land on
-    /// consecutive shards, so a topic with at least `shards` queues uses every core.
+    /// consecutive shards, so a topic with at least `shards` queues uses every core. A
+    /// consumer group's retry and dead-letter topics (`%RETRY%<group>`, `%DLQ%<group>`) hash
+    /// the group name instead, so both live on one shard: the shard that takes a send-back
+    /// can store a dead letter itself. (Those topics did not exist before this rule, so no
+    /// data directory holds one placed by the plain rule.)
     TopicHashPlusQueue,
 }
 
@@ -47,8 +51,9 @@ impl QueueMap {
         assert!(shards > 0, "a shape has at least one shard");
         match self {
             Self::TopicHashPlusQueue => {
+                let hashed = orbitmq_proto::sys::group_of(topic).unwrap_or(topic);
                 // u64 sum: crc + queue id cannot overflow, and the result is < shards.
-                ((u64::from(crc32c::crc32c(topic.as_bytes())) + u64::from(queue_id))
+                ((u64::from(crc32c::crc32c(hashed.as_bytes())) + u64::from(queue_id))
                     % u64::from(shards)) as u32
             }
         }
@@ -343,6 +348,34 @@ mod tests {
             map: QueueMap::TopicHashPlusQueue,
         };
         assert_eq!(one.shard_of("x", u32::MAX), 0);
+    }
+
+    #[test]
+    fn retry_and_dlq_of_a_group_share_a_shard() {
+        for shards in [2, 3, 7, 64] {
+            let shape = Shape {
+                shards,
+                map: QueueMap::TopicHashPlusQueue,
+            };
+            for g in ["g", "orders-consumer", "G_1", "%odd"] {
+                let retry = shape.shard_of(&format!("%RETRY%{g}"), 0);
+                assert_eq!(retry, shape.shard_of(&format!("%DLQ%{g}"), 0), "{g}");
+                assert_eq!(
+                    retry,
+                    (u64::from(crc32c::crc32c(g.as_bytes())) % u64::from(shards)) as u32
+                );
+            }
+        }
+        // Other topics keep the plain rule (existing data directories are unaffected).
+        let seven = Shape {
+            shards: 7,
+            map: QueueMap::TopicHashPlusQueue,
+        };
+        assert_eq!(seven.shard_of("123456789", 0), (0xE306_9283u64 % 7) as u32);
+        assert_eq!(
+            seven.shard_of("%RETRY%123456789", 1),
+            ((0xE306_9283u64 + 1) % 7) as u32
+        );
     }
 
     #[test]

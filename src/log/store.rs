@@ -175,6 +175,9 @@ struct Inner {
     persisting: Gate,
     /// close() wrote the final checkpoint: no later persist may overwrite it.
     sealed: Cell<bool>,
+    /// Retention keeps the segments from this log offset on (messages waiting in the
+    /// schedule and timer topics); `u64::MAX`: no hold.
+    hold_from: Cell<u64>,
 }
 
 /// A shard's store. Cheap to clone; all clones share one state on one thread.
@@ -391,6 +394,7 @@ impl Store {
                 flushing: Gate::default(),
                 persisting: Gate::default(),
                 sealed: Cell::new(false),
+                hold_from: Cell::new(u64::MAX),
             }),
         };
         store.recover().await?;
@@ -1086,7 +1090,14 @@ impl Store {
                 queue_offset: at.queue_offset,
                 physical_offset: at.physical_offset,
                 size: n as u32,
-                tag_hash: record::tag_hash(&m.tags),
+                tag_hash: crate::schedule::cq_tag(
+                    &m.topic,
+                    &m.tags,
+                    m.properties
+                        .iter()
+                        .find(|(k, _)| k == orbitmq_proto::sys::property::TIMER_DELIVER_MS)
+                        .map(|(_, v)| v.as_str()),
+                ),
                 store_timestamp: ts,
             });
             results.push(AppendResult {
@@ -1489,6 +1500,24 @@ impl Store {
         Some((cq.min_offset, cq.max_offset()))
     }
 
+    /// Up to `n` ConsumeQueue entries of a queue from `offset` (fewer at a file boundary or
+    /// the queue's end; none below its minimum).
+    pub async fn queue_entries(
+        &self,
+        topic: &str,
+        queue_id: u32,
+        offset: u64,
+        n: usize,
+    ) -> Result<Vec<CqEntry>> {
+        match self.queue_bounds(topic, queue_id) {
+            Some((min, max)) if offset >= min && offset < max => {
+                self.entries(topic, queue_id, offset, n.min((max - offset) as usize))
+                    .await
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// Up to `n` ConsumeQueue entries from `offset` (fewer at a file boundary).
     async fn entries(
         &self,
@@ -1703,10 +1732,22 @@ impl Store {
             let st = self.inner.st.borrow();
             index_floor(&st, st.synced)
         };
+        // Messages still waiting for their delivery time are kept, unless the disk is so
+        // full that RocketMQ would clean by force.
+        let hold = self.inner.hold_from.get();
+        let forced = disk_used_ratio >= self.inner.cfg.retention.disk_force_clean_ratio;
+        let floor = if forced {
+            scan_floor
+        } else {
+            scan_floor.min(hold)
+        };
         let victims: Vec<u64> = victims
             .into_iter()
-            .filter(|b| b + seg_size <= scan_floor)
+            .filter(|b| b + seg_size <= floor)
             .collect();
+        if forced && victims.last().is_some_and(|b| b + seg_size > hold) {
+            warn!(hold, "disk nearly full: retention deletes segments holding messages that wait for a delay or timer");
+        }
         for b in &victims {
             let f = self.inner.st.borrow_mut().segments.remove(b);
             if let Some(f) = f {
@@ -1725,6 +1766,12 @@ impl Store {
             self.inner.st.borrow_mut().cache.drop_below(new_min);
         }
         Ok(victims)
+    }
+
+    /// Keeps the CommitLog from `log_offset` on through retention (`u64::MAX`: no hold): the
+    /// scheduler holds what still waits to be delivered.
+    pub fn hold_from(&self, log_offset: u64) {
+        self.inner.hold_from.set(log_offset);
     }
 
     /// Moves each queue's minimum to its first entry at or after log offset `log_min`, and

@@ -327,7 +327,13 @@ impl RouteInfoManager {
         if only_auto {
             let has = |m: &Member| m.topics.contains_key(topic);
             for (name, e, m) in masters().filter(|(_, _, m)| m.auto_create && !has(m)) {
-                let t = TopicConfig::new(topic, m.default_queues);
+                // A group's retry or dead-letter topic has one queue wherever it is made.
+                let n = if orbitmq_proto::sys::group_of(topic).is_some() {
+                    orbitmq_proto::sys::RETRY_DLQ_QUEUES
+                } else {
+                    m.default_queues
+                };
+                let t = TopicConfig::new(topic, n);
                 queues.extend(queue_routes(name, &t, &m.shape, &m.shard_endpoints));
                 brokers.push(Self::broker_route(name, e));
             }
@@ -511,6 +517,28 @@ mod tests {
         let r = m.route("New").unwrap();
         assert_eq!(r.queues.len(), 2);
         assert!(r.queues.iter().all(|q| q.broker_name == "b"));
+    }
+
+    #[test]
+    fn retry_and_dlq_topics_route_to_the_groups_shard() {
+        let t0 = Instant::now();
+        let mut m = RouteInfoManager::new();
+        m.register(&reg("a", 10911, &[("%RETRY%g", 1)], true), t0)
+            .unwrap();
+        let shape = Shape {
+            shards: 2,
+            map: QueueMap::TopicHashPlusQueue,
+        };
+        let shard = shape.shard_of("%RETRY%g", 0);
+        assert_eq!(shard, shape.shard_of("%DLQ%g", 0));
+        let r = m.route("%RETRY%g").unwrap();
+        assert_eq!(r.queues.len(), 1);
+        assert_eq!(r.queues[0].shard, shard);
+        assert_eq!(r.queues[0].endpoint, format!("127.0.0.1:{}", 10911 + shard));
+        // Not made yet: the auto-creating brokers' default route has the one queue too.
+        let d = m.route("%DLQ%g").unwrap();
+        assert_eq!(d.queues.len(), 1);
+        assert_eq!(d.queues[0].shard, shard);
     }
 
     #[test]

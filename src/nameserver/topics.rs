@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use orbitmq_proto::limits::{self, MAX_QUEUES_PER_TOPIC};
+use orbitmq_proto::sys::RETRY_DLQ_QUEUES;
 use thiserror::Error;
 
 /// RocketMQ's `defaultTopicQueueNums`.
@@ -18,6 +19,10 @@ pub const DEFAULT_TOPIC_QUEUE_NUMS: u32 = 8;
 pub const PERM_READ: u32 = 4;
 pub const PERM_WRITE: u32 = 2;
 pub const PERM_RW: u32 = PERM_READ | PERM_WRITE;
+/// Topics a broker makes for consumer groups (retry and dead-letter topics) only while it
+/// has fewer than this many topics: heartbeats name groups, and a name is no reason to grow
+/// the table without end.
+pub const MAX_TOPICS_FOR_GROUP_TOPICS: usize = 100_000;
 const TOPICS_FILE: &str = "topics.conf";
 const TOPICS_HEADER: &str =
     "# orbitmq topics: name read_queues write_queues perm [auto (created by a first send)]";
@@ -64,6 +69,8 @@ pub enum TopicError {
         line: usize,
         why: String,
     },
+    #[error("the broker has {0} topics: no more retry or dead-letter topics are made")]
+    TooMany(usize),
     #[error("writing {path}: {source}")]
     Io {
         path: String,
@@ -213,13 +220,17 @@ impl Topics {
         Ok(true)
     }
 
-    /// The topic's config, creating it with the default queue count when auto-creation is on.
+    /// The topic's config, creating it with the default queue count when auto-creation is on
+    /// (a group's retry or dead-letter topic with its one queue, as [`Topics::ensure_group_topic`]).
     pub fn get_or_auto_create(&self, name: &str) -> Result<Option<TopicConfig>, TopicError> {
         if let Some(t) = self.get(name) {
             return Ok(Some(t));
         }
         if !self.auto_create {
             return Ok(None);
+        }
+        if orbitmq_proto::sys::group_of(name).is_some() {
+            return self.ensure_group_topic(name).map(Some);
         }
         limits::validate_topic(name)?;
         let mut table = self.table.lock().expect("topic table lock");
@@ -237,6 +248,31 @@ impl Topics {
             "topic auto-created"
         );
         Ok(Some(t))
+    }
+
+    /// A consumer group's retry (`%RETRY%<group>`) or dead-letter (`%DLQ%<group>`) topic:
+    /// created read-write with [`RETRY_DLQ_QUEUES`] queue if the broker lacks it (whatever
+    /// `autoCreateTopicEnable` says: RocketMQ makes them for every consumer group), as an admin
+    /// topic so the name server routes it to exactly the brokers that have it. A change wakes
+    /// the registrar, so the route reaches the name servers at once.
+    pub fn ensure_group_topic(&self, name: &str) -> Result<TopicConfig, TopicError> {
+        if let Some(t) = self.get(name) {
+            return Ok(t);
+        }
+        limits::validate_topic(name)?;
+        let mut table = self.table.lock().expect("topic table lock");
+        if let Some(t) = table.get(name) {
+            return Ok(t.clone());
+        }
+        if table.len() >= MAX_TOPICS_FOR_GROUP_TOPICS {
+            return Err(TopicError::TooMany(MAX_TOPICS_FOR_GROUP_TOPICS));
+        }
+        let t = TopicConfig::new(name, RETRY_DLQ_QUEUES);
+        table.insert(name.to_owned(), t.clone());
+        self.persist(&table)?;
+        self.bump();
+        tracing::info!(topic = name, "retry or dead-letter topic created");
+        Ok(t)
     }
 
     fn persist(&self, table: &BTreeMap<String, TopicConfig>) -> Result<(), TopicError> {
@@ -323,6 +359,30 @@ mod tests {
         assert_eq!(v.get(&t, "A").unwrap(), None);
         t.upsert(TopicConfig::new("A", 4)).unwrap();
         assert_eq!(v.get(&t, "A").unwrap().unwrap().queues(), 4);
+    }
+
+    #[test]
+    fn group_topics_have_one_queue_and_are_made_once() {
+        let d = tempfile::tempdir().unwrap();
+        let t = Topics::load(d.path(), false, 8).unwrap();
+        let epoch = t.epoch();
+        let r = t.ensure_group_topic("%RETRY%g1").unwrap();
+        assert_eq!((r.read_queues, r.write_queues, r.perm), (1, 1, PERM_RW));
+        assert!(!r.auto_created);
+        assert_eq!(
+            t.epoch(),
+            epoch + 1,
+            "a creation bumps the epoch (registration)"
+        );
+        assert_eq!(t.ensure_group_topic("%RETRY%g1").unwrap(), r);
+        assert_eq!(t.epoch(), epoch + 1, "an existing topic is not touched");
+        assert!(t.ensure_group_topic("%RETRY%bad group").is_err());
+        // Auto-creation gives a group topic its one queue, not defaultTopicQueueNums.
+        let a = Topics::load(d.path(), true, 8).unwrap();
+        assert_eq!(a.get("%RETRY%g1"), Some(r), "persisted");
+        let dlq = a.get_or_auto_create("%DLQ%g2").unwrap().unwrap();
+        assert_eq!((dlq.queues(), dlq.auto_created), (1, false));
+        assert_eq!(a.get_or_auto_create("Orders").unwrap().unwrap().queues(), 8);
     }
 
     #[test]

@@ -64,10 +64,20 @@ impl Peer {
         }
     }
 
+    /// Pushes a frame whose header is given as encoded (a push code with a header of its own,
+    /// e.g. RESET_CONSUMER_CLIENT_OFFSET with a `ResetOffsetNotice`); queued, not yet sent.
+    pub async fn push_header(&self, code: u16, header: Bytes) -> Result<(), String> {
+        self.push_frame(code, header).await.map(drop)
+    }
+
     async fn push_stream(&self, code: u16, message: &str) -> Result<quinn::SendStream, String> {
         let h = header::encode(&Notice {
             message: message.to_owned(),
         });
+        self.push_frame(code, h).await
+    }
+
+    async fn push_frame(&self, code: u16, h: Bytes) -> Result<quinn::SendStream, String> {
         let f = Frame::new(Kind::Push, code, 0, h, Bytes::new());
         let mut s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
         s.write_all(&f.to_bytes())

@@ -44,6 +44,10 @@ pub struct BrokerShared {
     pub endpoints: OnceLock<Vec<SocketAddr>>,
     /// Producers and consumers per group, from their heartbeats (every shard gets some).
     pub clients: Mutex<ClientRegistry>,
+    /// Orderly consumers' queue locks, broker-wide (any shard answers LOCK_BATCH_MQ).
+    pub locks: Mutex<crate::shard::locks::LockTable>,
+    /// Delay levels and the timer limit (`messageDelayLevel`, `timerMaxDelaySec`).
+    pub schedule: crate::schedule::ScheduleConfig,
 }
 
 /// Groups one heartbeat may name.
@@ -83,7 +87,7 @@ pub fn tag_hashes(expr: &str) -> Option<Vec<u64>> {
     )
 }
 
-fn store_error_code(e: &StoreError) -> u16 {
+pub(crate) fn store_error_code(e: &StoreError) -> u16 {
     match e {
         StoreError::BadMessage(_) | StoreError::BadBatch(_) => response::MESSAGE_ILLEGAL,
         StoreError::Fenced(_) | StoreError::DiskFull(_) | StoreError::Closed => {
@@ -103,7 +107,7 @@ impl ShardHandler {
             .unwrap_or_default()
     }
 
-    fn my_endpoint(&self) -> SocketAddr {
+    pub(crate) fn my_endpoint(&self) -> SocketAddr {
         self.shared
             .endpoints
             .get()
@@ -112,7 +116,22 @@ impl ShardHandler {
     }
 
     /// Checks the topic and queue, and that this shard owns the queue. Err: the response.
-    fn check_queue(&self, id: u64, topic: &str, queue_id: u32, perm: u32) -> Result<(), Frame> {
+    pub(crate) fn check_queue(
+        &self,
+        id: u64,
+        topic: &str,
+        queue_id: u32,
+        perm: u32,
+    ) -> Result<(), Frame> {
+        // Messages waiting for their time live there: no client reads or writes them (and a
+        // pull must not auto-create them as a topic).
+        if orbitmq_proto::sys::is_internal_topic(topic) {
+            return Err(error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                format!("topic {topic} is internal to the broker; send with a delay level or delivery time instead"),
+            ));
+        }
         let t = match self.view.borrow_mut().get(&self.shared.topics, topic) {
             Ok(Some(t)) => t,
             Ok(None) => {
@@ -200,7 +219,7 @@ impl ShardHandler {
             return f;
         }
         let mut at = 0usize;
-        let msgs: Vec<Message> = h
+        let mut msgs: Vec<Message> = h
             .messages
             .into_iter()
             .map(|m| {
@@ -222,17 +241,54 @@ impl ShardHandler {
                 }
             })
             .collect();
+        match self.divert_delayed(&mut msgs) {
+            // A batch is one append to one queue: all or nothing (RocketMQ refuses delays in
+            // batches too).
+            Ok(true) if msgs.len() > 1 => {
+                return error_frame(
+                    id,
+                    response::MESSAGE_ILLEGAL,
+                    "a batch cannot carry delay levels or delivery times: send those one by one",
+                )
+            }
+            Ok(_) => {}
+            Err(e) => return error_frame(id, response::MESSAGE_ILLEGAL, e.to_string()),
+        }
         match self.store.append_batch(&msgs).await {
             Ok(results) => {
-                let me = self.my_endpoint();
+                // Every id of this response shares its broker/port/shard half: encode that
+                // once and only the CommitLog offset per message (one allocation each).
+                const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                const OFFSET_HEX_DIGITS: usize = 16;
+                let prefix = OffsetId::new(self.my_endpoint(), self.shard as u16, 0).encode();
+                let prefix = &prefix[..prefix.len() - OFFSET_HEX_DIGITS];
+                let msg_id = |offset: u64| {
+                    let mut id = String::with_capacity(prefix.len() + OFFSET_HEX_DIGITS);
+                    id.push_str(prefix);
+                    for i in (0..OFFSET_HEX_DIGITS).rev() {
+                        id.push(HEX[((offset >> (4 * i)) & 0xF) as usize] as char);
+                    }
+                    id
+                };
                 let resp = SendResponse {
                     queue_id: h.queue_id,
                     results: results
                         .iter()
-                        .map(|r| SendResult {
-                            msg_id: OffsetId::new(me, self.shard as u16, r.physical_offset)
-                                .encode(),
-                            queue_offset: r.queue_offset,
+                        .map(|r| {
+                            let id = msg_id(r.physical_offset);
+                            debug_assert_eq!(
+                                id,
+                                OffsetId::new(
+                                    self.my_endpoint(),
+                                    self.shard as u16,
+                                    r.physical_offset
+                                )
+                                .encode()
+                            );
+                            SendResult {
+                                msg_id: id,
+                                queue_offset: r.queue_offset,
+                            }
                         })
                         .collect(),
                 };
@@ -478,6 +534,10 @@ impl ShardHandler {
                 }
             }
             request::HEART_BEAT | request::UNREGISTER_CLIENT => self.heartbeat(&req, peer),
+            request::CONSUMER_SEND_MSG_BACK => self.send_back(&req).await,
+            request::LOCK_BATCH_MQ => self.lock_batch(&req, false),
+            request::UNLOCK_BATCH_MQ => self.lock_batch(&req, true),
+            request::INVOKE_BROKER_TO_RESET_OFFSET => self.reset_offset(&req),
             request::GET_CONSUMER_CONNECTION_LIST => {
                 let h: GroupRequest = match header::decode(&req.header) {
                     Ok(h) => h,
@@ -638,6 +698,17 @@ impl ShardHandler {
                 ),
             );
         }
+        if req.code == request::HEART_BEAT {
+            // The retry topic of each consumer group that subscribes to something, so its
+            // members can subscribe to it (a bare group name makes no topic).
+            let subscribing: Vec<String> = subs
+                .groups
+                .iter()
+                .filter(|g| !g.subscriptions.is_empty() && h.consumer_groups.contains(&g.group))
+                .map(|g| g.group.clone())
+                .collect();
+            self.ensure_retry_topics(&subscribing);
+        }
         let now = Instant::now();
         let (changed, members) = {
             let mut clients = self.shared.clients.lock().expect("clients lock");
@@ -698,6 +769,25 @@ impl ShardHandler {
                 .detach();
             }
         }
+    }
+}
+
+impl ShardHandler {
+    /// Sends delayed messages (delay level or delivery time) to wait in the schedule or
+    /// timer topic of this shard; the others are left as they are. True if any was.
+    pub(crate) fn divert_delayed(
+        &self,
+        msgs: &mut [Message],
+    ) -> Result<bool, crate::schedule::ScheduleError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut any = false;
+        for m in msgs.iter_mut() {
+            any |= crate::schedule::divert(m, &self.shared.schedule, now)?
+                != crate::schedule::Diverted::No;
+        }
+        Ok(any)
     }
 }
 

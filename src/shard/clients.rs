@@ -88,10 +88,16 @@ pub struct ClientRegistry {
 /// subscription set naming the members that hold it, or nothing when all agree. Members
 /// whose subscriptions are unknown (older clients) are left out.
 pub fn subscription_conflicts(members: &[(String, Vec<Sub>)]) -> Vec<String> {
-    let mut by_set: BTreeMap<&[Sub], Vec<&str>> = BTreeMap::new();
+    let mut by_set: BTreeMap<Vec<&Sub>, Vec<&str>> = BTreeMap::new();
     for (client, subs) in members {
+        // The group's retry topic is the client's own business (a push consumer subscribes
+        // it, a lite pull consumer does not): it is no conflict.
+        let subs: Vec<&Sub> = subs
+            .iter()
+            .filter(|(t, _)| !t.starts_with(orbitmq_proto::sys::RETRY_GROUP_TOPIC_PREFIX))
+            .collect();
         if !subs.is_empty() {
-            by_set.entry(subs.as_slice()).or_default().push(client);
+            by_set.entry(subs).or_default().push(client);
         }
     }
     if by_set.len() < 2 {
@@ -274,6 +280,11 @@ mod tests {
         r.unregister("c3");
         assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
         assert!(!r.subs["G"].contains_key("c3"), "pruned");
+        // A push consumer also subscribes the group's retry topic; that is no conflict.
+        let mut with_retry = sub("T", "*");
+        with_retry.push(("%RETRY%G".into(), "*".into()));
+        r.set_subscriptions("c2", "G", with_retry);
+        assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
     }
 
     #[test]

@@ -6,6 +6,8 @@
 
 pub mod broker;
 pub mod clients;
+pub mod locks;
+pub mod sendback;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -156,6 +158,8 @@ pub struct ShardSetConfig {
     pub store: StoreConfig,
     /// `None`: storage only (tests and tools).
     pub net: Option<NetConfig>,
+    /// Delay levels and timers (the scheduler runs only with networking).
+    pub schedule: crate::schedule::ScheduleConfig,
 }
 
 /// Running shards; dropping it does not stop them: call [`ShardSet::stop`].
@@ -214,6 +218,18 @@ async fn run_shard(
         }
     };
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let scheduler =
+        match crate::schedule::service::Scheduler::start(store.clone(), shared.schedule.clone())
+            .await
+        {
+            Ok(s) => s,
+            Err(why) => {
+                let why = format!("scheduler: {why}");
+                let _ = ready.send((k, Err(why.clone())));
+                let _ = store.close().await;
+                return Err(why);
+            }
+        };
     let _ = ready.send((k, Ok(Some(bound))));
     let handler = Rc::new(broker::ShardHandler {
         shard: k,
@@ -234,7 +250,12 @@ async fn run_shard(
     // Let the CONNECTION_CLOSE frames go out, within bounds.
     futures_lite::future::or(endpoint.wait_idle(), glommio::timer::sleep(SHUTDOWN_GRACE)).await;
     server.await;
-    store.close().await.map_err(|e| e.to_string())
+    let progress = scheduler.stop().await;
+    store.close().await.map_err(|e| e.to_string())?;
+    // Closed: every delivery is synced, so the final progress may say so.
+    progress
+        .persist()
+        .map_err(|e| format!("persisting scheduler progress: {e}"))
 }
 
 impl ShardSet {
@@ -248,7 +269,9 @@ impl ShardSet {
                 shape,
                 topics: n.topics.clone(),
                 endpoints: OnceLock::new(),
+                schedule: cfg.schedule.clone(),
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
+                locks: Mutex::new(locks::LockTable::default()),
             })
         });
         let stop = Arc::new(AtomicBool::new(false));
