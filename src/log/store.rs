@@ -1869,20 +1869,22 @@ impl Store {
                     hi = mid;
                 }
             }
-            let mut st = self.inner.st.borrow_mut();
-            let Some(cq) = st.topics.get_mut(&t).and_then(|m| m.get_mut(&q)) else {
-                continue;
+            let gone = {
+                let mut st = self.inner.st.borrow_mut();
+                let Some(cq) = st.topics.get_mut(&t).and_then(|m| m.get_mut(&q)) else {
+                    continue;
+                };
+                cq.min_offset = lo;
+                let files: Vec<(u64, u64)> =
+                    cq.files.keys().map(|b| (*b, cq.entries_per_file)).collect();
+                let mut gone = Vec::new();
+                for base in retention::cq_files_to_delete(&files, lo) {
+                    let _ = std::fs::remove_file(cq.path_of(base));
+                    cq.files.remove(&base);
+                    gone.push(cq.path_of(base));
+                }
+                gone
             };
-            cq.min_offset = lo;
-            let files: Vec<(u64, u64)> =
-                cq.files.keys().map(|b| (*b, cq.entries_per_file)).collect();
-            let mut gone = Vec::new();
-            for base in retention::cq_files_to_delete(&files, lo) {
-                let _ = std::fs::remove_file(cq.path_of(base));
-                cq.files.remove(&base);
-                gone.push(cq.path_of(base));
-            }
-            drop(st);
             if !gone.is_empty() {
                 self.close_cq_files(|p| gone.iter().any(|g| g == p)).await;
             }
