@@ -496,3 +496,67 @@ async fn members_with_different_subscriptions_are_reported() {
     a.shutdown().await.unwrap();
     b.stop();
 }
+
+/// A consumer process killed with SIGKILL sends no unregister: the broker drops it when its
+/// last connection closes (QUIC's idle timeout, 30 s), not at `channelExpiredTimeout`
+/// (120 s here, the default), and the other members are told at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_consumer_leaves_its_group_when_its_connections_close() {
+    /// Well under the 120 s expiry, above the 30 s idle timeout plus a keep-alive.
+    const LEAVE_BOUND: Duration = Duration::from_secs(75);
+    let topic = "GroupKilled";
+    let (b, _dir) = broker(&[topic]);
+    let watcher = LitePullConsumer::with_options("g-killed", b.config(), from_first())
+        .await
+        .unwrap();
+    watcher.subscribe(topic, "*").await.unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["consume", "--namesrv", &b.namesrv, "--tls-ca"])
+        .arg(&b.ca)
+        .args([
+            "--topic",
+            topic,
+            "--group",
+            "g-killed",
+            "--timeout-secs",
+            "600",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = spawn_tied(cmd).expect("spawn orbitmq consume");
+    let members = || async {
+        watcher
+            .client()
+            .consumer_connections(&b.shards[0], "g-killed")
+            .await
+            .map(|r| r.members.len())
+            .unwrap_or(0)
+    };
+    let start = Instant::now();
+    while members().await < 2 {
+        assert!(
+            start.elapsed() < LEAVE_BOUND,
+            "the consume process never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = Instant::now();
+    while members().await > 1 {
+        assert!(
+            killed.elapsed() < LEAVE_BOUND,
+            "the killed member was still listed after {LEAVE_BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The survivor takes every queue at its next rebalance.
+    let start = Instant::now();
+    while watcher.assignment().len() < QUEUES as usize {
+        assert!(start.elapsed() < LEAVE_BOUND, "{:?}", watcher.assignment());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("killed member left after {:?}", killed.elapsed());
+    watcher.shutdown().await.unwrap();
+    b.stop();
+}

@@ -93,6 +93,9 @@ pub type HandlerFuture = Pin<Box<dyn Future<Output = Frame>>>;
 /// Turns a request into its response (same request id).
 pub trait Handler: 'static {
     fn handle(self: Rc<Self>, req: Frame, peer: &Peer) -> HandlerFuture;
+
+    /// The connection ended (closed by either side, or timed out).
+    fn connection_closed(self: Rc<Self>, _peer: &Peer) {}
 }
 
 /// A response carrying only an error message.
@@ -192,6 +195,7 @@ async fn serve_connection(conn: quinn::Connection, handler: Rc<dyn Handler>) {
             Ok(s) => s,
             Err(e) => {
                 debug!(remote = %peer.remote, error = %e, "connection ended");
+                handler.connection_closed(&peer);
                 return;
             }
         };

@@ -66,7 +66,13 @@ pub struct ShardHandler {
     /// The connection each client last heartbeat on at this shard, to push it notices
     /// (consumer ids changed). Per shard: a `Peer` belongs to this shard's endpoint.
     pub peers: RefCell<HashMap<String, Peer>>,
+    /// The clients that heartbeat on each open connection of this shard (by the
+    /// connection's stable id), so its close can tell the registry.
+    pub conn_clients: RefCell<HashMap<usize, std::collections::HashSet<String>>>,
 }
+
+/// Client ids counted per connection; more heartbeat on one connection leave by expiry only.
+pub const MAX_CLIENTS_PER_CONNECTION: usize = 64;
 
 /// Client connections a shard remembers for pushes; heartbeats past it are not remembered
 /// (those clients still rebalance on their periodic timer).
@@ -734,6 +740,18 @@ impl ShardHandler {
                 .collect();
             (changed, members)
         };
+        if req.code == request::HEART_BEAT {
+            let mut conns = self.conn_clients.borrow_mut();
+            let on_conn = conns.entry(peer.conn.stable_id()).or_default();
+            if !on_conn.contains(&h.client_id) && on_conn.len() < MAX_CLIENTS_PER_CONNECTION {
+                on_conn.insert(h.client_id.clone());
+                self.shared
+                    .clients
+                    .lock()
+                    .expect("clients lock")
+                    .connection_opened(&h.client_id);
+            }
+        }
         {
             let mut peers = self.peers.borrow_mut();
             if req.code == request::UNREGISTER_CLIENT {
@@ -795,6 +813,36 @@ impl Handler for ShardHandler {
     fn handle(self: Rc<Self>, req: Frame, peer: &Peer) -> HandlerFuture {
         let peer = peer.clone();
         Box::pin(async move { self.dispatch(req, &peer).await })
+    }
+
+    /// A client whose last connection to this broker closed (a killed process, once QUIC's
+    /// idle timeout passes) leaves its groups now rather than at `channelExpiredTimeout`.
+    fn connection_closed(self: Rc<Self>, peer: &Peer) {
+        let id = peer.conn.stable_id();
+        let Some(clients) = self.conn_clients.borrow_mut().remove(&id) else {
+            return;
+        };
+        self.peers
+            .borrow_mut()
+            .retain(|_, p| p.conn.stable_id() != id);
+        let now = Instant::now();
+        let (changed, members) = {
+            let mut reg = self.shared.clients.lock().expect("clients lock");
+            let mut changed = std::collections::BTreeSet::new();
+            for c in &clients {
+                changed.extend(reg.connection_closed(c));
+            }
+            let members: Vec<(String, Vec<String>)> = changed
+                .iter()
+                .map(|g| (g.clone(), reg.consumers(g, now)))
+                .collect();
+            (changed, members)
+        };
+        if !changed.is_empty() {
+            tracing::info!(clients = ?clients, groups = ?changed, remote = %peer.remote,
+                "clients left with their last connection");
+            self.notify_consumer_ids_changed(members);
+        }
     }
 }
 

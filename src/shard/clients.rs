@@ -11,6 +11,8 @@ pub const DEFAULT_CLIENT_EXPIRY: Duration = Duration::from_secs(120);
 pub const MAX_TRACKED_GROUPS: usize = 100_000;
 /// Clients tracked per group.
 pub const MAX_CLIENTS_PER_GROUP: usize = 10_000;
+/// Clients whose connections are counted; past it, clients leave only by expiry.
+pub const MAX_TRACKED_CONNECTION_CLIENTS: usize = 100_000;
 
 #[derive(Default, Debug)]
 struct Groups {
@@ -82,6 +84,9 @@ pub struct ClientRegistry {
     producers: Groups,
     /// Subscriptions per group and consumer (sorted), from heartbeat bodies.
     subs: BTreeMap<String, BTreeMap<String, Vec<Sub>>>,
+    /// Open connections each client has heartbeat on (any shard): when the last closes, the
+    /// client is gone (RocketMQ drops a client when its channel closes).
+    connections: BTreeMap<String, u32>,
 }
 
 /// Describes the disagreements among the members of one group: one line per distinct
@@ -119,7 +124,31 @@ impl ClientRegistry {
             consumers: Groups::default(),
             producers: Groups::default(),
             subs: BTreeMap::new(),
+            connections: BTreeMap::new(),
         }
+    }
+
+    /// A client heartbeat on a connection it had not used before.
+    pub fn connection_opened(&mut self, client_id: &str) {
+        if self.connections.contains_key(client_id)
+            || self.connections.len() < MAX_TRACKED_CONNECTION_CLIENTS
+        {
+            *self.connections.entry(client_id.to_owned()).or_default() += 1;
+        }
+    }
+
+    /// A connection a client had heartbeat on closed: when it was its last, the client is
+    /// unregistered. Returns the consumer groups that lost it.
+    pub fn connection_closed(&mut self, client_id: &str) -> Vec<String> {
+        let Some(n) = self.connections.get_mut(client_id) else {
+            return Vec::new();
+        };
+        *n -= 1;
+        if *n > 0 {
+            return Vec::new();
+        }
+        self.connections.remove(client_id);
+        self.unregister(client_id)
     }
 
     /// Records what a consumer subscribed to in a group it is a member of (ignored
@@ -285,6 +314,25 @@ mod tests {
         with_retry.push(("%RETRY%G".into(), "*".into()));
         r.set_subscriptions("c2", "G", with_retry);
         assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
+    }
+
+    #[test]
+    fn a_client_leaves_when_its_last_connection_closes() {
+        let t0 = Instant::now();
+        let mut r = ClientRegistry::new(Duration::from_secs(120));
+        let g = |s: &str| vec![s.to_string()];
+        r.heartbeat("c1", &[], &g("G"), t0);
+        r.heartbeat("c2", &[], &g("G"), t0);
+        // c1 heartbeats on two connections (two shards).
+        r.connection_opened("c1");
+        r.connection_opened("c1");
+        r.connection_opened("c2");
+        assert!(r.connection_closed("c1").is_empty(), "one left");
+        assert_eq!(r.consumers("G", t0), vec!["c1", "c2"]);
+        assert_eq!(r.connection_closed("c1"), vec!["G".to_string()]);
+        assert_eq!(r.consumers("G", t0), vec!["c2"]);
+        assert!(r.connection_closed("c1").is_empty(), "not counted any more");
+        assert!(r.connection_closed("nobody").is_empty());
     }
 
     #[test]

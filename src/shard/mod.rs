@@ -236,6 +236,7 @@ async fn run_shard(
         store: store.clone(),
         view: RefCell::new(TopicView::new(&shared.topics)),
         peers: RefCell::new(std::collections::HashMap::new()),
+        conn_clients: RefCell::new(std::collections::HashMap::new()),
         shared,
     });
     let conns = Rc::new(Connections::default());
