@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{body_of, from_first, spawn_tied, wait_until, Broker, BrokerSpec};
+use common::{body_of, from_first, spawn_tied, wait_until, Broker};
 use orbitmq_client::{
     ConsumeStatus, ConsumerOptions, LitePullConsumer, Message, MessageModel, MessageQueue,
     Producer, PushConsumer, Strategy,
@@ -37,18 +37,8 @@ const MAX_DUPLICATES: usize = 2 * 8 * 32;
 
 /// A broker with 2 shards and the given topics (8 queues each), auto-creation off.
 fn broker(topics: &[&str]) -> (Broker, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut conf = String::new();
-    for t in topics {
-        conf.push_str(&format!("{t} {QUEUES} {QUEUES} 6\n"));
-    }
-    std::fs::write(data.join("topics.conf"), conf).unwrap();
-    let bconf = dir.path().join("broker.conf");
-    std::fs::write(&bconf, "autoCreateTopicEnable=false\n").unwrap();
-    let b = BrokerSpec::new(&data, "async").conf(&bconf).start();
-    (b, dir)
+    let topics: Vec<(&str, u32)> = topics.iter().map(|t| (*t, QUEUES)).collect();
+    common::broker_with_topics(&topics, "")
 }
 
 async fn send_range(p: &Producer, topic: &str, range: std::ops::Range<usize>) {

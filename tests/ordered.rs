@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{from_first, wait_until, Broker, BrokerSpec};
+use common::{from_first, wait_until, Broker};
 use orbitmq_client::{
     ConsumeOrderlyStatus, ConsumerOptions, Message, MessageExt, MessageQueue, Producer,
     PushConsumer,
@@ -31,18 +31,7 @@ const MAX_DUPLICATES: usize = QUEUES as usize;
 
 /// A broker with 2 shards and the given topics (name, queues), auto-creation off.
 fn broker(topics: &[(&str, u32)]) -> (Broker, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut conf = String::new();
-    for (t, n) in topics {
-        conf.push_str(&format!("{t} {n} {n} 6\n"));
-    }
-    std::fs::write(data.join("topics.conf"), conf).unwrap();
-    let bconf = dir.path().join("broker.conf");
-    std::fs::write(&bconf, "autoCreateTopicEnable=false\n").unwrap();
-    let b = BrokerSpec::new(&data, "async").conf(&bconf).start();
-    (b, dir)
+    common::broker_with_topics(topics, "")
 }
 
 fn options() -> ConsumerOptions {

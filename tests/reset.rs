@@ -23,18 +23,7 @@ const QUEUES: u32 = 4;
 const SETTLE: Duration = Duration::from_secs(1);
 
 fn broker(topic: &str) -> (Broker, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(
-        data.join("topics.conf"),
-        format!("{topic} {QUEUES} {QUEUES} 6\n"),
-    )
-    .unwrap();
-    let bconf = dir.path().join("broker.conf");
-    std::fs::write(&bconf, "autoCreateTopicEnable=false\n").unwrap();
-    let b = BrokerSpec::new(&data, "async").conf(&bconf).start();
-    (b, dir)
+    common::broker_with_topics(&[(topic, QUEUES)], "")
 }
 
 fn options() -> ConsumerOptions {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{from_first, wait_until, Broker, BrokerSpec};
+use common::{from_first, wait_until, Broker};
 use orbitmq::log::shape::{QueueMap, Shape};
 use orbitmq_client::{
     Client, ClientError, ConsumeStatus, ConsumerOptions, LitePullConsumer, Message, MessageExt,
@@ -37,22 +37,8 @@ const GAP_SLACK: Duration = Duration::from_millis(20);
 /// A broker with 2 shards, the given topics (4 queues each), short delay levels and
 /// auto-creation off.
 fn broker(topics: &[&str]) -> (Broker, TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut conf = String::new();
-    for t in topics {
-        conf.push_str(&format!("{t} 4 4 6\n"));
-    }
-    std::fs::write(data.join("topics.conf"), conf).unwrap();
-    let bconf = dir.path().join("broker.conf");
-    std::fs::write(
-        &bconf,
-        format!("autoCreateTopicEnable = false\nmessageDelayLevel = {LEVELS}\n"),
-    )
-    .unwrap();
-    let b = BrokerSpec::new(&data, "async").conf(&bconf).start();
-    (b, dir)
+    let topics: Vec<(&str, u32)> = topics.iter().map(|t| (*t, 4)).collect();
+    common::broker_with_topics(&topics, &format!("messageDelayLevel = {LEVELS}\n"))
 }
 
 fn admin(b: &Broker, args: &[&str]) -> std::process::Output {

@@ -325,30 +325,24 @@ impl PushConsumer {
     /// The queues of the subscribed topics this consumer pulls (the group's retry queue,
     /// subscribed automatically, is pulled too but not listed: see [`Self::retry_assignment`]).
     pub fn assignment(&self) -> Vec<MessageQueue> {
-        let retry = orbitmq_proto::sys::retry_topic(&self.inner.group);
-        let mut v: Vec<MessageQueue> = self
-            .inner
-            .queues
-            .lock()
-            .expect("queues lock")
-            .keys()
-            .filter(|q| q.topic != retry)
-            .cloned()
-            .collect();
-        v.sort();
-        v
+        self.held_queues(false)
     }
 
     /// The queues of the group's retry topic (`%RETRY%<group>`) this consumer pulls.
     pub fn retry_assignment(&self) -> Vec<MessageQueue> {
-        let retry = orbitmq_proto::sys::retry_topic(&self.inner.group);
+        self.held_queues(true)
+    }
+
+    /// Held queues of the retry topic (`retry`) or of the others, sorted.
+    fn held_queues(&self, retry: bool) -> Vec<MessageQueue> {
+        let retry_topic = orbitmq_proto::sys::retry_topic(&self.inner.group);
         let mut v: Vec<MessageQueue> = self
             .inner
             .queues
             .lock()
             .expect("queues lock")
             .keys()
-            .filter(|q| q.topic == retry)
+            .filter(|q| (q.topic == retry_topic) == retry)
             .cloned()
             .collect();
         v.sort();

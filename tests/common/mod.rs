@@ -309,3 +309,24 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A broker (2 shards, async flush) whose topic table holds `topics` (name, queue count),
+/// with auto-creation off and `extra_conf` lines added to its broker.conf.
+pub fn broker_with_topics(topics: &[(&str, u32)], extra_conf: &str) -> (Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let conf: String = topics
+        .iter()
+        .map(|(t, n)| format!("{t} {n} {n} 6\n"))
+        .collect();
+    std::fs::write(data.join("topics.conf"), conf).unwrap();
+    let bconf = dir.path().join("broker.conf");
+    std::fs::write(
+        &bconf,
+        format!("autoCreateTopicEnable = false\n{extra_conf}"),
+    )
+    .unwrap();
+    let b = BrokerSpec::new(&data, "async").conf(&bconf).start();
+    (b, dir)
+}
