@@ -445,3 +445,92 @@ async fn queue_locks_are_broker_wide_and_exclusive() {
     c.shutdown().await;
     b.stop();
 }
+
+/// A listener call that outlasts a rebalance's wait keeps its queue locked until it ends, and
+/// no longer: the member that takes the queue over starts on it only after that call
+/// returned, and soon after (not when the broker lock would have expired, 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_call_keeps_its_queue_from_the_next_owner_until_it_ends() {
+    /// Longer than the 5 s a dropped queue's call is waited for.
+    const SLOW: Duration = Duration::from_secs(8);
+    const PER_QUEUE: usize = 5;
+    let topic = "OrderedSlow";
+    let (b, _dir) = broker(&[(topic, 2)]);
+    let p = Producer::new("ordered-pg", b.config()).await.unwrap();
+    for q in 0..2usize {
+        for i in 0..PER_QUEUE {
+            let m = Message::new(topic, format!("q{q}-{i}").into_bytes());
+            p.send_with_selector(m, move |_: &[MessageQueue], _: &Message| q)
+                .await
+                .unwrap();
+        }
+    }
+    // (member, queue id, start, end) of every listener call.
+    let calls: Arc<Mutex<Vec<(usize, u32, Instant, Instant)>>> = Arc::default();
+    let member = |idx: usize| {
+        let (calls, config) = (calls.clone(), b.config());
+        async move {
+            let c = PushConsumer::with_options("g-slow", config, options())
+                .await
+                .unwrap();
+            c.subscribe(topic, "*").await.unwrap();
+            c.register_orderly_listener(move |msgs: &[MessageExt]| {
+                let start = Instant::now();
+                // The first member's first call on each queue is slow.
+                if idx == 0 && msgs[0].queue_offset == 0 {
+                    std::thread::sleep(SLOW);
+                }
+                calls
+                    .lock()
+                    .unwrap()
+                    .push((idx, msgs[0].queue_id, start, Instant::now()));
+                ConsumeOrderlyStatus::Success
+            });
+            c.start().await.unwrap();
+            c
+        }
+    };
+    let a = member(0).await;
+    // Both queues are in a slow call on the first member; then the second joins.
+    wait_until("the first member holds both queues", || {
+        a.assignment().len() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b2 = member(1).await;
+    wait_until("the second member consumes the queue it took", || {
+        calls.lock().unwrap().iter().any(|x| x.0 == 1)
+    })
+    .await;
+    let c = calls.lock().unwrap().clone();
+    for q in 0..2u32 {
+        let mut on_q: Vec<_> = c.iter().filter(|x| x.1 == q).collect();
+        on_q.sort_by_key(|x| x.2);
+        for w in on_q.windows(2) {
+            assert!(
+                w[1].2 >= w[0].3,
+                "queue {q}: a call of member {} started before member {}'s call ended",
+                w[1].0,
+                w[0].0
+            );
+        }
+    }
+    let taken = c
+        .iter()
+        .find(|x| x.0 == 1)
+        .expect("a call of the second member");
+    let slow_end = c
+        .iter()
+        .find(|x| x.0 == 0 && x.1 == taken.1)
+        .expect("the slow call on that queue")
+        .3;
+    let gap = taken.2.saturating_duration_since(slow_end);
+    assert!(
+        gap < Duration::from_secs(15),
+        "the queue waited {gap:?} after the slow call ended: its lock was left to expire"
+    );
+    a.shutdown().await.unwrap();
+    b2.shutdown().await.unwrap();
+    p.shutdown().await;
+    b.stop();
+}

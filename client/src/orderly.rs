@@ -10,8 +10,9 @@
 //!   a time; `SuspendCurrentQueueAMoment` keeps the same messages at the head of the queue and
 //!   retries them after `suspend_current_queue_time`, so nothing behind them is consumed first.
 //! - A dropped queue (rebalance) stops consuming, waits for the call in progress, commits,
-//!   and only then unlocks, so the next owner starts where this one ended. Shutdown commits
-//!   and unlocks every queue.
+//!   and only then unlocks, so the next owner starts where this one ended; a call that
+//!   outlasts [`DROP_CONSUME_WAIT`] keeps the queue locked (renewed) until it ends. Shutdown
+//!   commits and unlocks every queue.
 //!
 //! A child module of `push`, so it works on the push consumer's state directly.
 
@@ -47,9 +48,8 @@ pub const LOCK_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 pub const LOCK_WAIT_RECHECK: Duration = Duration::from_millis(200);
 /// A send-back's delay level that sends the message straight to the dead-letter topic.
 pub const DEAD_LETTER_DELAY_LEVEL: i32 = -1;
-/// How long dropping a queue waits for its listener call in progress before it gives up the
-/// queue without unlocking it (the broker lock then expires; RocketMQ waits 1 s and retries
-/// at the next rebalance).
+/// How long dropping a queue waits for its listener call in progress before it leaves the
+/// queue draining: locked and renewed until the call ends, then unlocked.
 pub const DROP_CONSUME_WAIT: Duration = Duration::from_secs(5);
 
 /// An orderly listener: called with messages of one queue, in offset order, never twice at
@@ -66,6 +66,10 @@ pub(crate) struct Orderly {
     retry_pending: AtomicBool,
     /// Renewals and releases one at a time, so a renewal never re-locks a queue just released.
     lock_ops: tokio::sync::Mutex<()>,
+    /// Dropped queues whose listener call outlasted [`DROP_CONSUME_WAIT`]: their locks are
+    /// renewed until the call ends, then released (RocketMQ keeps such a queue too), so no
+    /// other member starts on the queue while this call still runs.
+    draining: Mutex<Vec<(QueueInfo, Arc<OrderlyQueue>)>>,
 }
 
 struct QueueState {
@@ -222,9 +226,18 @@ pub(super) async fn lock_new(
     if !needs_locks(inner) {
         locked.extend(new_queues.iter().map(|(q, _)| q.mq.clone()));
     }
+    // A queue whose old listener call still runs here is not taken again until it ends.
+    let draining: BTreeSet<MessageQueue> = inner
+        .orderly
+        .draining
+        .lock()
+        .expect("draining lock")
+        .iter()
+        .map(|(q, _)| q.mq.clone())
+        .collect();
     let to_lock = new_queues
         .iter()
-        .filter(|_| needs_locks(inner))
+        .filter(|(q, _)| needs_locks(inner) && !draining.contains(&q.mq))
         .map(|(q, _)| q.clone());
     for (endpoint, mqs) in by_endpoint(to_lock) {
         match inner.client.lock_batch(&endpoint, &inner.group, &mqs).await {
@@ -273,7 +286,7 @@ pub(super) async fn quiesce(inner: &Arc<Inner>, dropping: &[MessageQueue]) -> Ve
         match waited {
             Ok(()) => quiet.push(mq.clone()),
             Err(_) => tracing::warn!(queue = %mq, wait = ?DROP_CONSUME_WAIT,
-                "listener call still running on a dropped queue; its lock is left to expire"),
+                "listener call still running on a dropped queue; it stays locked until the call ends"),
         }
     }
     quiet
@@ -283,16 +296,21 @@ pub(super) async fn quiesce(inner: &Arc<Inner>, dropping: &[MessageQueue]) -> Ve
 /// those whose listener calls had finished (`quiet`).
 pub(super) async fn release(inner: &Arc<Inner>, dropped: &[QueueInfo], quiet: &[MessageQueue]) {
     let _ops = inner.orderly.lock_ops.lock().await;
+    let quiet: BTreeSet<&MessageQueue> = quiet.iter().collect();
     {
         let mut qs = inner.orderly.queues.lock().expect("orderly lock");
+        let mut draining = inner.orderly.draining.lock().expect("draining lock");
         for q in dropped {
-            qs.remove(&q.mq);
+            if let Some(oq) = qs.remove(&q.mq) {
+                if needs_locks(inner) && !quiet.contains(&q.mq) {
+                    draining.push((q.clone(), oq));
+                }
+            }
         }
     }
     if !needs_locks(inner) {
         return;
     }
-    let quiet: BTreeSet<&MessageQueue> = quiet.iter().collect();
     let unlock = dropped.iter().filter(|q| quiet.contains(&q.mq)).cloned();
     for (endpoint, mqs) in by_endpoint(unlock) {
         if let Err(e) = inner
@@ -314,7 +332,11 @@ pub(super) async fn unlock_all(inner: &Arc<Inner>) {
     }
     let held: Vec<QueueInfo> = {
         let qs = inner.queues.lock().expect("queues lock");
-        qs.values().map(|q| q.info.clone()).collect()
+        let draining = inner.orderly.draining.lock().expect("draining lock");
+        qs.values()
+            .map(|q| q.info.clone())
+            .chain(draining.iter().map(|(q, _)| q.clone()))
+            .collect()
     };
     release(
         inner,
@@ -601,6 +623,7 @@ pub(super) async fn lock_task(inner: Arc<Inner>) {
         if sleep_or_shutdown(&mut shut, LOCK_RETRY_INTERVAL).await {
             return;
         }
+        release_drained(&inner).await;
         if inner.orderly.retry_pending.swap(false, Ordering::AcqRel) {
             inner.rebalance_now.store(true, Ordering::Release);
             inner.rebalance_wake.notify_one();
@@ -620,6 +643,34 @@ pub(super) async fn lock_task(inner: Arc<Inner>) {
     }
 }
 
+/// Unlocks the draining queues whose listener call has ended.
+async fn release_drained(inner: &Arc<Inner>) {
+    let done: Vec<QueueInfo> = {
+        let mut draining = inner.orderly.draining.lock().expect("draining lock");
+        let (done, busy): (Vec<_>, Vec<_>) = std::mem::take(&mut *draining)
+            .into_iter()
+            .partition(|(_, oq)| oq.consume.try_lock().is_ok());
+        *draining = busy;
+        done.into_iter().map(|(q, _)| q).collect()
+    };
+    if done.is_empty() {
+        return;
+    }
+    let _ops = inner.orderly.lock_ops.lock().await;
+    for (endpoint, mqs) in by_endpoint(done) {
+        match inner
+            .client
+            .unlock_batch(&endpoint, &inner.group, &mqs)
+            .await
+        {
+            Ok(()) => tracing::info!(%endpoint, queues = mqs.len(), "drained queues unlocked"),
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e, "unlocking drained queues failed; they expire")
+            }
+        }
+    }
+}
+
 /// Locks every held queue again; a queue the broker no longer gives this client stops (its
 /// state unlocked); one given back after a loss restarts from the committed offset.
 async fn renew(inner: &Arc<Inner>) {
@@ -635,7 +686,11 @@ async fn renew(inner: &Arc<Inner>) {
     }
     let held: Vec<QueueInfo> = {
         let qs = inner.queues.lock().expect("queues lock");
-        qs.values().map(|q| q.info.clone()).collect()
+        let draining = inner.orderly.draining.lock().expect("draining lock");
+        qs.values()
+            .map(|q| q.info.clone())
+            .chain(draining.iter().map(|(q, _)| q.clone()))
+            .collect()
     };
     for (endpoint, mqs) in by_endpoint(held) {
         let now = Instant::now();
