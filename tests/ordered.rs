@@ -446,6 +446,9 @@ async fn queue_locks_are_broker_wide_and_exclusive() {
     b.stop();
 }
 
+/// One listener call: member, queue id, start, end.
+type Call = (usize, u32, Instant, Instant);
+
 /// A listener call that outlasts a rebalance's wait keeps its queue locked until it ends, and
 /// no longer: the member that takes the queue over starts on it only after that call
 /// returned, and soon after (not when the broker lock would have expired, 60 s).
@@ -465,8 +468,7 @@ async fn a_slow_call_keeps_its_queue_from_the_next_owner_until_it_ends() {
                 .unwrap();
         }
     }
-    // (member, queue id, start, end) of every listener call.
-    let calls: Arc<Mutex<Vec<(usize, u32, Instant, Instant)>>> = Arc::default();
+    let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
     let member = |idx: usize| {
         let (calls, config) = (calls.clone(), b.config());
         async move {
