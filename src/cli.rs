@@ -106,9 +106,7 @@ pub fn send(a: SendArgs) -> Result<(), String> {
         if let Some(d) = a.delay_level {
             m = m.with_delay_level(d);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = orbitmq_proto::now_ms();
         if let Some(at) = a
             .deliver_at
             .or(a.deliver_in_ms.map(|d| now.saturating_add(d)))

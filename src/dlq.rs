@@ -132,12 +132,7 @@ pub fn resend_meta(m: &MessageExt, born_timestamp: u64) -> MessageMeta {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use orbitmq_proto::now_ms;
 
 /// Every dead letter of `group`, broker by broker, in queue order.
 async fn letters(c: &Client, group: &str) -> Result<Vec<MessageExt>, String> {

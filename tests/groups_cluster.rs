@@ -417,6 +417,30 @@ struct Delivery {
 
 type Seen = Arc<Mutex<Vec<Delivery>>>;
 
+/// Asserts every acknowledged message (index, queue) was delivered, naming the lost ones and
+/// their queues; returns the bodies sent and the bodies delivered.
+fn assert_none_lost(
+    label: &str,
+    sent: &[(usize, MessageQueue)],
+    got: &[Delivery],
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let want: BTreeSet<String> = sent.iter().map(|(i, _)| body_of(*i)).collect();
+    let bodies: BTreeSet<String> = got.iter().map(|d| d.body.clone()).collect();
+    let lost: Vec<(usize, &MessageQueue)> = sent
+        .iter()
+        .filter(|(i, _)| !bodies.contains(&body_of(*i)))
+        .map(|(i, q)| (*i, q))
+        .collect();
+    let lost_queues: BTreeSet<&MessageQueue> = lost.iter().map(|(_, q)| *q).collect();
+    assert!(
+        lost.is_empty(),
+        "{label}: {} messages lost, on queues {lost_queues:?}, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    (want, bodies)
+}
+
 fn unique(seen: &Seen) -> usize {
     let g = seen.lock().unwrap();
     g.iter().map(|d| &d.body).collect::<BTreeSet<_>>().len()
@@ -883,21 +907,7 @@ async fn strategy_scenario(kind: Kind) {
     }
 
     let got = seen.lock().unwrap().clone();
-    let want: BTreeSet<String> = sent.iter().map(|(i, _)| body_of(*i)).collect();
-    let bodies: BTreeSet<String> = got.iter().map(|d| d.body.clone()).collect();
-    let lost: Vec<(usize, &MessageQueue)> = sent
-        .iter()
-        .filter(|(i, _)| !bodies.contains(&body_of(*i)))
-        .map(|(i, q)| (*i, q))
-        .collect();
-    let lost_queues: BTreeSet<&MessageQueue> = lost.iter().map(|(_, q)| *q).collect();
-    assert!(
-        lost.is_empty(),
-        "{}: {} messages lost, on queues {lost_queues:?}, e.g. {:?}",
-        kind.name(),
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    let (want, bodies) = assert_none_lost(kind.name(), &sent, &got);
     let strangers: Vec<&String> = bodies.difference(&want).take(10).collect();
     assert!(
         strangers.is_empty(),
@@ -1373,20 +1383,7 @@ async fn queues_raised_live_are_picked_up_at_the_next_rebalance() {
         m.shutdown().await.unwrap();
     }
     let got = seen.lock().unwrap().clone();
-    let want: BTreeSet<String> = sent.iter().map(|(i, _)| body_of(*i)).collect();
-    let bodies: BTreeSet<String> = got.iter().map(|d| d.body.clone()).collect();
-    let lost: Vec<(usize, &MessageQueue)> = sent
-        .iter()
-        .filter(|(i, _)| !bodies.contains(&body_of(*i)))
-        .map(|(i, q)| (*i, q))
-        .collect();
-    let lost_queues: BTreeSet<&MessageQueue> = lost.iter().map(|(_, q)| *q).collect();
-    assert!(
-        lost.is_empty(),
-        "raise: {} messages lost, on queues {lost_queues:?}, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
+    let (want, bodies) = assert_none_lost("raise", &sent, &got);
     assert_eq!(bodies, want, "raise: every message sent, none else");
     let on_new = got.iter().filter(|d| d.queue.queue_id >= BEFORE).count();
     let dups = got.len() - n;

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::ClientConfig;
-use crate::error::{ClientError, Result};
+use crate::error::{bad_header, ClientError, Result};
 use crate::filter::SubExpr;
 use crate::message::MessageExt;
 use crate::pull::{decode_pull_response, QueuePullResult};
@@ -127,12 +127,7 @@ pub(crate) fn validate_group(kind: &str, group: &str) -> Result<()> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use orbitmq_proto::now_ms;
 
 impl Client {
     /// Creates a client: checks the configuration and TLS settings and starts the route
@@ -292,10 +287,7 @@ impl Client {
                 "",
             )
             .await?;
-        header::decode(&f.header).map_err(|e| ClientError::Protocol {
-            endpoint: endpoint.to_owned(),
-            reason: e.to_string(),
-        })
+        header::decode(&f.header).map_err(bad_header(endpoint))
     }
 
     pub(crate) async fn connection(&self, endpoint: &str) -> Result<Arc<Connection>> {
@@ -725,11 +717,7 @@ impl Client {
             }
             return Err(e);
         }
-        let header: PullResponse =
-            header::decode(&f.header).map_err(|e| ClientError::Protocol {
-                endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let header: PullResponse = header::decode(&f.header).map_err(bad_header(endpoint))?;
         let results =
             decode_pull_response(header, &f.body, targets, conn.addr()).map_err(|reason| {
                 ClientError::Protocol {
@@ -787,11 +775,7 @@ impl Client {
                 "",
             )
             .await?;
-        let r: ConsumerListResponse =
-            header::decode(&f.header).map_err(|e| ClientError::Protocol {
-                endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let r: ConsumerListResponse = header::decode(&f.header).map_err(bad_header(endpoint))?;
         Ok(r.client_ids)
     }
 

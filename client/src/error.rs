@@ -69,6 +69,16 @@ pub enum ClientError {
     ShutDown,
 }
 
+/// Maps a header that failed validation from `endpoint` to [`ClientError::Protocol`].
+pub(crate) fn bad_header(
+    endpoint: &str,
+) -> impl FnOnce(orbitmq_proto::header::HeaderError) -> ClientError + '_ {
+    move |e| ClientError::Protocol {
+        endpoint: endpoint.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
 impl ClientError {
     /// Maps a non-success response (its code and `ErrorResponse` header bytes) to an error.
     /// `topic` names the topic for TOPIC_NOT_EXIST when the broker's message is empty.

@@ -28,7 +28,7 @@ use orbitmq_proto::header::{self, LockBatchRequest, LockBatchResponse, LockQueue
 use super::{sleep_or_shutdown, ActiveGuard, Inner};
 use crate::client::Client;
 use crate::consumer::{start_offset, ConsumeOrderlyStatus, MessageModel};
-use crate::error::{ClientError, Result};
+use crate::error::{bad_header, Result};
 use crate::filter::SubExpr;
 use crate::message::MessageExt;
 use crate::route::{MessageQueue, QueueInfo};
@@ -146,11 +146,7 @@ impl Client {
                 "",
             )
             .await?;
-        let r: LockBatchResponse =
-            header::decode(&f.header).map_err(|e| ClientError::Protocol {
-                endpoint: endpoint.to_owned(),
-                reason: e.to_string(),
-            })?;
+        let r: LockBatchResponse = header::decode(&f.header).map_err(bad_header(endpoint))?;
         let got: BTreeSet<(&str, u32)> = r
             .locked
             .iter()

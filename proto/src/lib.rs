@@ -8,3 +8,11 @@ pub mod limits;
 pub mod msgid;
 pub mod record;
 pub mod sys;
+
+/// Wall-clock milliseconds since the Unix epoch: born, store and delivery times (0 if the
+/// clock is before the epoch).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

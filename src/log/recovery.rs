@@ -103,11 +103,9 @@ pub fn scan(
                     topic: v.topic.to_owned(),
                     queue_id: v.queue_id,
                     queue_offset: v.queue_offset,
-                    tag_hash: crate::schedule::cq_tag(
-                        v.topic,
-                        v.tags,
-                        v.property(orbitmq_proto::sys::property::TIMER_DELIVER_MS),
-                    ),
+                    tag_hash: crate::schedule::cq_tag(v.topic, v.tags, || {
+                        v.property(orbitmq_proto::sys::property::TIMER_DELIVER_MS)
+                    }),
                     store_timestamp: v.store_timestamp,
                 });
                 at += n as usize;

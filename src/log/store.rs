@@ -15,7 +15,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use glommio::io::{BufferedFile, DmaFile, OpenOptions};
@@ -194,12 +194,7 @@ pub struct Store {
     inner: Rc<Inner>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use orbitmq_proto::now_ms;
 
 /// The hour of day in the host's time zone (`deleteWhen` is a local hour, as RocketMQ's).
 fn local_hour() -> u8 {
@@ -1100,14 +1095,12 @@ impl Store {
                 queue_offset: at.queue_offset,
                 physical_offset: at.physical_offset,
                 size: n as u32,
-                tag_hash: crate::schedule::cq_tag(
-                    &m.topic,
-                    &m.tags,
+                tag_hash: crate::schedule::cq_tag(&m.topic, &m.tags, || {
                     m.properties
                         .iter()
                         .find(|(k, _)| k == orbitmq_proto::sys::property::TIMER_DELIVER_MS)
-                        .map(|(_, v)| v.as_str()),
-                ),
+                        .map(|(_, v)| v.as_str())
+                }),
                 store_timestamp: ts,
             });
             results.push(AppendResult {

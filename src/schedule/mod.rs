@@ -221,10 +221,11 @@ pub fn deliverable(rec: &RecordView<'_>, applied_ms: u64) -> Result<Message, Sch
 
 /// The ConsumeQueue tag field of a stored record: the tag hash, except in the timer topic,
 /// where it is the delivery time (so the wheel is rebuilt from the queue without reading
-/// bodies).
-pub fn cq_tag(topic: &str, tags: &str, deliver_ms: Option<&str>) -> u64 {
+/// bodies). `deliver_ms` looks up the property; it is called only for the timer topic, so
+/// the append path does not scan every message's properties.
+pub fn cq_tag<'a>(topic: &str, tags: &str, deliver_ms: impl FnOnce() -> Option<&'a str>) -> u64 {
     if topic == TIMER_TOPIC {
-        if let Some(at) = deliver_ms.and_then(|v| v.trim().parse().ok()) {
+        if let Some(at) = deliver_ms().and_then(|v| v.trim().parse().ok()) {
             return at;
         }
     }
@@ -334,9 +335,11 @@ mod tests {
             divert(&mut m, &cfg, 0),
             Err(ScheduleError::Internal(_))
         ));
-        assert_eq!(cq_tag(TIMER_TOPIC, "T", Some("77")), 77);
+        assert_eq!(cq_tag(TIMER_TOPIC, "T", || Some("77")), 77);
         assert_eq!(
-            cq_tag("Orders", "T", Some("77")),
+            cq_tag("Orders", "T", || panic!(
+                "looked up outside the timer topic"
+            )),
             orbitmq_proto::record::tag_hash("T")
         );
     }

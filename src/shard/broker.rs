@@ -797,9 +797,7 @@ impl ShardHandler {
         &self,
         msgs: &mut [Message],
     ) -> Result<bool, crate::schedule::ScheduleError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = orbitmq_proto::now_ms();
         let mut any = false;
         for m in msgs.iter_mut() {
             any |= crate::schedule::divert(m, &self.shared.schedule, now)?

@@ -168,12 +168,7 @@ pub fn build(
     (m, Destination::Retry { level })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use orbitmq_proto::now_ms;
 
 impl ShardHandler {
     /// Creates the retry topic of each consumer group a heartbeat names (RocketMQ does this
