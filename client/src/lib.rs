@@ -34,6 +34,7 @@ pub mod offset;
 pub mod producer;
 pub mod pull;
 pub mod push;
+pub mod quic;
 pub mod rebalance;
 pub mod remoting;
 pub mod route;

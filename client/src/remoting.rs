@@ -460,7 +460,8 @@ impl Remoting {
             .keep_alive_interval(Some(config.keep_alive_interval))
             // The broker never opens request streams to a client; pushes come unidirectional.
             .max_concurrent_bidi_streams(0u32.into())
-            .max_concurrent_uni_streams(PUSH_STREAMS_MAX.into());
+            .max_concurrent_uni_streams(PUSH_STREAMS_MAX.into())
+            .mtu_discovery_config(Some(crate::quic::mtu_discovery()));
         quic.transport_config(Arc::new(transport));
         let (pushes, _) = broadcast::channel(PUSH_CHANNEL_CAPACITY);
         Ok(Remoting {
@@ -494,10 +495,30 @@ impl Remoting {
         if let Some(e) = &*g {
             return Ok(e.clone());
         }
-        let e = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect {
+        let open_error = |e: std::io::Error| ClientError::Connect {
             endpoint: bind.to_string(),
             reason: format!("cannot open a UDP socket: {e}"),
-        })?;
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(open_error)?;
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(open_error)?;
+        crate::quic::size_socket_buffers(
+            &state,
+            &socket,
+            crate::quic::SOCKET_BUFFER_BYTES,
+            crate::quic::SOCKET_BUFFER_BYTES,
+        );
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| open_error(std::io::Error::other("no async runtime")))?;
+        let socket: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(crate::quic::SegmentedSocket(
+            runtime.wrap_udp_socket(socket).map_err(open_error)?,
+        ));
+        let e = quinn::Endpoint::new_with_abstract_socket(
+            crate::quic::endpoint_config(),
+            None,
+            socket,
+            runtime,
+        )
+        .map_err(open_error)?;
         *g = Some(e.clone());
         Ok(e)
     }

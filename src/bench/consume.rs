@@ -267,6 +267,7 @@ pub async fn run(
             size: a.size,
             messages: a.messages,
             producers: PREFILL_PRODUCERS,
+            inflight: super::DEFAULT_INFLIGHT,
             batch: PREFILL_BATCH
                 .min((orbitmq_proto::limits::MAX_BATCH_BYTES / a.size.max(1)).max(1) as u32),
             queues: None,

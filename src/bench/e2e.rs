@@ -23,6 +23,7 @@ pub async fn run(
         size: a.size,
         messages: a.messages,
         producers: a.producers,
+        inflight: 1,
         batch: a.batch,
         queues: a.queues,
         tag: None,

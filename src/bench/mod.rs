@@ -39,6 +39,8 @@ pub const DEFAULT_SIZE: usize = 1024;
 pub const DEFAULT_BATCH: u32 = 64;
 /// `--producers` when not given.
 pub const DEFAULT_PRODUCERS: u32 = 4;
+/// `--inflight` when not given: requests each producer keeps in flight.
+pub const DEFAULT_INFLIGHT: u32 = 4;
 /// `--deadline` when not given, in seconds: the whole run stops then, whatever is left.
 pub const DEFAULT_DEADLINE_SECS: u64 = 600;
 /// A producer (or consumer) stops after this many failed requests in a row: the cluster
@@ -137,6 +139,9 @@ pub struct ProduceArgs {
     /// Producers, each a Producer with its own client and connections, on its own task.
     #[arg(long, default_value_t = DEFAULT_PRODUCERS)]
     pub producers: u32,
+    /// Requests each producer keeps in flight (its async sends; 1: one send at a time).
+    #[arg(long, default_value_t = DEFAULT_INFLIGHT)]
+    pub inflight: u32,
     /// Messages per request, all to one queue (1: single sends).
     #[arg(long, default_value_t = DEFAULT_BATCH)]
     pub batch: u32,

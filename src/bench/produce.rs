@@ -19,6 +19,8 @@ use super::{
 pub const STAMP_MAGIC: &[u8; 4] = b"OMQB";
 /// Magic and a little-endian µs timestamp.
 pub const STAMP_LEN: usize = 4 + 8;
+/// Most requests one producer may keep in flight (`--inflight`).
+pub const MAX_INFLIGHT: u32 = 1024;
 /// Most topics one run may spread over (`--topics`).
 pub const MAX_BENCH_TOPICS: u32 = 100_000;
 /// Topic creations (and route look-ups) in flight at once before a `--topics` run.
@@ -38,6 +40,9 @@ pub struct Plan {
     pub size: usize,
     pub messages: u64,
     pub producers: u32,
+    /// Requests each producer keeps in flight (its async sends), like Kafka's
+    /// `max.in.flight.requests.per.connection` or RocketMQ's async send.
+    pub inflight: u32,
     pub batch: u32,
     pub queues: Option<u32>,
     pub tag: Option<String>,
@@ -64,6 +69,9 @@ impl Plan {
         }
         if self.producers == 0 {
             return bad("--producers must be at least 1".into());
+        }
+        if self.inflight == 0 || self.inflight > MAX_INFLIGHT {
+            return bad(format!("--inflight must be 1..={MAX_INFLIGHT}"));
         }
         if self.queues == Some(0) || self.rate == Some(0) {
             return bad("--queues and --rate must be at least 1".into());
@@ -176,28 +184,34 @@ pub async fn run_producers(
     let queues = Arc::new(queues);
     let claims = Arc::new(Claims::new(plan.messages));
     let template = body(plan.size);
-    // Each producer's share of the rate: the interval between its requests.
-    let interval = plan.rate.map(|r| {
-        Duration::from_secs_f64(f64::from(plan.batch) * f64::from(plan.producers) / r as f64)
-    });
+    let lanes_total = producers.len() * plan.inflight as usize;
+    // Each lane's share of the rate: the interval between its requests.
+    let interval = plan
+        .rate
+        .map(|r| Duration::from_secs_f64(f64::from(plan.batch) * lanes_total as f64 / r as f64));
     let start = Instant::now();
-    let producers_len = producers.len();
-    let mut tasks = Vec::with_capacity(producers_len);
+    let mut tasks = Vec::with_capacity(producers.len());
     for (i, producer) in producers.into_iter().enumerate() {
-        let w = Worker {
-            index: i,
-            // Producers start spread over the queues (and topics), not on neighbours.
-            first_queue: i * queues.len() / producers_len,
-            producer,
-            queues: queues.clone(),
-            claims: claims.clone(),
-            live: live.clone(),
-            plan: plan.clone(),
-            template: template.clone(),
-            interval,
-            request_timeout: config.send_timeout + REQUEST_GRACE,
-        };
-        tasks.push(tokio::spawn(w.run()));
+        let producer = Arc::new(producer);
+        let lanes: Vec<Worker> = (0..plan.inflight as usize)
+            .map(|j| {
+                let lane = i * plan.inflight as usize + j;
+                Worker {
+                    index: i,
+                    // Lanes start spread over the queues (and topics), not on neighbours.
+                    first_queue: lane * queues.len() / lanes_total,
+                    producer: producer.clone(),
+                    queues: queues.clone(),
+                    claims: claims.clone(),
+                    live: live.clone(),
+                    plan: plan.clone(),
+                    template: template.clone(),
+                    interval,
+                    request_timeout: config.send_timeout + REQUEST_GRACE,
+                }
+            })
+            .collect();
+        tasks.push(tokio::spawn(run_producer(producer, lanes)));
     }
     let mut end = start;
     for t in tasks {
@@ -309,10 +323,35 @@ async fn lookup_routes(
     Ok(routes)
 }
 
+/// One producer: its lanes (requests in flight) run concurrently; then it shuts down.
+/// Returns when its last send ended.
+async fn run_producer(producer: Arc<Producer>, lanes: Vec<Worker>) -> Instant {
+    let index = lanes.first().map_or(0, |w| w.index);
+    let mut set = tokio::task::JoinSet::new();
+    for w in lanes {
+        set.spawn(w.run());
+    }
+    let mut finished = Instant::now();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(f) => finished = finished.max(f),
+            Err(e) => tracing::warn!(producer = index, error = %e, "a producer lane failed"),
+        }
+    }
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, producer.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(producer = index, "producer shutdown timed out");
+    }
+    finished
+}
+
+/// One request stream of a producer.
 struct Worker {
     index: usize,
     first_queue: usize,
-    producer: Producer,
+    producer: Arc<Producer>,
     queues: Arc<Vec<MessageQueue>>,
     claims: Arc<Claims>,
     live: Arc<Live>,
@@ -403,12 +442,6 @@ impl Worker {
                 break;
             }
         }
-        if tokio::time::timeout(SHUTDOWN_TIMEOUT, self.producer.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(producer = self.index, "producer shutdown timed out");
-        }
         finished
     }
 }
@@ -425,6 +458,7 @@ pub async fn run(
         size: a.size,
         messages: a.messages,
         producers: a.producers,
+        inflight: a.inflight,
         batch: a.batch,
         queues: a.queues,
         tag: a.tag.clone(),
@@ -446,6 +480,7 @@ pub async fn run(
         ("topics", plan.topics.to_string()),
         ("size", plan.size.to_string()),
         ("producers", plan.producers.to_string()),
+        ("inflight", plan.inflight.to_string()),
         ("batch", plan.batch.to_string()),
         ("queues", outcome.queues.to_string()),
         (
@@ -482,6 +517,7 @@ mod tests {
             size: 1024,
             messages: 10,
             producers: 1,
+            inflight: 1,
             batch: 64,
             queues: None,
             tag: None,
@@ -532,6 +568,7 @@ mod tests {
             size: 1024,
             messages: 10,
             producers: 1,
+            inflight: 1,
             batch: 64,
             queues: None,
             tag: None,

@@ -36,9 +36,9 @@ use std::time::{Duration, Instant};
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, UdpPoller};
 use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
 
-/// Default SO_RCVBUF/SO_SNDBUF of every endpoint socket: this VM's `net.core.rmem_max`
-/// (and `wmem_max`). Bigger flow-control windows without bigger socket buffers lost packets.
-pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Default SO_RCVBUF/SO_SNDBUF of every endpoint socket: the client's (this VM's
+/// `net.core.rmem_max`). Bigger flow-control windows without bigger socket buffers lost packets.
+pub use orbitmq_client::quic::SOCKET_BUFFER_BYTES;
 
 /// Socket buffer sizes of endpoints made from now on in this process (a tuning profile's
 /// `udp_recv_buffer` / `udp_send_buffer`), set once at start.
@@ -174,7 +174,7 @@ pub fn endpoint(
 ) -> io::Result<quinn::Endpoint> {
     let socket = std::net::UdpSocket::bind(addr)?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        orbitmq_client::quic::endpoint_config(),
         server,
         socket,
         GlommioRuntime::new(),
@@ -263,7 +263,21 @@ impl GlommioUdpSocket {
     /// Outside a glommio executor.
     pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
         let state = UdpSocketState::new((&socket).into())?;
-        set_buffer_sizes(&state, &socket);
+        let (want_recv, want_send) = (
+            RECV_BUFFER.load(Ordering::Relaxed),
+            SEND_BUFFER.load(Ordering::Relaxed),
+        );
+        let (recv, send) =
+            orbitmq_client::quic::size_socket_buffers(&state, &socket, want_recv, want_send);
+        if recv < want_recv || send < want_send {
+            tracing::warn!(
+                recv,
+                send,
+                want_recv,
+                want_send,
+                "UDP socket buffers are smaller than wanted: raise net.core.rmem_max/wmem_max"
+            );
+        }
         let dup = socket.try_clone()?;
         // SAFETY: `into_raw_fd` hands over sole ownership of a valid, open fd.
         let peek_socket = unsafe { glommio::net::UdpSocket::from_raw_fd(dup.into_raw_fd()) };
@@ -279,33 +293,6 @@ impl GlommioUdpSocket {
     }
 }
 
-/// Sets SO_RCVBUF/SO_SNDBUF; the kernel caps them at rmem_max/wmem_max silently, so the result
-/// is read back and a shortfall reported instead of failing the endpoint.
-fn set_buffer_sizes(state: &UdpSocketState, socket: &std::net::UdpSocket) {
-    let (want_recv, want_send) = (
-        RECV_BUFFER.load(Ordering::Relaxed),
-        SEND_BUFFER.load(Ordering::Relaxed),
-    );
-    if let Err(e) = state.set_recv_buffer_size(socket.into(), want_recv) {
-        tracing::warn!(error = %e, "cannot set SO_RCVBUF");
-    }
-    if let Err(e) = state.set_send_buffer_size(socket.into(), want_send) {
-        tracing::warn!(error = %e, "cannot set SO_SNDBUF");
-    }
-    // Linux reports twice the granted size (it counts its own overhead).
-    let recv = state.recv_buffer_size(socket.into()).unwrap_or(0) / 2;
-    let send = state.send_buffer_size(socket.into()).unwrap_or(0) / 2;
-    if recv < want_recv || send < want_send {
-        tracing::warn!(
-            recv,
-            send,
-            want_recv,
-            want_send,
-            "UDP socket buffers are smaller than wanted: raise net.core.rmem_max/wmem_max"
-        );
-    }
-}
-
 impl AsyncUdpSocket for GlommioUdpSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(GlommioUdpPoller {
@@ -315,7 +302,9 @@ impl AsyncUdpSocket for GlommioUdpSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let res = self.state.send((&self.io).into(), transmit);
+        let res = orbitmq_client::quic::send_segmented(transmit, |t| {
+            self.state.send((&self.io).into(), t)
+        });
         if matches!(&res, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
             self.local.get().send_blocked.set(true);
         }

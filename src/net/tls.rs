@@ -457,6 +457,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     // quinn leaves the connection window unbounded: bound what one peer can make us buffer.
     t.receive_window(MAX_CONNECTION_RECEIVE_WINDOW.into());
+    t.mtu_discovery_config(Some(orbitmq_client::quic::mtu_discovery()));
     t
 }
 
