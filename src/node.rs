@@ -12,7 +12,7 @@ use clap::Args;
 use orbitmq_client::TlsOptions;
 
 use crate::config::BrokerConfig;
-use crate::log::{FlushMode, StoreConfig};
+use crate::log::{shape, FlushMode, StoreConfig};
 use crate::nameserver::kv::KvConfig;
 use crate::nameserver::registrar::{Registrar, RegistrarConfig};
 use crate::nameserver::topics::Topics;
@@ -71,7 +71,8 @@ pub struct BrokerArgs {
     /// CommitLog segment size in bytes (`mappedFileSizeCommitLog`; default 1 GiB).
     #[arg(long)]
     pub segment_size: Option<u64>,
-    /// Number of shards (`shards`; default: one per available core).
+    /// Number of shards (`shards`; default: the data directory's, else one per available
+    /// core but one, at least 1).
     #[arg(long)]
     pub shards: Option<u32>,
     /// Cores to pin shards to, e.g. `0,2-3` (`cores`; default: the available cores).
@@ -239,23 +240,38 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     };
     // Flags over broker.conf over the profile over defaults.
     let cores_arg = a.cores.clone().or(conf.cores.clone());
-    let cores = match (
+    let (cores, default_shards) = match (
         &cores_arg,
         profile.as_ref().and_then(|p| p.shard_cores.clone()),
     ) {
-        (Some(s), _) => shard::parse_cores(s)?,
-        (None, Some(c)) => c,
-        (None, None) => shard::available_cores(),
+        (Some(s), _) => {
+            let c = shard::parse_cores(s)?;
+            let n = c.len();
+            (c, n)
+        }
+        (None, Some(c)) => {
+            let n = c.len();
+            (c, n)
+        }
+        (None, None) => {
+            let c = shard::available_cores();
+            let n = shard::default_shards(c.len());
+            (c, n)
+        }
     };
     let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
-    let shards = a
-        .shards
-        .or(conf.shards)
-        .unwrap_or(cores.len().max(1) as u32);
+    let (data_dir, store) = store_config(&a, &conf);
+    // Unless told, a data directory keeps the shard count it was made with.
+    let shards = match a.shards.or(conf.shards) {
+        Some(n) => n,
+        None => match shape::read(&data_dir).map_err(|e| e.to_string())? {
+            Some(recorded) => recorded.shards,
+            None => default_shards.max(1) as u32,
+        },
+    };
     if shards == 0 {
         return Err("--shards must be at least 1".into());
     }
-    let (data_dir, store) = store_config(&a, &conf);
     store.validate()?;
     // Standalone stays on loopback by default; a cluster broker listens on every interface.
     let default_ip = if standalone.is_some() {

@@ -171,6 +171,40 @@ fn bench_produce_against_the_embedded_broker() {
     );
 }
 
+#[test]
+fn bench_producers_with_requests_in_flight_send_exactly_the_requested_messages() {
+    // 2,003 is no multiple of the batch: the last request of some lane is short.
+    let child = spawn_bench(&[
+        "produce",
+        "--messages",
+        "2003",
+        "--size",
+        "100",
+        "--batch",
+        "16",
+        "--producers",
+        "2",
+        "--inflight",
+        "3",
+        "--json",
+    ]);
+    let (status, stdout, stderr) = collect(child, BENCH_TIMEOUT);
+    let v = last_json(&stdout, &stderr);
+    assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+    assert_eq!(v["messages"], 2003, "{v}");
+    assert_eq!(v["bytes"], 2003 * 100, "{v}");
+    assert_eq!(v["samples"], 2003_u64.div_ceil(16), "{v}");
+    assert_eq!(v["settings"]["inflight"], "3", "{v}");
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+
+    let (status, _, stderr) = collect(
+        spawn_bench(&["produce", "--inflight", "0", "--messages", "10"]),
+        BENCH_TIMEOUT,
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("--inflight must be 1..=1024"), "{stderr}");
+}
+
 /// Sum of the max offsets of the topic's queues: messages the broker stored.
 fn stored(rt: &tokio::runtime::Runtime, config: ClientConfig) -> u64 {
     rt.block_on(async move {

@@ -26,7 +26,7 @@ pub struct EmbeddedBroker {
 
 impl EmbeddedBroker {
     /// Starts `standalone` with `flush` (`sync` / `async`, the broker's default when `None`)
-    /// and `shards` (one per core when `None`), and waits for its ready line.
+    /// and `shards` (the broker's default when `None`), and waits for its ready line.
     pub fn start(flush: Option<&str>, shards: Option<u32>) -> Result<EmbeddedBroker, BenchError> {
         let exe = std::env::current_exe()
             .map_err(|e| BenchError::Embedded(format!("cannot find this executable: {e}")))?;

@@ -39,8 +39,9 @@ pub const DEFAULT_SIZE: usize = 1024;
 pub const DEFAULT_BATCH: u32 = 64;
 /// `--producers` when not given.
 pub const DEFAULT_PRODUCERS: u32 = 4;
-/// `--inflight` when not given: requests each producer keeps in flight.
-pub const DEFAULT_INFLIGHT: u32 = 4;
+/// `--inflight` when not given: each producer waits for a request's answer before the next
+/// (RocketMQ's synchronous send). More in flight raised msgs/s here by 10-25% and p99 by 5-10x.
+pub const DEFAULT_INFLIGHT: u32 = 1;
 /// `--deadline` when not given, in seconds: the whole run stops then, whatever is left.
 pub const DEFAULT_DEADLINE_SECS: u64 = 600;
 /// A producer (or consumer) stops after this many failed requests in a row: the cluster
@@ -118,7 +119,7 @@ pub struct CommonArgs {
     /// Embedded broker only: flush mode.
     #[arg(long, value_enum)]
     pub flush: Option<FlushArg>,
-    /// Embedded broker only: number of shards (default: one per core).
+    /// Embedded broker only: number of shards (default: one per core but one, at least 1).
     #[arg(long)]
     pub shards: Option<u32>,
     /// Stop the whole run after this many seconds, whatever is left.

@@ -182,6 +182,37 @@ pub enum ShapeError {
     },
 }
 
+/// The shape recorded in `dir`, if the directory has one.
+pub fn read(dir: &Path) -> Result<Option<Shape>, ShapeError> {
+    let path = dir.join(SHAPE_FILE);
+    let io_err = |source| ShapeError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(e)),
+    };
+    let len = file.metadata().map_err(io_err)?.len();
+    if len > MAX_SHAPE_FILE_LEN {
+        return Err(ShapeError::TooLarge { path, len });
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_SHAPE_FILE_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        ShapeError::Invalid {
+            path: path.clone(),
+            line: valid.iter().filter(|&&c| c == b'\n').count() + 1,
+            reason: "not UTF-8".to_owned(),
+        }
+    })?;
+    Shape::parse(&path, &text).map(Some)
+}
+
 /// Opens the shape recorded in `dir`, or records one with `requested_shards` if the directory
 /// has none yet. A recorded shard count different from `requested_shards` is refused.
 pub fn open_or_create(dir: &Path, requested_shards: u32) -> Result<Shape, ShapeError> {
@@ -190,58 +221,33 @@ pub fn open_or_create(dir: &Path, requested_shards: u32) -> Result<Shape, ShapeE
             requested: requested_shards,
         });
     }
-    let path = dir.join(SHAPE_FILE);
-    let io_err = |source| ShapeError::Io {
-        path: path.clone(),
-        source,
-    };
-    match File::open(&path) {
-        Ok(file) => {
-            let len = file.metadata().map_err(io_err)?.len();
-            if len > MAX_SHAPE_FILE_LEN {
-                return Err(ShapeError::TooLarge { path, len });
-            }
-            let mut bytes = Vec::new();
-            file.take(MAX_SHAPE_FILE_LEN)
-                .read_to_end(&mut bytes)
-                .map_err(io_err)?;
-            let text = String::from_utf8(bytes).map_err(|e| {
-                let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-                ShapeError::Invalid {
-                    path: path.clone(),
-                    line: valid.iter().filter(|&&c| c == b'\n').count() + 1,
-                    reason: "not UTF-8".to_owned(),
-                }
-            })?;
-            let shape = Shape::parse(&path, &text)?;
-            if shape.shards != requested_shards {
-                return Err(ShapeError::Mismatch {
-                    dir: dir.to_owned(),
-                    recorded: shape.shards,
-                    requested: requested_shards,
-                });
-            }
-            tracing::debug!(dir = %dir.display(), shards = shape.shards, "opened data directory shape");
-            Ok(shape)
+    if let Some(shape) = read(dir)? {
+        if shape.shards != requested_shards {
+            return Err(ShapeError::Mismatch {
+                dir: dir.to_owned(),
+                recorded: shape.shards,
+                requested: requested_shards,
+            });
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let shape = Shape {
-                shards: requested_shards,
-                map: QueueMap::TopicHashPlusQueue,
-            };
-            create_dir_durably(dir).map_err(|source| ShapeError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
-            write_atomically(&path, shape.encode().as_bytes()).map_err(io_err)?;
-            tracing::info!(
-                dir = %dir.display(), shards = shape.shards, queue_map = shape.map.name(),
-                "recorded the shape of a new data directory"
-            );
-            Ok(shape)
-        }
-        Err(e) => Err(io_err(e)),
+        tracing::debug!(dir = %dir.display(), shards = shape.shards, "opened data directory shape");
+        return Ok(shape);
     }
+    let path = dir.join(SHAPE_FILE);
+    let shape = Shape {
+        shards: requested_shards,
+        map: QueueMap::TopicHashPlusQueue,
+    };
+    create_dir_durably(dir).map_err(|source| ShapeError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write_atomically(&path, shape.encode().as_bytes())
+        .map_err(|source| ShapeError::Io { path, source })?;
+    tracing::info!(
+        dir = %dir.display(), shards = shape.shards, queue_map = shape.map.name(),
+        "recorded the shape of a new data directory"
+    );
+    Ok(shape)
 }
 
 /// Creates `dir` and its missing parents, making each new entry durable in its parent.

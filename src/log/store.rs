@@ -310,6 +310,9 @@ async fn read_file_entry(path: &Path, cq: &ConsumeQueue, offset: u64) -> Result<
     read_entry_at(path, cq.locate(offset).1).await
 }
 
+/// How a CommitLog write or fdatasync ended: the error text fences the log.
+type WriteResult = std::result::Result<(), String>;
+
 /// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O.
 async fn write_zeros(file: &DmaFile, from: u64, to: u64) -> glommio::Result<(), ()> {
     let mut at = from;
@@ -1166,7 +1169,12 @@ impl Store {
         .detach();
     }
 
+    /// Writes staged batches in log order, one write at a time (consecutive batches share
+    /// their boundary block, so two writes in flight could land out of order). Under
+    /// SYNC_FLUSH a batch's fdatasync runs while the next batch is written, and batches are
+    /// acknowledged in order, each after an fdatasync begun once its own write completed.
     async fn committer(&self) {
+        let mut syncing: Option<(Batch, glommio::task::JoinHandle<WriteResult>)> = None;
         loop {
             let listener = self.inner.staged.listen();
             let next = {
@@ -1176,44 +1184,65 @@ impl Store {
                         let f = st.segments.get(&b.seg_base).cloned();
                         Some((b, f))
                     }
-                    None if st.closing => break,
+                    None if st.closing && syncing.is_none() => break,
                     None => None,
                 }
             };
             let Some((batch, file)) = next else {
-                listener.await;
+                match syncing.take() {
+                    // Nothing more to write: acknowledge the batch being synced as soon as
+                    // its fdatasync ends.
+                    Some((b, sync)) => self.finish_sync(b, sync).await,
+                    None => listener.await,
+                }
                 continue;
             };
-            let result = match file {
-                Some(f) => self.write_batch(&f, &batch).await,
+            let result = match &file {
+                Some(f) => self.write_batch(f, &batch).await,
                 None => Err(format!("segment {} is missing", batch.seg_base)),
             };
-            self.batch_done(batch, result);
+            if let Some((b, sync)) = syncing.take() {
+                self.finish_sync(b, sync).await;
+            }
+            match (result, file) {
+                (Ok(()), Some(f)) if self.inner.cfg.flush == FlushMode::Sync => {
+                    let sync = glommio::spawn_local(async move {
+                        f.fdatasync()
+                            .await
+                            .map_err(|e| format!("fdatasync: {}", std::io::Error::from(e)))
+                    })
+                    .detach();
+                    syncing = Some((batch, sync));
+                }
+                (result, _) => self.batch_done(batch, result),
+            }
         }
         self.inner.committer_done.set(());
     }
 
-    /// One O_DIRECT write of the batch (and an fdatasync under SYNC_FLUSH).
-    async fn write_batch(&self, file: &DmaFile, b: &Batch) -> std::result::Result<(), String> {
+    /// Waits for the fdatasync of `batch` and completes it.
+    async fn finish_sync(&self, batch: Batch, sync: glommio::task::JoinHandle<WriteResult>) {
+        let result = sync
+            .await
+            .unwrap_or_else(|| Err("the fdatasync task was cancelled".into()));
+        self.batch_done(batch, result);
+    }
+
+    /// One O_DIRECT write of the batch.
+    async fn write_batch(&self, file: &DmaFile, b: &Batch) -> WriteResult {
         let len = align_up(b.buf.len() as u64) as usize;
         let mut dma = file.alloc_dma_buffer(len);
         let dst = dma.as_bytes_mut();
         dst[..b.buf.len()].copy_from_slice(&b.buf);
         dst[b.buf.len()..].fill(0);
         match file.write_at(dma, b.file_pos).await {
-            Ok(n) if n == len => {}
-            Ok(n) => return Err(format!("short write: {n} of {len} bytes")),
-            Err(e) => return Err(std::io::Error::from(e).to_string()),
+            Ok(n) if n == len => Ok(()),
+            Ok(n) => Err(format!("short write: {n} of {len} bytes")),
+            Err(e) => Err(std::io::Error::from(e).to_string()),
         }
-        if self.inner.cfg.flush == FlushMode::Sync {
-            file.fdatasync()
-                .await
-                .map_err(|e| format!("fdatasync: {}", std::io::Error::from(e)))?;
-        }
-        Ok(())
     }
 
-    fn batch_done(&self, mut batch: Batch, result: std::result::Result<(), String>) {
+    fn batch_done(&self, mut batch: Batch, result: WriteResult) {
         let mut st = self.inner.st.borrow_mut();
         // The log may have been fenced (a failed fdatasync) while this write was in flight:
         // its appends are unacknowledged, so they fail too, whatever the write returned.
