@@ -33,7 +33,8 @@ use super::error::StoreError;
 use crate::sync::Signal;
 
 /// Batches that may wait, sealed, for the committer before appenders are held back.
-/// Bounds a shard's staging memory to about (1 + this) x [`MAX_WRITE_BYTES`].
+/// Bounds a shard's staging memory to about (1 + this) x [`MAX_WRITE_BYTES`], plus under
+/// SYNC_FLUSH one written batch awaiting its fdatasync.
 pub const MAX_SEALED_BATCHES: usize = 2;
 
 pub type BatchDone = Rc<Signal<Result<(), StoreError>>>;

@@ -3,10 +3,11 @@
 //! threads. State sits in one `RefCell` that is never borrowed across an `.await`.
 //!
 //! Tasks of a store:
-//! - the committer takes staged batches one at a time, writes each with one O_DIRECT write
-//!   (plus an fdatasync under SYNC_FLUSH), then dispatches its ConsumeQueue entries and
-//!   acknowledges its appends. One write is in flight at a time, so the acknowledged
-//!   (written) offset is always a contiguous watermark.
+//! - the committer takes staged batches one at a time, writes each with one O_DIRECT write,
+//!   then dispatches its ConsumeQueue entries and acknowledges its appends. One write is in
+//!   flight at a time, so the acknowledged (written) offset is always a contiguous watermark.
+//!   Under SYNC_FLUSH a batch's fdatasync runs while the next batch is written, and the batch
+//!   is acknowledged (in order) when that fdatasync ends.
 //! - the flusher (ASYNC_FLUSH) fdatasyncs written segments every flush interval.
 //! - the persister writes ConsumeQueue entries below the synced offset and the checkpoint.
 //! - segment preparation creates the next segment ahead of need.
