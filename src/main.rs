@@ -76,8 +76,8 @@ struct StandaloneArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Number of shards (`shards`; default: the data directory's, else one per available
-    /// core but one, at least 1).
+    /// Number of shards (`shards`; default: the data directory's, else one per core of
+    /// `--cores` or the profile, else one per available core but one, at least 1).
     #[arg(long)]
     shards: Option<u32>,
     /// Cores to pin shards to, e.g. `0,2-3` (`cores`; default: the available cores).

@@ -71,8 +71,8 @@ pub struct BrokerArgs {
     /// CommitLog segment size in bytes (`mappedFileSizeCommitLog`; default 1 GiB).
     #[arg(long)]
     pub segment_size: Option<u64>,
-    /// Number of shards (`shards`; default: the data directory's, else one per available
-    /// core but one, at least 1).
+    /// Number of shards (`shards`; default: the data directory's, else one per core of
+    /// `--cores` or the profile, else one per available core but one, at least 1).
     #[arg(long)]
     pub shards: Option<u32>,
     /// Cores to pin shards to, e.g. `0,2-3` (`cores`; default: the available cores).
@@ -240,20 +240,17 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     };
     // Flags over broker.conf over the profile over defaults.
     let cores_arg = a.cores.clone().or(conf.cores.clone());
-    let (cores, default_shards) = match (
-        &cores_arg,
-        profile.as_ref().and_then(|p| p.shard_cores.clone()),
-    ) {
-        (Some(s), _) => {
-            let c = shard::parse_cores(s)?;
+    let listed = match &cores_arg {
+        Some(s) => Some(shard::parse_cores(s)?),
+        None => profile.as_ref().and_then(|p| p.shard_cores.clone()),
+    };
+    // Listed cores get a shard each; of the available ones, one is left to the kernel.
+    let (cores, default_shards) = match listed {
+        Some(c) => {
             let n = c.len();
             (c, n)
         }
-        (None, Some(c)) => {
-            let n = c.len();
-            (c, n)
-        }
-        (None, None) => {
+        None => {
             let c = shard::available_cores();
             let n = shard::default_shards(c.len());
             (c, n)

@@ -509,9 +509,9 @@ mod tests {
         assert_eq!(stamp_of(&stamped(&body(8))), None, "too small to stamp");
     }
 
-    #[test]
-    fn plans_are_checked() {
-        let p = Plan {
+    /// A valid plan: one topic, 10 messages of 1 KiB in batches of 64, one producer.
+    fn plan() -> Plan {
+        Plan {
             topic: "T".into(),
             topics: 1,
             size: 1024,
@@ -524,7 +524,12 @@ mod tests {
             rate: None,
             stamp: false,
             deadline: Instant::now(),
-        };
+        }
+    }
+
+    #[test]
+    fn plans_are_checked() {
+        let p = plan();
         assert!(p.check().is_ok());
         assert_eq!(p.latency_of(), "per request (batch of 64)");
         assert!(Plan {
@@ -563,18 +568,8 @@ mod tests {
     #[test]
     fn many_topics_are_named_after_the_topic() {
         let p = Plan {
-            topic: "T".into(),
             topics: 3,
-            size: 1024,
-            messages: 10,
-            producers: 1,
-            inflight: 1,
-            batch: 64,
-            queues: None,
-            tag: None,
-            rate: None,
-            stamp: false,
-            deadline: Instant::now(),
+            ..plan()
         };
         assert_eq!(p.topic_names(), vec!["T-0", "T-1", "T-2"]);
         assert_eq!(Plan { topics: 1, ..p }.topic_names(), vec!["T"]);
