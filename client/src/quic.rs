@@ -35,12 +35,25 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
     c
 }
 
+/// Ack-eliciting packets a peer may receive before it must send an ACK (QUIC ACK frequency
+/// extension); the peer's max_ack_delay still bounds how late an ACK is.
+pub const ACK_ELICITING_THRESHOLD: u32 = 7;
+
 /// Path MTU discovery up to [`MAX_UDP_PAYLOAD`]: on a 1,500-byte path the probes above it are
 /// lost (or refused locally) and discovery settles there.
 pub fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
     let mut m = quinn::MtuDiscoveryConfig::default();
     m.upper_bound(MAX_UDP_PAYLOAD);
     m
+}
+
+/// Asks the peer to acknowledge every [`ACK_ELICITING_THRESHOLD`]+1 ack-eliciting packets
+/// instead of every other one: with large datagrams each ACK is a whole sendmsg (and a wakeup)
+/// on the peer, and replies to requests carry ACKs anyway.
+pub fn ack_frequency() -> quinn::AckFrequencyConfig {
+    let mut a = quinn::AckFrequencyConfig::default();
+    a.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    a
 }
 
 /// Sets SO_RCVBUF/SO_SNDBUF of `socket` and returns the sizes granted: the kernel caps them at

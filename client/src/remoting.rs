@@ -461,7 +461,8 @@ impl Remoting {
             // The broker never opens request streams to a client; pushes come unidirectional.
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(PUSH_STREAMS_MAX.into())
-            .mtu_discovery_config(Some(crate::quic::mtu_discovery()));
+            .mtu_discovery_config(Some(crate::quic::mtu_discovery()))
+            .ack_frequency_config(Some(crate::quic::ack_frequency()));
         quic.transport_config(Arc::new(transport));
         let (pushes, _) = broadcast::channel(PUSH_CHANNEL_CAPACITY);
         Ok(Remoting {

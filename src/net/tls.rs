@@ -458,6 +458,7 @@ pub fn transport_config() -> quinn::TransportConfig {
     // quinn leaves the connection window unbounded: bound what one peer can make us buffer.
     t.receive_window(MAX_CONNECTION_RECEIVE_WINDOW.into());
     t.mtu_discovery_config(Some(orbitmq_client::quic::mtu_discovery()));
+    t.ack_frequency_config(Some(orbitmq_client::quic::ack_frequency()));
     t
 }
 
