@@ -68,11 +68,13 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn new(seg_base: u64, file_pos: u64, carried: Vec<u8>) -> Batch {
+    /// A batch whose buffer has room for `capacity` bytes, so that filling it does not
+    /// reallocate (and copy) as it grows.
+    fn new(seg_base: u64, file_pos: u64, carried: Vec<u8>, capacity: usize) -> Batch {
         debug_assert_eq!(file_pos % IO_ALIGN, 0);
         let carried_len = carried.len();
         let mut buf = carried;
-        buf.reserve(64 * 1024);
+        buf.reserve(capacity.saturating_sub(carried_len));
         Batch {
             seg_base,
             file_pos,
@@ -127,6 +129,16 @@ pub struct Staging {
     prepared_upto: u64,
 }
 
+/// Smallest buffer a batch starts with.
+const MIN_BATCH_CAPACITY: usize = 64 * 1024;
+
+/// The buffer to give the batch after one of `len` bytes: under steady load batches are of
+/// similar size, so a quarter more rarely needs to grow, and the tail cache keeps the buffer
+/// without shrinking it (it shrinks those over twice their length).
+fn next_capacity(len: usize) -> usize {
+    (len + len / 4).clamp(MIN_BATCH_CAPACITY, MAX_WRITE_BYTES)
+}
+
 pub fn align_down(v: u64) -> u64 {
     v & !(IO_ALIGN - 1)
 }
@@ -148,7 +160,7 @@ impl Staging {
         );
         Staging {
             seg_size,
-            active: Batch::new(seg_base, align_down(pos), tail),
+            active: Batch::new(seg_base, align_down(pos), tail, MIN_BATCH_CAPACITY),
             sealed: VecDeque::new(),
             prepared_upto,
         }
@@ -205,7 +217,8 @@ impl Staging {
             record::encode_blank(&mut self.active.buf[start..], pad as u32);
             self.active.ends_segment = true;
             self.active.blank_len = pad;
-            let fresh = Batch::new(next_base, 0, Vec::new());
+            let room = next_capacity(self.active.buf.len());
+            let fresh = Batch::new(next_base, 0, Vec::new(), room);
             let full = std::mem::replace(&mut self.active, fresh);
             self.sealed.push_back(full);
         } else if self.active.buf.len() + len > MAX_WRITE_BYTES {
@@ -220,7 +233,8 @@ impl Staging {
     /// Seals the active batch mid-segment; the next batch carries its partial block.
     fn seal_active(&mut self) {
         let (file_pos, tail) = self.active.tail_block();
-        let fresh = Batch::new(self.active.seg_base, file_pos, tail);
+        let room = next_capacity(self.active.buf.len());
+        let fresh = Batch::new(self.active.seg_base, file_pos, tail, room);
         let full = std::mem::replace(&mut self.active, fresh);
         self.sealed.push_back(full);
     }
