@@ -1223,3 +1223,50 @@ fn a_failed_segment_preparation_is_not_called_a_full_disk() {
         store.close().await.unwrap();
     });
 }
+
+/// Opens `path` with segments of `segment_size` and returns the error text.
+async fn open_error(path: &Path, segment_size: u64) -> String {
+    let mut c = cfg(path, FlushMode::Sync);
+    c.segment_size = segment_size;
+    match Store::open(c).await {
+        Ok(_) => panic!("a store with segments of {segment_size} bytes opened"),
+        Err(e) => {
+            assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn a_data_directory_made_with_another_segment_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (two, one) = (dir.path().join("two"), dir.path().join("one"));
+    run(move || async move {
+        // Records over two segments: segment 1 does not start on a multiple of twice the size.
+        let store = Store::open(cfg(&two, FlushMode::Sync)).await.unwrap();
+        let written = append_range(&store, "Seg", 1, 0..500).await;
+        let log_end = written.iter().map(|(_, r)| r.physical_offset).max();
+        assert!(log_end > Some(TEST_SEGMENT), "{log_end:?}");
+        store.close().await.unwrap();
+        let e = open_error(&two, 2 * TEST_SEGMENT).await;
+        assert!(e.contains("not a multiple of the segment size"), "{e}");
+
+        // Made with twice the size: every segment starts on a multiple of the smaller one,
+        // and their length tells.
+        let mut big = cfg(&one, FlushMode::Sync);
+        big.segment_size = 2 * TEST_SEGMENT;
+        let store = Store::open(big.clone()).await.unwrap();
+        let written = append_range(&store, "Seg", 1, 0..20).await;
+        store.close().await.unwrap();
+        let e = open_error(&one, TEST_SEGMENT).await;
+        let want = format!(
+            "is {} bytes, not the segment size {TEST_SEGMENT}",
+            2 * TEST_SEGMENT
+        );
+        assert!(e.contains(&want), "{e}");
+        // Nothing was changed: with the size it was made with, every record is there.
+        let store = Store::open(big).await.unwrap();
+        assert_eq!(read_bodies(&store, "Seg", 0).await, bodies_of(&written, 0));
+        store.close().await.unwrap();
+    });
+}

@@ -434,6 +434,20 @@ impl Store {
         }
         for b in &bases {
             let f = self.open_segment(*b).await?;
+            // Segments are made at full size and never resized: another length means the
+            // directory was made with another segment size, and offsets would map to the
+            // wrong files (appends past the file's end would grow it silently).
+            let len = f
+                .file_size()
+                .await
+                .map_err(|e| gio("reading a segment's size", e))?;
+            if len != seg_size {
+                return Err(StoreError::Config(format!(
+                    "segment {} is {len} bytes, not the segment size {seg_size}: was the data \
+                     directory created with another mappedFileSizeCommitLog?",
+                    segment_name(*b)
+                )));
+            }
             self.inner.st.borrow_mut().segments.insert(*b, f);
         }
         let log_min = bases[0];
