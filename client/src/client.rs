@@ -274,18 +274,8 @@ impl Client {
         endpoint: &str,
         group: &str,
     ) -> Result<ConsumerConnectionResponse> {
-        let h = header::encode(&GroupRequest {
-            group: group.to_owned(),
-        });
         let f = self
-            .call(
-                endpoint,
-                request::GET_CONSUMER_CONNECTION_LIST,
-                h,
-                Bytes::new(),
-                self.inner.config.request_timeout,
-                "",
-            )
+            .group_call(endpoint, request::GET_CONSUMER_CONNECTION_LIST, group)
             .await?;
         header::decode(&f.header).map_err(bad_header(endpoint))
     }
@@ -760,20 +750,20 @@ impl Client {
         }
     }
 
-    /// The live consumer ids of a group as one broker endpoint knows them, sorted.
-    pub async fn consumer_ids(&self, endpoint: &str, group: &str) -> Result<Vec<String>> {
+    /// Asks `endpoint` about `group` (a request whose header is a [`GroupRequest`]).
+    async fn group_call(&self, endpoint: &str, code: u16, group: &str) -> Result<Frame> {
         let h = header::encode(&GroupRequest {
             group: group.to_owned(),
         });
+        let timeout = self.inner.config.request_timeout;
+        self.call(endpoint, code, h, Bytes::new(), timeout, "")
+            .await
+    }
+
+    /// The live consumer ids of a group as one broker endpoint knows them, sorted.
+    pub async fn consumer_ids(&self, endpoint: &str, group: &str) -> Result<Vec<String>> {
         let f = self
-            .call(
-                endpoint,
-                request::GET_CONSUMER_LIST_BY_GROUP,
-                h,
-                Bytes::new(),
-                self.inner.config.request_timeout,
-                "",
-            )
+            .group_call(endpoint, request::GET_CONSUMER_LIST_BY_GROUP, group)
             .await?;
         let r: ConsumerListResponse = header::decode(&f.header).map_err(bad_header(endpoint))?;
         Ok(r.client_ids)

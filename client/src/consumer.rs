@@ -107,8 +107,11 @@ pub enum MessageModel {
 /// `.rocketmq_offsets`).
 pub const LOCAL_OFFSETS_DIR: &str = ".orbitmq_offsets";
 
-/// Where the consumer's offsets live: the broker, or (broadcasting) a local file.
+/// Checks a new consumer's group and options, and opens where its offsets live: the broker,
+/// or (broadcasting) a local file.
 pub(crate) fn offset_store(group: &str, o: &ConsumerOptions) -> Result<OffsetStore> {
+    crate::client::validate_group("consumer", group)?;
+    o.validate()?;
     match o.message_model {
         MessageModel::Clustering => Ok(OffsetStore::Broker),
         MessageModel::Broadcasting => {

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
-use crate::client::{validate_group, Client, PullTarget};
+use crate::client::{Client, PullTarget};
 use crate::config::ClientConfig;
 use crate::consumer::{offset_store, start_offset, ConsumerOptions, MessageModel};
 use crate::error::{ClientError, Result};
@@ -107,8 +107,6 @@ impl LitePullConsumer {
         config: ClientConfig,
         options: ConsumerOptions,
     ) -> Result<LitePullConsumer> {
-        validate_group("consumer", group)?;
-        options.validate()?;
         let offsets = offset_store(group, &options)?;
         let client = Client::new(config).await?;
         Ok(Self::build(group, client, true, options, offsets))
@@ -120,8 +118,6 @@ impl LitePullConsumer {
         client: Client,
         options: ConsumerOptions,
     ) -> Result<LitePullConsumer> {
-        validate_group("consumer", group)?;
-        options.validate()?;
         let offsets = offset_store(group, &options)?;
         Ok(Self::build(group, client, false, options, offsets))
     }

@@ -11,7 +11,7 @@ use orbitmq_proto::limits::MAX_PULL_QUEUES;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::client::{validate_group, Client, PullTarget};
+use crate::client::{Client, PullTarget};
 use crate::config::ClientConfig;
 use crate::consumer::{offset_store, start_offset, ConsumeStatus, ConsumerOptions, MessageModel};
 use crate::error::{ClientError, Result};
@@ -111,16 +111,12 @@ impl PushConsumer {
         config: ClientConfig,
         options: ConsumerOptions,
     ) -> Result<PushConsumer> {
-        validate_group("consumer", group)?;
-        options.validate()?;
         let offsets = offset_store(group, &options)?;
         let client = Client::new(config).await?;
         Ok(Self::build(group, client, true, options, offsets))
     }
 
     pub fn with_client(group: &str, client: Client, options: ConsumerOptions) -> Result<Self> {
-        validate_group("consumer", group)?;
-        options.validate()?;
         let offsets = offset_store(group, &options)?;
         Ok(Self::build(group, client, false, options, offsets))
     }
