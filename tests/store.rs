@@ -1270,3 +1270,50 @@ fn a_data_directory_made_with_another_segment_size_is_refused() {
         store.close().await.unwrap();
     });
 }
+
+/// The open flags of this process's descriptors on `file` (from /proc/self/fdinfo).
+fn open_flags_of(file: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if std::fs::read_link(ent.path()).ok().as_deref() != Some(file) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            ent.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+            out.push(i32::from_str_radix(f.trim(), 8).unwrap());
+        }
+    }
+    out
+}
+
+/// What SYNC_FLUSH's acknowledgement rests on: its segments are written with O_DSYNC (each
+/// write durable when it completes), and every segment with O_DIRECT (no page cache between
+/// an acknowledgement and the device).
+#[test]
+fn segments_are_written_with_o_direct_and_under_sync_flush_o_dsync() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        for (flush, sub) in [(FlushMode::Sync, "sync"), (FlushMode::Async, "async")] {
+            let store = Store::open(cfg(&path.join(sub), flush)).await.unwrap();
+            let r = store.append(&msg("Flags", 0, 1)).await.unwrap();
+            let (seg, _) = seg_file(&path.join(sub), r.physical_offset);
+            let seg = seg.canonicalize().unwrap();
+            let flags = open_flags_of(&seg);
+            assert!(!flags.is_empty(), "{} is not open", seg.display());
+            for f in flags {
+                assert_ne!(f & libc::O_DIRECT, 0, "{sub}: flags {f:o}");
+                assert_eq!(
+                    f & libc::O_DSYNC != 0,
+                    flush == FlushMode::Sync,
+                    "{sub}: {f:o}"
+                );
+            }
+            store.close().await.unwrap();
+        }
+    });
+}
