@@ -205,8 +205,8 @@ async fn long_poll_returns_soon_after_a_send() {
         );
         latencies.push(after_start);
     }
-    // Async flush, so the time is the long poll's, not fdatasync's (with sync flush the
-    // pull wakes after the flush, right when the send is acknowledged). The goal is 50 ms;
+    // Async flush, so the time is the long poll's, not the disk's (with sync flush the pull
+    // wakes after the durable write, right when the send is acknowledged). The goal is 50 ms;
     // the bound is generous so a busy CI box does not flake.
     assert!(
         latencies.iter().all(|l| *l < Duration::from_secs(1)),

@@ -38,6 +38,8 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 /// Ack-eliciting packets a peer may receive before it must send an ACK (QUIC ACK frequency
 /// extension); the peer's max_ack_delay still bounds how late an ACK is.
 pub const ACK_ELICITING_THRESHOLD: u32 = 7;
+/// Longest a peer may hold back an ACK under [`ack_frequency`].
+pub const ACK_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Path MTU discovery up to [`MAX_UDP_PAYLOAD`]: on a 1,500-byte path the probes above it are
 /// lost (or refused locally) and discovery settles there.
@@ -49,10 +51,13 @@ pub fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
 
 /// Asks the peer to acknowledge every [`ACK_ELICITING_THRESHOLD`]+1 ack-eliciting packets
 /// instead of every other one: with large datagrams each ACK is a whole sendmsg (and a wakeup)
-/// on the peer, and replies to requests carry ACKs anyway.
+/// on the peer, and replies to requests carry ACKs anyway. Within [`ACK_MAX_DELAY`] at the
+/// latest, so a sender whose congestion window holds fewer packets (a new connection's slow
+/// start, after a loss) does not wait the default 25 ms for each ACK.
 pub fn ack_frequency() -> quinn::AckFrequencyConfig {
     let mut a = quinn::AckFrequencyConfig::default();
-    a.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    a.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into())
+        .max_ack_delay(Some(ACK_MAX_DELAY));
     a
 }
 

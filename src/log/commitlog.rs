@@ -33,8 +33,7 @@ use super::error::StoreError;
 use crate::sync::Signal;
 
 /// Batches that may wait, sealed, for the committer before appenders are held back.
-/// Bounds a shard's staging memory to about (1 + this) x [`MAX_WRITE_BYTES`], plus under
-/// SYNC_FLUSH one written batch awaiting its fdatasync.
+/// Bounds a shard's staging memory to about (1 + this) x [`MAX_WRITE_BYTES`].
 pub const MAX_SEALED_BATCHES: usize = 2;
 
 pub type BatchDone = Rc<Signal<Result<(), StoreError>>>;
@@ -213,11 +212,12 @@ impl Staging {
                 self.seal_active();
             }
             let start = self.active.buf.len();
+            // Sized by the records, not the padding that closes the segment.
+            let room = next_capacity(start);
             self.active.buf.resize(start + pad, 0);
             record::encode_blank(&mut self.active.buf[start..], pad as u32);
             self.active.ends_segment = true;
             self.active.blank_len = pad;
-            let room = next_capacity(self.active.buf.len());
             let fresh = Batch::new(next_base, 0, Vec::new(), room);
             let full = std::mem::replace(&mut self.active, fresh);
             self.sealed.push_back(full);

@@ -20,14 +20,15 @@ pub const DEFAULT_CQ_FLUSH_INTERVAL: Duration = Duration::from_millis(1000);
 pub const DEFAULT_CQ_ENTRIES_PER_FILE: u64 = 300_000;
 /// Bytes of recently written log kept in memory for consumers that keep up.
 pub const DEFAULT_TAIL_CACHE_BYTES: usize = 64 << 20;
-/// Most bytes gathered into one group-commit write. Larger batches amortize the write and
-/// fdatasync better; this bounds the memory held by a shard's staging buffers.
+/// Most bytes gathered into one group-commit write. Larger batches amortize the write (and
+/// its wait for durability under SYNC_FLUSH) better; this bounds a shard's staging memory.
 pub const MAX_WRITE_BYTES: usize = 8 << 20;
 
 /// How an append becomes durable before it is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlushMode {
-    /// Acknowledge after the O_DIRECT write and an fdatasync covering it: survives power loss.
+    /// Acknowledge after the O_DIRECT write, made with O_DSYNC (durable when it completes, as
+    /// a write followed by fdatasync): survives power loss.
     Sync,
     /// Acknowledge after the O_DIRECT write completes; fdatasync every flush interval:
     /// survives a crash of the broker, a power loss can take the last interval.
@@ -59,7 +60,7 @@ pub struct StoreConfig {
     pub cq_entries_per_file: u64,
     pub tail_cache_bytes: usize,
     /// Write zeros over a new segment before use, so later writes overwrite allocated blocks
-    /// (fdatasync then has no extent metadata to commit: measured ~1.5x faster here).
+    /// (a durable write then has no extent metadata to commit: measured ~1.5x faster here).
     /// Costs one extra write of each segment, so it is on by default only under SYNC_FLUSH.
     pub prewrite_segments: bool,
     pub retention: RetentionPolicy,

@@ -150,7 +150,8 @@ struct State {
     prepare_failed: Option<(Instant, StoreError)>,
     /// All log bytes below this are written: acknowledged under ASYNC_FLUSH.
     written: u64,
-    /// All log bytes below this are fdatasynced.
+    /// All log bytes below this are durable (O_DSYNC writes under SYNC_FLUSH, the flusher's
+    /// fdatasync under ASYNC_FLUSH).
     synced: u64,
     /// Segments written since their last fdatasync.
     dirty: BTreeSet<u64>,
@@ -1239,8 +1240,8 @@ impl Store {
 
     fn batch_done(&self, mut batch: Batch, result: WriteResult) {
         let mut st = self.inner.st.borrow_mut();
-        // The log may have been fenced (a failed fdatasync) while this write was in flight:
-        // its appends are unacknowledged, so they fail too, whatever the write returned.
+        // The log may have been fenced (the flusher's fdatasync failed) while this write was
+        // in flight: its appends are unacknowledged, so they fail too, whatever it returned.
         let result = match (result, &st.fenced) {
             (Ok(()), Some(why)) => Err(why.clone()),
             (r, _) => r,
