@@ -4,9 +4,9 @@
 //! `cargo bench --bench append` (the data goes to a temporary directory under $TMPDIR, which
 //! must be on a file system with O_DIRECT, such as ext4 or xfs).
 
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use glommio::{LocalExecutorBuilder, Placement};
 use orbitmq::log::{FlushMode, Store, StoreConfig};
@@ -30,7 +30,7 @@ fn run(flush: FlushMode, appenders: u64, iters: u64) -> Duration {
             cfg.segment_size = SEGMENT;
             let store = Store::open(cfg).await.expect("open store");
             let per_task = iters.div_ceil(appenders);
-            let body: Rc<Vec<u8>> = Rc::new(vec![b'x'; BODY]);
+            let body = Bytes::from(vec![b'x'; BODY]);
             let start = Instant::now();
             let mut tasks = Vec::new();
             for t in 0..appenders {
@@ -40,7 +40,7 @@ fn run(flush: FlushMode, appenders: u64, iters: u64) -> Duration {
                         let m = Message {
                             topic: "bench".into(),
                             queue_id: ((t + i) % QUEUES as u64) as u32,
-                            body: body.to_vec(),
+                            body: body.clone(),
                             ..Default::default()
                         };
                         store.append(&m).await.expect("append");

@@ -205,7 +205,7 @@ fn debug_writer(a: WriterArgs) -> Result<(), String> {
                         let m = Message {
                             topic: "crash".into(),
                             queue_id: queue,
-                            body: writer_body(queue, seq, a.body_size),
+                            body: writer_body(queue, seq, a.body_size).into(),
                             ..Default::default()
                         };
                         let r = store.append(&m).await.map_err(|e| e.to_string())?;

@@ -132,11 +132,11 @@ fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
                 let m = Message {
                     topic: TOPIC.into(),
                     queue_id: q,
-                    body: format!("after-{q}-{i}").into_bytes(),
+                    body: format!("after-{q}-{i}").into_bytes().into(),
                     ..Default::default()
                 };
                 assert_eq!(store.append(&m).await.unwrap().queue_offset, had + i);
-                queues.get_mut(&q).unwrap().push(m.body);
+                queues.get_mut(&q).unwrap().push(m.body.to_vec());
             }
         }
         for q in 0..QUEUES {

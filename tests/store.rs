@@ -36,7 +36,7 @@ fn msg(topic: &str, queue: u32, i: usize) -> Message {
         },
         keys: format!("k{i}"),
         properties: vec![("UNIQ_KEY".into(), format!("u{i}"))],
-        body: format!("body-{i}-").repeat(1 + i % 37).into_bytes(),
+        body: format!("body-{i}-").repeat(1 + i % 37).into_bytes().into(),
         ..Default::default()
     }
 }
@@ -195,14 +195,14 @@ fn bodies_of(written: &[(Message, AppendResult)], queue: u32) -> Vec<Vec<u8>> {
         .map(|(m, r)| (r.queue_offset, m.body.clone()))
         .collect();
     v.sort();
-    v.into_iter().map(|(_, b)| b).collect()
+    v.into_iter().map(|(_, b)| b.to_vec()).collect()
 }
 
 async fn read_bodies(store: &Store, topic: &str, queue: u32) -> Vec<Vec<u8>> {
     read_all(store, topic, queue)
         .await
         .into_iter()
-        .map(|m| m.body)
+        .map(|m| m.body.to_vec())
         .collect()
 }
 
@@ -783,7 +783,7 @@ fn tag_filter_returns_only_matching_records() {
         let want: Vec<_> = written
             .iter()
             .filter(|(m, _)| m.tags == "even")
-            .map(|(m, r)| (r.queue_offset, m.body.clone()))
+            .map(|(m, r)| (r.queue_offset, m.body.to_vec()))
             .collect();
         assert_eq!(got.len(), 26);
         assert!(got == want);
@@ -818,7 +818,7 @@ fn bad_input_is_refused_and_writes_nothing() {
         let before = store.stats();
 
         let mut big = msg("Good", 0, 0);
-        big.body = vec![7u8; limits::MAX_MESSAGE_SIZE + 1];
+        big.body = vec![7u8; limits::MAX_MESSAGE_SIZE + 1].into();
         let e = store.append(&big).await.unwrap_err();
         assert!(
             matches!(e, StoreError::BadMessage(EncodeError::BodyTooLarge { .. })),
@@ -851,7 +851,7 @@ fn bad_input_is_refused_and_writes_nothing() {
         let batch: Vec<Message> = (0..10)
             .map(|i| {
                 let mut m = msg("Good", 0, i);
-                m.body = vec![b'x'; 10 * 1024];
+                m.body = vec![b'x'; 10 * 1024].into();
                 m
             })
             .collect();
@@ -948,7 +948,7 @@ fn records_past_a_crash_cut_never_come_back() {
             queue_id: 0,
             tags: "t".into(),
             keys: format!("k{i:06}"),
-            body: format!("{i:06}").repeat(664).into_bytes(),
+            body: format!("{i:06}").repeat(664).into_bytes().into(),
             ..Default::default()
         }
     }

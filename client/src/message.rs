@@ -451,7 +451,7 @@ mod tests {
                 ("UNIQ_KEY".into(), "U1".into()),
                 ("DELAY".into(), "2".into()),
             ],
-            body: b"payload".to_vec(),
+            body: Bytes::from_static(b"payload"),
             born_host: Some("10.0.0.9:5".parse().unwrap()),
             ..Default::default()
         };
@@ -497,7 +497,7 @@ mod tests {
                 ("ORIGIN_MESSAGE_ID".into(), "FIRST".into()),
             ],
             reconsume_times: 2,
-            body: b"x".to_vec(),
+            body: Bytes::from_static(b"x"),
             ..Default::default()
         };
         let mut buf = vec![0xAAu8; 3]; // the record need not start the buffer

@@ -215,7 +215,7 @@ mod tests {
             topic: "T".into(),
             queue_id: q,
             tags: tags.into(),
-            body: body.as_bytes().to_vec(),
+            body: body.as_bytes().to_vec().into(),
             ..Default::default()
         };
         record::encode_into(

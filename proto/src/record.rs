@@ -32,6 +32,7 @@
 
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 
+use bytes::Bytes;
 use thiserror::Error;
 
 use crate::limits;
@@ -93,7 +94,7 @@ pub struct Message {
     pub keys: String,
     /// User properties, in the producer's order.
     pub properties: Vec<(String, String)>,
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 /// Offsets and time the store assigns when it appends a record.
@@ -357,7 +358,7 @@ impl<'a> RecordView<'a> {
                 .properties()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
-            body: self.body.to_vec(),
+            body: Bytes::copy_from_slice(self.body),
         }
     }
 }
@@ -511,7 +512,7 @@ mod tests {
                 ("UNIQ_KEY".into(), "abc".into()),
                 ("x".into(), String::new()),
             ],
-            body: b"hello world".to_vec(),
+            body: Bytes::from_static(b"hello world"),
         }
     }
 
@@ -588,7 +589,7 @@ mod tests {
     #[test]
     fn bounds_are_enforced_with_clear_errors() {
         let mut m = sample();
-        m.body = vec![0; limits::MAX_MESSAGE_SIZE + 1];
+        m.body = vec![0; limits::MAX_MESSAGE_SIZE + 1].into();
         assert!(matches!(
             encoded_len(&m),
             Err(EncodeError::BodyTooLarge { .. })

@@ -191,7 +191,7 @@ mod tests {
             topic: "T".into(),
             queue_id: 1,
             tags: "A".into(),
-            body: body.to_vec(),
+            body: body.to_vec().into(),
             ..Default::default()
         };
         let mut v = Vec::new();

@@ -246,7 +246,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            body: b"hello".to_vec(),
+            body: b"hello".to_vec().into(),
             ..Message::default()
         }
     }
@@ -285,7 +285,7 @@ mod tests {
         let back = deliverable(&rec, 10_000).unwrap();
         assert_eq!((back.topic.as_str(), back.queue_id), ("Orders", 5));
         assert_eq!((back.tags.as_str(), back.keys.as_str()), ("T", "k1"));
-        assert_eq!(back.body, b"hello");
+        assert_eq!(back.body, &b"hello"[..]);
         assert_eq!(
             back.properties,
             vec![

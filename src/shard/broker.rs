@@ -229,7 +229,7 @@ impl ShardHandler {
             .messages
             .into_iter()
             .map(|m| {
-                let body = req.body[at..at + m.body_len as usize].to_vec();
+                let body = req.body.slice(at..at + m.body_len as usize);
                 at += m.body_len as usize;
                 Message {
                     topic: h.topic.clone(),

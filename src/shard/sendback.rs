@@ -298,7 +298,7 @@ mod tests {
                 ("UNIQ_KEY".into(), "U1".into()),
                 ("color".into(), "red".into()),
             ],
-            body: b"payload".to_vec(),
+            body: b"payload".to_vec().into(),
             ..Message::default()
         }
     }
@@ -323,7 +323,7 @@ mod tests {
         assert_eq!((m.topic.as_str(), m.queue_id), ("%RETRY%g1", 0));
         assert_eq!(m.reconsume_times, 1);
         assert_eq!((m.tags.as_str(), m.keys.as_str()), ("TagA", "k1 k2"));
-        assert_eq!(m.body, b"payload");
+        assert_eq!(m.body, &b"payload"[..]);
         assert_eq!((m.born_timestamp, m.flag), (42, 3));
         assert_eq!(m.born_host, Some("10.0.0.9:5555".parse().unwrap()));
         assert_eq!(

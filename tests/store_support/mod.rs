@@ -63,5 +63,5 @@ pub async fn read_bodies_from(store: &Store, topic: &str, queue: u32, from: u64)
         end,
         "{topic}:{queue}: read to its end"
     );
-    out.into_iter().map(|m| m.body).collect()
+    out.into_iter().map(|m| m.body.to_vec()).collect()
 }
