@@ -50,19 +50,22 @@ pub fn share(
         .collect()
 }
 
-/// The queues of `share` that were added to the topic live: readable now, not in the route
-/// this consumer saw at its previous rebalance (`None` at its first). Such a queue has only
-/// messages sent since it was created, so its new owner must start at its first offset
-/// whatever the group's `consume_from_where` says (RocketMQ's broker answers offset 0 for a
+/// The queues of the route (`now`) that were added to the topic live: readable now, not in
+/// the route this consumer saw at its previous rebalance (`None` at its first). Such a queue
+/// has only messages sent since it was created, so the group must start it at its first
+/// offset whatever its `consume_from_where` says (RocketMQ's broker answers offset 0 for a
 /// group without an offset on a young queue, to the same end): starting at its last offset
-/// would skip what producers sent to it before this rebalance.
+/// would skip what producers sent to it before its owner took it. All of the route's new
+/// queues count, not only this consumer's share: a raise can reach the route half-way (one
+/// broker's queues first), so a queue may enter the route at one rebalance and this
+/// consumer's share at a later one, when it is no longer new.
 pub fn added_live(
     previous: Option<&BTreeSet<MessageQueue>>,
-    share: &BTreeSet<MessageQueue>,
+    now: &BTreeSet<MessageQueue>,
 ) -> Vec<MessageQueue> {
     match previous {
         None => Vec::new(),
-        Some(prev) => share.difference(prev).cloned().collect(),
+        Some(prev) => now.difference(prev).cloned().collect(),
     }
 }
 
@@ -89,9 +92,8 @@ async fn start_added_queue(client: &Client, group: &str, mq: &MessageQueue) -> R
 /// Fetches the topic's readable queues (route) and the group's consumer ids (from the first
 /// broker endpoint of the route, sorted, so every member asks the same broker, or the next
 /// one when it does not answer) and returns this client's share. A client the broker has not
-/// heard from yet heartbeats first. Queues of the share added to the topic since the previous
-/// rebalance ([`added_live`]) get the group's offset set to their first offset when it has
-/// none.
+/// heard from yet heartbeats first. Queues added to the topic since the previous rebalance
+/// ([`added_live`]) get the group's offset set to their first offset when it has none.
 pub(crate) async fn topic_share(
     client: &Client,
     group: &str,
@@ -129,9 +131,10 @@ pub(crate) async fn topic_share(
     warn_on_conflicts(client, endpoint, group).await;
     let mine = share(strategy, &me, &queues, &ids);
     let key = (me, group.to_owned(), topic.to_owned());
+    let readable: BTreeSet<MessageQueue> = queues.iter().cloned().collect();
     let added = added_live(
         SEEN_ROUTES.lock().expect("seen routes lock").get(&key),
-        &mine,
+        &readable,
     );
     for mq in &added {
         // On failure the route is not recorded: the next rebalance tries again (the caller
@@ -141,7 +144,7 @@ pub(crate) async fn topic_share(
     SEEN_ROUTES
         .lock()
         .expect("seen routes lock")
-        .insert(key, queues.iter().cloned().collect());
+        .insert(key, readable);
     tracing::debug!(%group, %topic, consumers = ids.len(), queues = queues.len(),
         mine = mine.len(), added = added.len(), strategy = strategy.name(), "rebalanced");
     Ok(mine)
@@ -235,22 +238,28 @@ mod tests {
     }
 
     #[test]
-    fn queues_added_live_are_those_of_the_share_missing_from_the_previous_route() {
-        let before: BTreeSet<_> = qs(4).into_iter().collect();
-        let after = qs(8);
-        let ids = vec!["a".to_string(), "b".to_string()];
-        let mine = share(&Strategy::AveragelyByCircle, "a", &after, &ids);
+    fn queues_added_live_are_those_of_the_route_missing_from_the_previous_one() {
+        let mq = |broker: &str, id: u32| MessageQueue::new("T", broker, id);
+        let route = |a: u32, b: u32| -> BTreeSet<MessageQueue> {
+            (0..a)
+                .map(|i| mq("a", i))
+                .chain((0..b).map(|i| mq("b", i)))
+                .collect()
+        };
         // The first rebalance of a consumer: nothing counts as added.
-        assert!(added_live(None, &mine).is_empty());
-        let added = added_live(Some(&before), &mine);
-        let ids: Vec<u32> = added.iter().map(|q| q.queue_id).collect();
-        assert_eq!(
-            ids,
-            vec![4, 6],
-            "the new queues of this member's share only"
-        );
-        let all: BTreeSet<_> = after.iter().cloned().collect();
-        assert!(added_live(Some(&all), &mine).is_empty());
+        assert!(added_live(None, &route(8, 8)).is_empty());
+        // A raise from 4 to 8 queues seen half-way: broker a's new queues come first. With
+        // two members, "a" takes a0..a5 of the 12 and the other a6, a7, b0..b3; a6 and a7
+        // are new now, whoever's share they are in, and no longer new when "a" takes them
+        // once b's queues come too.
+        let ids = vec!["a".to_string(), "b".to_string()];
+        let half: Vec<MessageQueue> = route(8, 4).into_iter().collect();
+        assert_eq!(share(&Strategy::Averagely, "a", &half, &ids).len(), 6);
+        let added = added_live(Some(&route(4, 4)), &route(8, 4));
+        assert_eq!(added, (4..8).map(|i| mq("a", i)).collect::<Vec<_>>());
+        let added = added_live(Some(&route(8, 4)), &route(8, 8));
+        assert_eq!(added, (4..8).map(|i| mq("b", i)).collect::<Vec<_>>());
+        assert!(added_live(Some(&route(8, 8)), &route(8, 8)).is_empty());
     }
 
     #[test]
