@@ -80,7 +80,20 @@ struct Cluster {
 static THE_CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 fn cluster() -> &'static Cluster {
-    THE_CLUSTER.get_or_init(Cluster::start)
+    THE_CLUSTER.get_or_init(|| {
+        // SAFETY: registers a plain `extern "C" fn` to run at exit.
+        unsafe { libc::atexit(stop_the_cluster) };
+        Cluster::start()
+    })
+}
+
+/// The shared cluster is a static, never dropped: at exit its processes are killed and its
+/// directory removed, or every run of this file would leave ~500 MB in the temporary directory.
+extern "C" fn stop_the_cluster() {
+    if let Some(c) = THE_CLUSTER.get() {
+        c.stop_procs();
+        let _ = std::fs::remove_dir_all(c._dir.path());
+    }
 }
 
 /// Starts `orbitmq args` (killed with this test process) and waits for its `ready` line.
@@ -290,14 +303,20 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
+impl Cluster {
+    fn stop_procs(&self) {
         if let Ok(mut procs) = self._procs.lock() {
             for p in procs.iter_mut() {
                 let _ = p.kill();
                 let _ = p.wait();
             }
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_procs();
     }
 }
 
