@@ -36,7 +36,7 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
 }
 
 /// Ack-eliciting packets a peer may receive before it must send an ACK (QUIC ACK frequency
-/// extension); the peer's max_ack_delay still bounds how late an ACK is.
+/// extension); [`ACK_MAX_DELAY`] bounds how late an ACK is.
 pub const ACK_ELICITING_THRESHOLD: u32 = 7;
 /// Longest a peer may hold back an ACK under [`ack_frequency`].
 pub const ACK_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(2);
