@@ -1329,3 +1329,39 @@ fn segments_are_written_with_o_direct_and_under_sync_flush_o_dsync() {
         }
     });
 }
+
+/// An idle shard does not rewrite its checkpoint every persist round (two fsyncs and a rename
+/// each, for nothing); new appends are checkpointed again.
+#[test]
+fn an_idle_store_leaves_its_checkpoint_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        let cp = path.join("checkpoint");
+        // Each write of the checkpoint is a new file renamed over the old: a new mtime.
+        let written = || std::fs::metadata(&cp).unwrap().modified().unwrap();
+        store.append(&msg("Idle", 0, 0)).await.unwrap();
+        let settled = |store: &Store| {
+            let s = store.stats();
+            s.synced_offset == s.next_offset
+        };
+        while !settled(&store) {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        let first = written();
+        glommio::timer::sleep(Duration::from_millis(200)).await;
+        assert_eq!(written(), first, "ten idle rounds rewrote the checkpoint");
+        store.append(&msg("Idle", 0, 1)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while written() == first {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a new append was never checkpointed"
+            );
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        store.close().await.unwrap();
+    });
+}

@@ -205,6 +205,17 @@ impl ConsumerOffsets {
         Ok(())
     }
 
+    /// The file's bytes when anything changed since the last call, clearing the dirty flag;
+    /// a caller whose write then fails calls [`Self::mark_dirty`].
+    pub fn take_changes(&mut self) -> Option<Vec<u8>> {
+        std::mem::take(&mut self.dirty).then(|| self.encode())
+    }
+
+    /// Marks the offsets as changed (their last write failed).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
     /// Parses the bytes of the file at `path`.
     fn decode(path: &Path, bytes: &[u8]) -> Result<Self, OffsetsError> {
         let here = || path.to_owned();
@@ -344,6 +355,24 @@ mod tests {
         assert!(!o.is_dirty(), "same offset again is no change");
         o.commit("g", "t", 0, 2).unwrap();
         assert!(o.is_dirty());
+    }
+
+    #[test]
+    fn changes_are_taken_once_and_given_back_after_a_failed_write() {
+        let mut o = ConsumerOffsets::new();
+        assert_eq!(o.take_changes(), None, "nothing changed yet");
+        o.commit("g", "t", 3, 42).unwrap();
+        let bytes = o.take_changes().expect("a commit is a change");
+        assert_eq!(bytes, o.encode());
+        let back = ConsumerOffsets::decode(Path::new("x"), &bytes).unwrap();
+        assert_eq!(back.query("g", "t", 3), Some(42));
+        assert_eq!(o.take_changes(), None, "taken: clean until the next change");
+        o.mark_dirty();
+        assert_eq!(
+            o.take_changes(),
+            Some(bytes),
+            "a failed write is retried whole"
+        );
     }
 
     #[test]

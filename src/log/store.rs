@@ -178,6 +178,10 @@ struct Inner {
     flushing: Gate,
     /// One ConsumeQueue persist and checkpoint at a time.
     persisting: Gate,
+    /// One write of the consumer offsets at a time.
+    saving_offsets: Gate,
+    /// The checkpoint as this process last wrote it.
+    last_checkpoint: RefCell<Option<Vec<u8>>>,
     /// close() wrote the final checkpoint: no later persist may overwrite it.
     sealed: Cell<bool>,
     /// Retention keeps the segments from this log offset on (messages waiting in the
@@ -401,6 +405,8 @@ impl Store {
                 stop: Cell::new(false),
                 flushing: Gate::default(),
                 persisting: Gate::default(),
+                saving_offsets: Gate::default(),
+                last_checkpoint: RefCell::new(None),
                 sealed: Cell::new(false),
                 hold_from: Cell::new(u64::MAX),
                 cq_open: RefCell::new(HashMap::new()),
@@ -959,8 +965,13 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        std::fs::rename(&tmp, &p).map_err(io_err(format!("renaming {}", p.display())))?;
-        sync_dir(&dir)?;
+        let named = p.clone();
+        fsutil::off_shard(move || {
+            std::fs::rename(&tmp, &named)?;
+            fsutil::sync_dir(&dir)
+        })
+        .await
+        .map_err(io_err(format!("naming {}", p.display())))?;
         debug!(segment = %segment_name(base), "segment prepared");
         Ok(())
     }
@@ -1170,7 +1181,7 @@ impl Store {
                 }
                 if last_offsets.elapsed() >= OFFSETS_PERSIST_INTERVAL {
                     last_offsets = Instant::now();
-                    if let Err(e) = me.persist_offsets() {
+                    if let Err(e) = me.persist_offsets().await {
                         error!(error = %e, "persisting consumer offsets failed");
                     }
                 }
@@ -1371,8 +1382,7 @@ impl Store {
                         // A new queue's directory: mkdir can take milliseconds on a busy
                         // ext4, so it runs off the shard's thread.
                         let d = dir.clone();
-                        glommio::executor()
-                            .spawn_blocking(move || std::fs::create_dir_all(&d))
+                        fsutil::off_shard(move || std::fs::create_dir_all(&d))
                             .await
                             .map_err(io_err(format!("creating {}", dir.display())))?;
                         OpenOptions::new()
@@ -1431,12 +1441,17 @@ impl Store {
             }
         };
         let cp_path = self.inner.cfg.dir.join(CHECKPOINT_FILE);
+        let bytes = cp.encode();
+        // Unchanged since this process last wrote it (an idle shard): no rewrite every round.
+        if !closing && self.inner.last_checkpoint.borrow().as_ref() == Some(&bytes) {
+            return Ok(());
+        }
         // Two fsyncs: off the shard's thread, so sends and pulls go on meanwhile.
-        let (path, bytes) = (cp_path.clone(), cp.encode());
-        glommio::executor()
-            .spawn_blocking(move || fsutil::write_atomically(&path, &bytes))
+        let (path, written) = (cp_path.clone(), bytes.clone());
+        fsutil::off_shard(move || fsutil::write_atomically(&path, &written))
             .await
             .map_err(io_err(format!("writing {}", cp_path.display())))?;
+        *self.inner.last_checkpoint.borrow_mut() = Some(bytes);
         if closing {
             self.inner.sealed.set(true);
         }
@@ -1481,15 +1496,20 @@ impl Store {
         }
     }
 
-    fn persist_offsets(&self) -> Result<()> {
-        let mut st = self.inner.st.borrow_mut();
-        if !st.offsets.is_dirty() {
+    /// Writes the consumer offsets when they changed, off the shard's thread; one write at a
+    /// time, so an older snapshot never lands after a newer one.
+    async fn persist_offsets(&self) -> Result<()> {
+        let _one = self.inner.saving_offsets.enter().await;
+        let Some(bytes) = self.inner.st.borrow_mut().offsets.take_changes() else {
             return Ok(());
-        }
+        };
         let p = self.inner.cfg.dir.join(OFFSETS_FILE);
-        st.offsets
-            .save(&p)
-            .map_err(io_err(format!("writing {}", p.display())))
+        let path = p.clone();
+        let r = fsutil::off_shard(move || fsutil::write_atomically(&path, &bytes)).await;
+        if r.is_err() {
+            self.inner.st.borrow_mut().offsets.mark_dirty();
+        }
+        r.map_err(io_err(format!("writing {}", p.display())))
     }
 
     // ---------------------------------------------------------------- reads
@@ -1841,12 +1861,20 @@ impl Store {
             if let Some(f) = f {
                 let _ = f.close_rc().await;
             }
-            std::fs::remove_file(self.log_dir().join(segment_name(*b)))
+            let path = self.log_dir().join(segment_name(*b));
+            fsutil::off_shard(move || std::fs::remove_file(path))
+                .await
                 .map_err(io_err(format!("deleting segment {b}")))?;
             info!(segment = %segment_name(*b), "retention deleted a CommitLog segment");
         }
         if !victims.is_empty() {
-            sync_dir(&self.log_dir())?;
+            let dir = self.log_dir();
+            fsutil::off_shard(move || fsutil::sync_dir(&dir))
+                .await
+                .map_err(io_err(format!(
+                    "syncing directory {}",
+                    self.log_dir().display()
+                )))?;
         }
         if let Some(last) = victims.last() {
             let new_min = last + seg_size;
@@ -1897,7 +1925,6 @@ impl Store {
                     cq.files.keys().map(|b| (*b, cq.entries_per_file)).collect();
                 let mut gone = Vec::new();
                 for base in retention::cq_files_to_delete(&files, lo) {
-                    let _ = std::fs::remove_file(cq.path_of(base));
                     cq.files.remove(&base);
                     gone.push(cq.path_of(base));
                 }
@@ -1905,6 +1932,12 @@ impl Store {
             };
             if !gone.is_empty() {
                 self.close_cq_files(|p| gone.iter().any(|g| g == p)).await;
+                fsutil::off_shard(move || {
+                    for p in gone {
+                        let _ = std::fs::remove_file(p);
+                    }
+                })
+                .await;
             }
         }
         Ok(())
@@ -1962,7 +1995,7 @@ impl Store {
                 warn!(error = %e, "ConsumeQueues not persisted at close; the next start rebuilds them");
             }
         }
-        let offsets = self.persist_offsets();
+        let offsets = self.persist_offsets().await;
         self.close_cq_files(|_| true).await;
         // Close the segments even when fenced, so the files are not held open after close.
         let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)

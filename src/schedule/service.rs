@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::wheel::{TimerRef, TimingWheel, Watermark};
 use super::{deliverable, ScheduleConfig};
-use crate::log::fsutil::write_atomically;
+use crate::log::fsutil::{off_shard, write_atomically};
 use crate::log::{ReadStatus, Store};
 use crate::sync::Event;
 
@@ -65,6 +65,17 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Whether a recovery from `self` would differ from one from `last`. The timer's
+    /// `fired_ms` counts only while a timer below `scanned` waits (`low < scanned`); with none,
+    /// recovery re-arms every timer from `low`, whatever it says. So an idle shard does not
+    /// rewrite (two fsyncs and a rename) its progress every second because the clock moved.
+    pub fn differs_for_recovery(&self, last: &Progress) -> bool {
+        let (now, then) = (self.timer, last.timer);
+        self.levels != last.levels
+            || (now.low, now.scanned) != (then.low, then.scanned)
+            || (now.low < now.scanned && now.fired_ms != then.fired_ms)
+    }
+
     pub fn encode(&self) -> String {
         let mut s = format!("{PROGRESS_HEADER}\n");
         for (i, o) in self.levels.iter().enumerate() {
@@ -520,7 +531,7 @@ async fn persister(st: Rc<State>, path: PathBuf) {
     let mut last = None;
     while st.pause(PERSIST_INTERVAL).await {
         let (p, need) = st.snapshot();
-        if last.as_ref() == Some(&p) {
+        if last.as_ref().is_some_and(|l| !p.differs_for_recovery(l)) {
             continue;
         }
         let waited = Instant::now();
@@ -532,7 +543,8 @@ async fn persister(st: Rc<State>, path: PathBuf) {
         if st.store.stats().synced_offset < need {
             continue;
         }
-        if let Err(e) = write_atomically(&path, p.encode().as_bytes()) {
+        let (at, bytes) = (path.clone(), p.encode());
+        if let Err(e) = off_shard(move || write_atomically(&at, bytes.as_bytes())).await {
             warn!(path = %path.display(), error = %e, "persisting scheduler progress failed");
             continue;
         }
@@ -570,6 +582,37 @@ async fn hold_waiting(store: &Store, p: &Progress) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_timer_watermark_is_not_rewritten_as_the_clock_moves() {
+        let at = |low, fired_ms, scanned| Progress {
+            levels: vec![4, 0],
+            timer: Watermark {
+                low,
+                fired_ms,
+                scanned,
+            },
+        };
+        // Nothing waits below `scanned`: fired_ms is not read by a recovery.
+        assert!(!at(10, 2_000, 10).differs_for_recovery(&at(10, 1_000, 10)));
+        // ... as recovering from either shows: the same timers come back, due alike.
+        let entries = [(10, 1_500), (11, 5_000)];
+        let due = |fired_ms| {
+            let wm = at(10, fired_ms, 10).timer;
+            let mut w = TimingWheel::recover(60_000, 3_000, wm, entries);
+            (w.len(), w.due(10_000, 16))
+        };
+        assert_eq!(due(1_000), due(2_000));
+        assert_eq!(due(1_000).0, 2);
+        // A timer waits: fired_ms decides what comes back, so it is persisted.
+        assert!(at(8, 2_000, 10).differs_for_recovery(&at(8, 1_000, 10)));
+        // New timers seen, one delivered, or a level moved on: persisted.
+        assert!(at(10, 1_000, 12).differs_for_recovery(&at(10, 1_000, 10)));
+        assert!(at(11, 1_000, 12).differs_for_recovery(&at(10, 1_000, 12)));
+        let mut moved = at(10, 1_000, 10);
+        moved.levels[1] = 1;
+        assert!(moved.differs_for_recovery(&at(10, 1_000, 10)));
+    }
 
     #[test]
     fn progress_round_trips_and_rejects_garbage() {
