@@ -25,7 +25,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 
@@ -443,11 +442,6 @@ fn load_server_files(
     Ok((chain, key))
 }
 
-/// The ring provider: the only one compiled in (aws-lc-rs needs cmake).
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Transport settings shared by servers and clients.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
@@ -465,7 +459,7 @@ pub fn transport_config() -> quinn::TransportConfig {
 /// A QUIC server configuration for `identity`: TLS 1.3 only, ALPN [`ALPN`], 0-RTT off (a
 /// replayed send would store a message twice).
 pub fn server_config(identity: &ServerIdentity) -> Result<quinn::ServerConfig, TlsError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let mut tls = rustls::ServerConfig::builder_with_provider(orbitmq_client::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
@@ -555,7 +549,7 @@ mod tests {
         }
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            provider(),
+            orbitmq_client::tls::provider(),
         )
         .build()
         .unwrap();
@@ -597,7 +591,7 @@ mod tests {
         }
         let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            provider(),
+            orbitmq_client::tls::provider(),
         )
         .build()
         .unwrap();
@@ -637,7 +631,7 @@ mod tests {
             .unwrap();
         let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
-            provider(),
+            orbitmq_client::tls::provider(),
         )
         .build()
         .unwrap();
