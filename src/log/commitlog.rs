@@ -126,16 +126,25 @@ pub struct Staging {
     sealed: VecDeque<Batch>,
     /// Segments with base <= this are prepared and may be written.
     prepared_upto: u64,
+    /// The largest recent batch, decaying by 1/64 a batch: batches alternate between
+    /// one and several requests' worth, and sizing each by the last one grew (and copied)
+    /// the buffer of every larger one.
+    recent_len: usize,
 }
 
 /// Smallest buffer a batch starts with.
 const MIN_BATCH_CAPACITY: usize = 64 * 1024;
 
-/// The buffer to give the batch after one of `len` bytes: under steady load batches are of
-/// similar size, so a quarter more rarely needs to grow, and the tail cache keeps the buffer
-/// without shrinking it (it shrinks those over twice their length).
-fn next_capacity(len: usize) -> usize {
-    (len + len / 4).clamp(MIN_BATCH_CAPACITY, MAX_WRITE_BYTES)
+/// The buffer to give the next batch when recent ones were up to `recent` bytes: a quarter
+/// more rarely needs to grow. The tail cache keeps the buffer as it is, charged by capacity.
+fn next_capacity(recent: usize) -> usize {
+    (recent + recent / 4).clamp(MIN_BATCH_CAPACITY, MAX_WRITE_BYTES)
+}
+
+/// `recent` after a batch of `len` bytes: a new maximum at once, then 1/64 less a batch
+/// (halved in about 44 batches, some milliseconds under load).
+fn decayed_max(recent: usize, len: usize) -> usize {
+    len.max(recent - recent / 64)
 }
 
 pub fn align_down(v: u64) -> u64 {
@@ -162,6 +171,7 @@ impl Staging {
             active: Batch::new(seg_base, align_down(pos), tail, MIN_BATCH_CAPACITY),
             sealed: VecDeque::new(),
             prepared_upto,
+            recent_len: 0,
         }
     }
 
@@ -213,7 +223,8 @@ impl Staging {
             }
             let start = self.active.buf.len();
             // Sized by the records, not the padding that closes the segment.
-            let room = next_capacity(start);
+            self.recent_len = decayed_max(self.recent_len, start);
+            let room = next_capacity(self.recent_len);
             self.active.buf.resize(start + pad, 0);
             record::encode_blank(&mut self.active.buf[start..], pad as u32);
             self.active.ends_segment = true;
@@ -233,7 +244,8 @@ impl Staging {
     /// Seals the active batch mid-segment; the next batch carries its partial block.
     fn seal_active(&mut self) {
         let (file_pos, tail) = self.active.tail_block();
-        let room = next_capacity(self.active.buf.len());
+        self.recent_len = decayed_max(self.recent_len, self.active.buf.len());
+        let room = next_capacity(self.recent_len);
         let fresh = Batch::new(self.active.seg_base, file_pos, tail, room);
         let full = std::mem::replace(&mut self.active, fresh);
         self.sealed.push_back(full);
@@ -276,6 +288,27 @@ mod tests {
         let at = b.log_end();
         b.buf.extend(std::iter::repeat_n(fill, len));
         Ok(at)
+    }
+
+    #[test]
+    fn batches_of_alternating_sizes_start_with_room_for_the_largest_recent_one() {
+        let mut s = Staging::new(1 << 30, 0, Vec::new(), 0);
+        // One, three, then one and two requests' worth: the buffer is sized for three.
+        for (i, len) in [75_000, 225_000, 75_000, 150_000, 75_000]
+            .into_iter()
+            .enumerate()
+        {
+            put(&mut s, len, i as u8).unwrap();
+            let b = s.take_batch().unwrap();
+            assert_eq!(b.buf.len() - b.carried, len);
+        }
+        assert!(s.active.buf.capacity() >= 225_000 + 4096);
+        // Then smaller batches let it shrink back, 1/64 a batch.
+        for _ in 0..400 {
+            put(&mut s, 10_000, 9).unwrap();
+            s.take_batch().unwrap();
+        }
+        assert!(s.active.buf.capacity() < 2 * MIN_BATCH_CAPACITY);
     }
 
     #[test]

@@ -104,39 +104,41 @@ pub struct StoreStats {
 
 /// Recently written log bytes, by their first log offset, for readers at the tail.
 struct TailCache {
-    chunks: BTreeMap<u64, Bytes>,
+    /// Log bytes by first offset, with the memory each holds (its buffer's capacity).
+    chunks: BTreeMap<u64, (Bytes, usize)>,
     bytes: usize,
     cap: usize,
 }
 
 impl TailCache {
-    fn insert(&mut self, at: u64, b: Bytes) {
+    /// Caches `b` (log bytes from `at`), charged `held` bytes: the memory it keeps alive.
+    fn insert(&mut self, at: u64, b: Bytes, held: usize) {
         if self.cap == 0 || b.is_empty() {
             return;
         }
-        self.bytes += b.len();
-        self.chunks.insert(at, b);
+        self.bytes += held;
+        self.chunks.insert(at, (b, held));
         while self.bytes > self.cap {
             match self.chunks.pop_first() {
-                Some((_, old)) => self.bytes -= old.len(),
+                Some((_, (_, old))) => self.bytes -= old,
                 None => break,
             }
         }
     }
 
     fn get(&self, phys: u64, size: u32) -> Option<Bytes> {
-        let (start, b) = self.chunks.range(..=phys).next_back()?;
+        let (start, (b, _)) = self.chunks.range(..=phys).next_back()?;
         let from = (phys - start) as usize;
         let to = from + size as usize;
         (to <= b.len()).then(|| b.slice(from..to))
     }
 
     fn drop_below(&mut self, phys: u64) {
-        while let Some((&start, b)) = self.chunks.first_key_value() {
+        while let Some((&start, (b, held))) = self.chunks.first_key_value() {
             if start + b.len() as u64 > phys {
                 break;
             }
-            self.bytes -= b.len();
+            self.bytes -= held;
             self.chunks.pop_first();
         }
     }
@@ -1299,11 +1301,10 @@ impl Store {
         let start = batch.log_start();
         let mut buf = std::mem::take(&mut batch.buf);
         buf.truncate(buf.len() - batch.blank_len);
-        if buf.capacity() > 2 * buf.len() {
-            buf.shrink_to_fit();
-        }
+        // Kept as it is (shrinking copied it): the cache is charged its capacity instead.
+        let held = buf.capacity();
         let bytes = Bytes::from(buf).slice(batch.carried..);
-        st.cache.insert(start, bytes);
+        st.cache.insert(start, bytes, held);
         drop(st);
         batch.done.set(Ok(()));
         self.inner.room.notify();
