@@ -134,7 +134,7 @@ impl Message {
                 return illegal(format!("key {k:?} must be non-empty and without spaces"));
             }
         }
-        let keys_len = self.keys_field().len();
+        let keys_len = self.keys_field_len();
         if keys_len > MAX_KEYS_LEN {
             return illegal(format!(
                 "keys are {keys_len} bytes, over the limit of {MAX_KEYS_LEN}"
@@ -174,7 +174,17 @@ impl Message {
     }
 
     pub(crate) fn keys_field(&self) -> String {
-        self.keys.join(&KEY_SEPARATOR.to_string())
+        match self.keys.as_slice() {
+            [] => String::new(),
+            [one] => one.clone(),
+            many => many.join(KEY_SEPARATOR.encode_utf8(&mut [0; 4])),
+        }
+    }
+
+    /// The length of [`Self::keys_field`], without building it (checked on every send).
+    fn keys_field_len(&self) -> usize {
+        let separators = self.keys.len().saturating_sub(1) * KEY_SEPARATOR.len_utf8();
+        self.keys.iter().map(String::len).sum::<usize>() + separators
     }
 
     /// The wire metadata of this message with the client's properties added.
@@ -377,6 +387,15 @@ mod tests {
     use orbitmq_proto::record::{self, Placement};
 
     use super::*;
+
+    #[test]
+    fn the_keys_field_joins_keys_with_one_space_and_its_length_is_known_unbuilt() {
+        for keys in [vec![], vec!["a"], vec!["k1", "k22", "k333"]] {
+            let m = Message::new("T", "b").with_keys(keys.clone());
+            assert_eq!(m.keys_field(), keys.join(" "));
+            assert_eq!(m.keys_field_len(), m.keys_field().len());
+        }
+    }
 
     #[test]
     fn builder_and_meta() {
