@@ -126,7 +126,7 @@ pub struct Staging {
     sealed: VecDeque<Batch>,
     /// Segments with base <= this are prepared and may be written.
     prepared_upto: u64,
-    /// The largest recent batch, decaying by 1/64 a batch: batches alternate between
+    /// The largest recent batch, decaying a little each batch: batches alternate between
     /// one and several requests' worth, and sizing each by the last one grew (and copied)
     /// the buffer of every larger one.
     recent_len: usize,
@@ -141,10 +141,13 @@ fn next_capacity(recent: usize) -> usize {
     (recent + recent / 4).clamp(MIN_BATCH_CAPACITY, MAX_WRITE_BYTES)
 }
 
-/// `recent` after a batch of `len` bytes: a new maximum at once, then 1/64 less a batch
-/// (halved in about 44 batches, some milliseconds under load).
+/// How fast the recent maximum forgets: 1/64 a batch, halved in about 44 batches (some
+/// milliseconds under load), so a burst does not leave large buffers behind for long.
+const RECENT_DECAY_DIVISOR: usize = 64;
+
+/// `recent` after a batch of `len` bytes: a new maximum at once, then a little less a batch.
 fn decayed_max(recent: usize, len: usize) -> usize {
-    len.max(recent - recent / 64)
+    len.max(recent - recent / RECENT_DECAY_DIVISOR)
 }
 
 pub fn align_down(v: u64) -> u64 {
@@ -223,8 +226,7 @@ impl Staging {
             }
             let start = self.active.buf.len();
             // Sized by the records, not the padding that closes the segment.
-            self.recent_len = decayed_max(self.recent_len, start);
-            let room = next_capacity(self.recent_len);
+            let room = self.room_after(start);
             self.active.buf.resize(start + pad, 0);
             record::encode_blank(&mut self.active.buf[start..], pad as u32);
             self.active.ends_segment = true;
@@ -241,11 +243,16 @@ impl Staging {
         Ok(&mut self.active)
     }
 
+    /// The capacity of the batch after one of `len` bytes.
+    fn room_after(&mut self, len: usize) -> usize {
+        self.recent_len = decayed_max(self.recent_len, len);
+        next_capacity(self.recent_len)
+    }
+
     /// Seals the active batch mid-segment; the next batch carries its partial block.
     fn seal_active(&mut self) {
         let (file_pos, tail) = self.active.tail_block();
-        self.recent_len = decayed_max(self.recent_len, self.active.buf.len());
-        let room = next_capacity(self.recent_len);
+        let room = self.room_after(self.active.buf.len());
         let fresh = Batch::new(self.active.seg_base, file_pos, tail, room);
         let full = std::mem::replace(&mut self.active, fresh);
         self.sealed.push_back(full);

@@ -18,7 +18,8 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_CQ_FLUSH_INTERVAL: Duration = Duration::from_millis(1000);
 /// RocketMQ's `mappedFileSizeConsumeQueue` / 20: entries per ConsumeQueue file.
 pub const DEFAULT_CQ_ENTRIES_PER_FILE: u64 = 300_000;
-/// Bytes of recently written log kept in memory for consumers that keep up.
+/// Memory for recently written log kept for consumers that keep up (charged by buffer: a
+/// batch's buffer is sized for the largest recent batch, so it may hold fewer log bytes).
 pub const DEFAULT_TAIL_CACHE_BYTES: usize = 64 << 20;
 /// Most bytes gathered into one group-commit write. Larger batches amortize the write (and
 /// its wait for durability under SYNC_FLUSH) better; this bounds a shard's staging memory.

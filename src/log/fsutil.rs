@@ -32,6 +32,12 @@ pub async fn off_shard<R: Send + 'static>(work: impl FnOnce() -> R + Send + 'sta
     glommio::executor().spawn_blocking(work).await
 }
 
+/// [`write_atomically`] off the shard's thread; gives the bytes back to a caller that keeps
+/// what it last wrote.
+pub async fn write_atomically_off_shard(path: PathBuf, bytes: Vec<u8>) -> io::Result<Vec<u8>> {
+    off_shard(move || write_atomically(&path, &bytes).map(|()| bytes)).await
+}
+
 /// The directory holding `path` (`.` for a bare file name).
 pub fn parent_or_cwd(path: &Path) -> &Path {
     match path.parent() {

@@ -161,7 +161,7 @@ impl ConsumerOffsets {
         }
     }
 
-    /// Whether offsets changed since the last `load` or `save`.
+    /// Whether offsets changed since the last `load` or [`Self::take_changes`].
     pub fn is_dirty(&self) -> bool {
         self.dirty
     }
@@ -194,15 +194,6 @@ impl ConsumerOffsets {
         let crc = crc32c::crc32c(out.as_bytes());
         let _ = writeln!(out, "{CRC_PREFIX}{crc:08x}");
         out.into_bytes()
-    }
-
-    /// Writes the offsets to `path` atomically: `path.tmp`, fsync, rename over `path`, fsync
-    /// of the directory. Clears the dirty flag on success.
-    pub fn save(&mut self, path: &Path) -> io::Result<()> {
-        super::fsutil::write_atomically(path, &self.encode())?;
-        self.dirty = false;
-        tracing::debug!(path = %path.display(), entries = self.entries.len(), "saved consumer offsets");
-        Ok(())
     }
 
     /// The file's bytes when anything changed since the last call, clearing the dirty flag;
@@ -321,6 +312,12 @@ mod tests {
     use super::*;
     use std::fs;
 
+    /// What the store's persist does, on this thread: the bytes, written atomically.
+    fn save(o: &mut ConsumerOffsets, path: &Path) -> io::Result<()> {
+        let bytes = o.take_changes().unwrap_or_else(|| o.encode());
+        super::super::fsutil::write_atomically(path, &bytes)
+    }
+
     fn sample() -> ConsumerOffsets {
         let mut o = ConsumerOffsets::new();
         o.commit("g2", "TopicB", 0, 7).unwrap();
@@ -349,7 +346,7 @@ mod tests {
         assert!(!o.is_dirty());
         o.commit("g", "t", 0, 1).unwrap();
         assert!(o.is_dirty());
-        o.save(&path).unwrap();
+        save(&mut o, &path).unwrap();
         assert!(!o.is_dirty());
         o.commit("g", "t", 0, 1).unwrap();
         assert!(!o.is_dirty(), "same offset again is no change");
@@ -420,7 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("consumerOffset");
         let mut o = sample();
-        o.save(&path).unwrap();
+        save(&mut o, &path).unwrap();
         assert!(!dir.path().join("consumerOffset.tmp").exists());
         let loaded = ConsumerOffsets::load(&path).unwrap();
         assert_eq!(loaded, o);
@@ -430,7 +427,7 @@ mod tests {
         assert_eq!(all.len(), 4);
         // An empty set round-trips too, and a second save replaces the first.
         let mut empty = ConsumerOffsets::new();
-        empty.save(&path).unwrap();
+        save(&mut empty, &path).unwrap();
         assert!(ConsumerOffsets::load(&path).unwrap().is_empty());
     }
 
@@ -446,7 +443,7 @@ mod tests {
     fn flipped_byte_is_caught_by_crc() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offsets");
-        sample().save(&path).unwrap();
+        save(&mut sample(), &path).unwrap();
         let good = fs::read(&path).unwrap();
         // Flip every body byte in turn: each flip must be refused.
         let body_len = good.len() - (CRC_PREFIX.len() + CRC_HEX_LEN + 1);
@@ -484,7 +481,7 @@ mod tests {
     fn truncated_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("offsets");
-        sample().save(&path).unwrap();
+        save(&mut sample(), &path).unwrap();
         let good = fs::read(&path).unwrap();
         for cut in 0..good.len() {
             fs::write(&path, &good[..cut]).unwrap();
@@ -539,7 +536,7 @@ mod tests {
         o.commit("g", "A", 2, 50).unwrap(); // inside
         o.commit("g", "Gone", 0, 9).unwrap(); // no bounds: left alone
         let dir = tempfile::tempdir().unwrap();
-        o.save(&dir.path().join("offsets")).unwrap();
+        save(&mut o, &dir.path().join("offsets")).unwrap();
         o.clamp(|topic, queue| match (topic, queue) {
             ("A", 0) => Some((0, 120)),
             ("A", 1) => Some((10, 20)),
@@ -551,7 +548,7 @@ mod tests {
         assert_eq!(o.query("g", "A", 1), Some(10));
         assert_eq!(o.query("g", "A", 2), Some(50));
         assert_eq!(o.query("g", "Gone", 0), Some(9));
-        o.save(&dir.path().join("offsets")).unwrap();
+        save(&mut o, &dir.path().join("offsets")).unwrap();
         o.clamp(|_, _| Some((0, 1_000)));
         assert!(
             !o.is_dirty(),

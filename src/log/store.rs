@@ -40,6 +40,9 @@ const PREPARE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const RECOVERY_READ_BYTES: usize = MAX_WRITE_BYTES + IO_ALIGN as usize;
 /// Zeros written per I/O when pre-writing a segment.
 const PREWRITE_CHUNK: usize = 1 << 20;
+/// Batches up to this size are copied into a buffer of their size for the tail cache when
+/// their own is over twice as large; larger ones are cached in their buffer.
+const CACHE_COPY_MAX_BYTES: usize = 64 * 1024;
 /// Bytes read at once when a reader misses the tail cache: the records after the one asked
 /// for (other queues' interleaved with its own) are likely the next ones asked for.
 const READ_AHEAD_BYTES: u64 = 256 * 1024;
@@ -1301,9 +1304,17 @@ impl Store {
         let start = batch.log_start();
         let mut buf = std::mem::take(&mut batch.buf);
         buf.truncate(buf.len() - batch.blank_len);
-        // Kept as it is (shrinking copied it): the cache is charged its capacity instead.
-        let held = buf.capacity();
-        let bytes = Bytes::from(buf).slice(batch.carried..);
+        // A large batch is cached in its own buffer, charged its capacity (shrinking copied
+        // it, on every batch under load); a small one in a buffer at its size, so light load
+        // (a 1 KiB batch in a 64 KiB buffer) does not fill the cache with empty room.
+        let (bytes, held) = if buf.len() <= CACHE_COPY_MAX_BYTES && buf.capacity() > 2 * buf.len() {
+            let b = Bytes::copy_from_slice(&buf[batch.carried..]);
+            let held = b.len();
+            (b, held)
+        } else {
+            let held = buf.capacity();
+            (Bytes::from(buf).slice(batch.carried..), held)
+        };
         st.cache.insert(start, bytes, held);
         drop(st);
         batch.done.set(Ok(()));

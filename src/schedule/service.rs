@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::wheel::{TimerRef, TimingWheel, Watermark};
 use super::{deliverable, ScheduleConfig};
-use crate::log::fsutil::{off_shard, write_atomically};
+use crate::log::fsutil::{write_atomically, write_atomically_off_shard};
 use crate::log::{ReadStatus, Store};
 use crate::sync::Event;
 
@@ -543,8 +543,8 @@ async fn persister(st: Rc<State>, path: PathBuf) {
         if st.store.stats().synced_offset < need {
             continue;
         }
-        let (at, bytes) = (path.clone(), p.encode());
-        if let Err(e) = off_shard(move || write_atomically(&at, bytes.as_bytes())).await {
+        let bytes = p.encode().into_bytes();
+        if let Err(e) = write_atomically_off_shard(path.clone(), bytes).await {
             warn!(path = %path.display(), error = %e, "persisting scheduler progress failed");
             continue;
         }

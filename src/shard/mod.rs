@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement, PoolPlacement};
 use thiserror::Error;
 use tracing::{error, info};
 
@@ -38,6 +38,10 @@ pub const MAX_IO_MEMORY: u64 = 8 << 20;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// How often a shard checks for the stop request.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// Threads of a shard's blocking pool (fsyncs, renames, unlinks; see `fsutil::off_shard`),
+/// unpinned: glommio's default is one, pinned to the shard's own core, so a slow unlink would
+/// hold up the checkpoint behind it and compete with the shard for its core.
+const BLOCKING_THREADS_PER_SHARD: usize = 2;
 
 #[derive(Debug, Error)]
 pub enum ShardError {
@@ -297,6 +301,7 @@ impl ShardSet {
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{k}"))
                 .io_memory(io_memory)
+                .blocking_thread_pool_placement(PoolPlacement::Unbound(BLOCKING_THREADS_PER_SHARD))
                 .spawn(move || run_shard(k, store_cfg, net, stop, ready))
                 .map_err(|e| ShardError::Start {
                     shard: k,
