@@ -19,6 +19,7 @@ use orbitmq_client::{
     Producer, PushConsumer,
 };
 use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{self, SendBackRequest, SendBackResponse, TopicConfigsResponse};
 use tempfile::TempDir;
 
@@ -345,6 +346,18 @@ fn send_back_header(group: &str, m: &MessageExt) -> Bytes {
     })
 }
 
+/// A CONSUMER_SEND_MSG_BACK of `m` for `group`, sent as is to `endpoint` (no redirect).
+async fn raw_send_back(c: &Client, endpoint: &str, group: &str, m: &MessageExt) -> Frame {
+    c.request(
+        endpoint,
+        request::CONSUMER_SEND_MSG_BACK,
+        send_back_header(group, m),
+        m.record_bytes().clone(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn broker_topics(c: &Client, endpoint: &str) -> BTreeSet<String> {
     let f = c
         .request(
@@ -373,29 +386,13 @@ async fn a_send_back_to_the_wrong_shard_is_redirected() {
     let c = Client::new(b.config()).await.unwrap();
 
     let group = group_on("g-raw", 1);
-    let f = c
-        .request(
-            &b.shards[0],
-            request::CONSUMER_SEND_MSG_BACK,
-            send_back_header(&group, &m),
-            m.record_bytes().clone(),
-        )
-        .await
-        .unwrap();
+    let f = raw_send_back(&c, &b.shards[0], &group, &m).await;
     assert_eq!(f.code, response::WRONG_SHARD);
     match ClientError::from_response(f.code, &f.header, "") {
         ClientError::WrongShard { redirect, .. } => assert_eq!(redirect, b.shards[1]),
         other => panic!("{other:?}"),
     }
-    let f = c
-        .request(
-            &b.shards[1],
-            request::CONSUMER_SEND_MSG_BACK,
-            send_back_header(&group, &m),
-            m.record_bytes().clone(),
-        )
-        .await
-        .unwrap();
+    let f = raw_send_back(&c, &b.shards[1], &group, &m).await;
     assert_eq!(f.code, response::SUCCESS);
     let r: SendBackResponse = header::decode(&f.header).unwrap();
     assert_eq!(

@@ -416,14 +416,7 @@ impl Client {
         if let Lookup::Fresh(r) = self.lookup(topic, max_age) {
             return Ok(r);
         }
-        let lock = self
-            .inner
-            .route_fetch
-            .lock()
-            .expect("route_fetch lock")
-            .entry(topic.to_owned())
-            .or_default()
-            .clone();
+        let lock = self.route_fetch_lock(topic);
         let _g = lock.lock().await;
         let stale = match self.lookup(topic, max_age) {
             Lookup::Fresh(r) => return Ok(r),
@@ -442,6 +435,17 @@ impl Client {
         }
     }
 
+    /// The lock that makes one fetch of `topic`'s route at a time (the others wait for it).
+    fn route_fetch_lock(&self, topic: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .route_fetch
+            .lock()
+            .expect("route_fetch lock")
+            .entry(topic.to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Fetches a topic's route from the name server now.
     pub async fn refresh_route(&self, topic: &str) -> Result<Arc<TopicRoute>> {
         self.invalidate_route(topic);
@@ -451,14 +455,7 @@ impl Client {
     /// The periodic refresh: fetches a route and replaces the cached one on success, leaving
     /// the cached one in use meanwhile (and on failure).
     async fn renew_route(&self, topic: &str) -> Result<()> {
-        let lock = self
-            .inner
-            .route_fetch
-            .lock()
-            .expect("route_fetch lock")
-            .entry(topic.to_owned())
-            .or_default()
-            .clone();
+        let lock = self.route_fetch_lock(topic);
         let _g = lock.lock().await;
         let route = self.fetch_route(topic).await?;
         self.store_route(route);

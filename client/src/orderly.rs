@@ -321,19 +321,22 @@ pub(super) async fn release(inner: &Arc<Inner>, dropped: &[QueueInfo], quiet: &[
     }
 }
 
+/// Every queue this member holds: those it pulls and those draining before their release.
+fn held_queues(inner: &Inner) -> Vec<QueueInfo> {
+    let qs = inner.queues.lock().expect("queues lock");
+    let draining = inner.orderly.draining.lock().expect("draining lock");
+    qs.values()
+        .map(|q| q.info.clone())
+        .chain(draining.iter().map(|(q, _)| q.clone()))
+        .collect()
+}
+
 /// Shutdown, after the final commit: unlocks every held queue.
 pub(super) async fn unlock_all(inner: &Arc<Inner>) {
     if !inner.orderly.enabled() {
         return;
     }
-    let held: Vec<QueueInfo> = {
-        let qs = inner.queues.lock().expect("queues lock");
-        let draining = inner.orderly.draining.lock().expect("draining lock");
-        qs.values()
-            .map(|q| q.info.clone())
-            .chain(draining.iter().map(|(q, _)| q.clone()))
-            .collect()
-    };
+    let held = held_queues(inner);
     release(
         inner,
         &held,
@@ -680,14 +683,7 @@ async fn renew(inner: &Arc<Inner>) {
         }
         return;
     }
-    let held: Vec<QueueInfo> = {
-        let qs = inner.queues.lock().expect("queues lock");
-        let draining = inner.orderly.draining.lock().expect("draining lock");
-        qs.values()
-            .map(|q| q.info.clone())
-            .chain(draining.iter().map(|(q, _)| q.clone()))
-            .collect()
-    };
+    let held = held_queues(inner);
     for (endpoint, mqs) in by_endpoint(held) {
         let now = Instant::now();
         let locked = match inner.client.lock_batch(&endpoint, &inner.group, &mqs).await {
