@@ -114,21 +114,9 @@ struct WriterArgs {
     body_size: usize,
 }
 
-/// Where `orbitmq standalone` keeps its data unless told otherwise.
-const DEFAULT_DATA_DIR: &str = "./orbitmq-data";
-
 /// The effective settings: flags over broker.conf keys over defaults.
 fn store_config(a: &StoreArgs, conf: &BrokerConfig) -> (PathBuf, StoreConfig) {
-    let dir = a
-        .data_dir
-        .clone()
-        .or_else(|| conf.store_path_root_dir.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    let mut c = StoreConfig::new(dir.clone(), a.flush.unwrap_or(conf.flush_disk_type));
-    c.segment_size = a.segment_size.unwrap_or(conf.segment_size);
-    c.flush_interval = conf.flush_interval;
-    c.retention = conf.retention.clone();
-    (dir, c)
+    node::store_config_over(a.data_dir.clone(), a.flush, a.segment_size, conf)
 }
 
 fn main() -> ExitCode {

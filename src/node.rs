@@ -139,13 +139,22 @@ fn parse_namesrv(s: &str) -> Vec<String> {
 }
 
 fn store_config(a: &BrokerArgs, conf: &BrokerConfig) -> (PathBuf, StoreConfig) {
-    let dir = a
-        .data_dir
-        .clone()
+    store_config_over(a.data_dir.clone(), a.flush, a.segment_size, conf)
+}
+
+/// The effective store settings and data directory: these flags over broker.conf's keys over
+/// the defaults.
+pub fn store_config_over(
+    data_dir: Option<PathBuf>,
+    flush: Option<FlushMode>,
+    segment_size: Option<u64>,
+    conf: &BrokerConfig,
+) -> (PathBuf, StoreConfig) {
+    let dir = data_dir
         .or_else(|| conf.store_path_root_dir.clone())
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    let mut c = StoreConfig::new(dir.clone(), a.flush.unwrap_or(conf.flush_disk_type));
-    c.segment_size = a.segment_size.unwrap_or(conf.segment_size);
+    let mut c = StoreConfig::new(dir.clone(), flush.unwrap_or(conf.flush_disk_type));
+    c.segment_size = segment_size.unwrap_or(conf.segment_size);
     c.flush_interval = conf.flush_interval;
     c.retention = conf.retention.clone();
     (dir, c)
