@@ -18,6 +18,8 @@ pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 pub const DEFAULT_CQ_FLUSH_INTERVAL: Duration = Duration::from_millis(1000);
 /// RocketMQ's `mappedFileSizeConsumeQueue` / 20: entries per ConsumeQueue file.
 pub const DEFAULT_CQ_ENTRIES_PER_FILE: u64 = 300_000;
+/// ConsumeQueue files a store keeps open unless its shard set says otherwise.
+pub const DEFAULT_MAX_OPEN_CQ_FILES: usize = 4096;
 /// Memory for recently written log kept for consumers that keep up (charged by buffer: a
 /// batch's buffer is sized for the largest recent batch, so it may hold fewer log bytes).
 pub const DEFAULT_TAIL_CACHE_BYTES: usize = 64 << 20;
@@ -65,6 +67,9 @@ pub struct StoreConfig {
     /// Costs one extra write of each segment, so it is on by default only under SYNC_FLUSH.
     pub prewrite_segments: bool,
     pub retention: RetentionPolicy,
+    /// ConsumeQueue files kept open between persist rounds (file descriptors; a shard set
+    /// sizes it from `ulimit -n`).
+    pub max_open_cq_files: usize,
 }
 
 impl StoreConfig {
@@ -79,6 +84,7 @@ impl StoreConfig {
             tail_cache_bytes: DEFAULT_TAIL_CACHE_BYTES,
             prewrite_segments: flush == FlushMode::Sync,
             retention: RetentionPolicy::default(),
+            max_open_cq_files: DEFAULT_MAX_OPEN_CQ_FILES,
         }
     }
 

@@ -52,9 +52,6 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(10);
 const OFFSETS_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 /// Most records one read returns.
 pub const MAX_READ_MESSAGES: usize = 1024;
-/// ConsumeQueue files a shard keeps open between persist rounds (file descriptors: keep
-/// shards x this well under `ulimit -n`).
-const MAX_OPEN_CQ_FILES: usize = 4096;
 
 const COMMITLOG_DIR: &str = "commitlog";
 const CQ_DIR: &str = "consumequeue";
@@ -1470,13 +1467,14 @@ impl Store {
         Ok(())
     }
 
-    /// Keeps a ConsumeQueue file open for the next rounds; past [`MAX_OPEN_CQ_FILES`] the
+    /// Keeps a ConsumeQueue file open for the next rounds; past `max_open_cq_files` the
     /// quarter least recently written are closed.
     async fn keep_cq_file(&self, path: PathBuf, f: BufferedFile, round: u64) {
         let evicted: Vec<BufferedFile> = {
             let mut open = self.inner.cq_open.borrow_mut();
             open.insert(path, (f, round));
-            if open.len() <= MAX_OPEN_CQ_FILES {
+            let max = self.inner.cfg.max_open_cq_files;
+            if open.len() <= max {
                 return;
             }
             let mut by_age: Vec<(u64, PathBuf)> =
@@ -1484,7 +1482,7 @@ impl Store {
             by_age.sort_unstable();
             by_age
                 .into_iter()
-                .take(MAX_OPEN_CQ_FILES / 4)
+                .take(max.div_ceil(4))
                 .filter_map(|(_, p)| open.remove(&p).map(|(f, _)| f))
                 .collect()
         };

@@ -55,19 +55,42 @@ pub enum ShardError {
     Store { shard: u32, why: String },
 }
 
-/// The locked-memory limit in bytes (RLIMIT_MEMLOCK, soft).
-pub fn memlock_limit() -> u64 {
+/// A soft resource limit (`u64::MAX` when unlimited or unknown).
+fn soft_limit(resource: libc::__rlimit_resource_t) -> u64 {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
-    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    let rc = unsafe { libc::getrlimit(resource, &mut r) };
     if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
         u64::MAX
     } else {
         r.rlim_cur
     }
+}
+
+/// The locked-memory limit in bytes (RLIMIT_MEMLOCK, soft).
+pub fn memlock_limit() -> u64 {
+    soft_limit(libc::RLIMIT_MEMLOCK)
+}
+
+/// File descriptors left for everything but ConsumeQueue files: sockets, segments, the
+/// blocking pool's files, the name server's.
+const FD_RESERVE: u64 = 1024;
+/// Fewest ConsumeQueue files a shard keeps open, however low `ulimit -n` is.
+const MIN_OPEN_CQ_FILES_PER_SHARD: usize = 64;
+/// Most ConsumeQueue files a shard keeps open, however high `ulimit -n` is.
+const MAX_OPEN_CQ_FILES_PER_SHARD: usize = 1 << 16;
+
+/// ConsumeQueue files each shard keeps open between persist rounds: half of the descriptors
+/// `nofile` (RLIMIT_NOFILE) leaves after [`FD_RESERVE`], split over the shards. Every queue
+/// written in a round is persisted in that round, so when a shard's queues outnumber its open
+/// files the least recently written are closed before they are written again: with 8,000
+/// queues and 4,096 open files (the bound before) each round opened and closed every file.
+pub fn open_cq_files_per_shard(shards: u32, nofile: u64) -> usize {
+    let per_shard = nofile.saturating_sub(FD_RESERVE) / 2 / u64::from(shards.max(1));
+    (per_shard.min(MAX_OPEN_CQ_FILES_PER_SHARD as u64) as usize).max(MIN_OPEN_CQ_FILES_PER_SHARD)
 }
 
 /// Registered I/O memory per shard that fits the locked-memory limit.
@@ -296,6 +319,8 @@ impl ShardSet {
             };
             let mut store_cfg = cfg.store.clone();
             store_cfg.dir = shard_dir(&cfg.data_dir, k);
+            store_cfg.max_open_cq_files =
+                open_cq_files_per_shard(cfg.shards, soft_limit(libc::RLIMIT_NOFILE));
             let net = cfg.net.clone().zip(shared.clone());
             let (stop, ready) = (stop.clone(), ready_tx.clone());
             let h = LocalExecutorBuilder::new(placement)
@@ -380,6 +405,27 @@ impl ShardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_consume_queue_files_share_half_the_descriptor_limit() {
+        // This VM's 20,000: one shard keeps 9,488 open, enough for 1,000 topics x 8 queues.
+        assert_eq!(open_cq_files_per_shard(1, 20_000), 9_488);
+        assert_eq!(open_cq_files_per_shard(4, 20_000), 2_372);
+        // A low limit still leaves a few; an unlimited one is bounded.
+        assert_eq!(
+            open_cq_files_per_shard(8, 1_024),
+            MIN_OPEN_CQ_FILES_PER_SHARD
+        );
+        assert_eq!(
+            open_cq_files_per_shard(1, u64::MAX),
+            MAX_OPEN_CQ_FILES_PER_SHARD
+        );
+        assert_eq!(
+            open_cq_files_per_shard(0, 20_000),
+            9_488,
+            "no shards counts as one"
+        );
+    }
 
     #[test]
     fn unspecified_listen_addresses_are_advertised_as_given() {
