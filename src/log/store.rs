@@ -1473,7 +1473,7 @@ impl Store {
         let evicted: Vec<BufferedFile> = {
             let mut open = self.inner.cq_open.borrow_mut();
             open.insert(path, (f, round));
-            let max = self.inner.cfg.max_open_cq_files;
+            let max = self.inner.cfg.max_open_cq_files.max(1);
             if open.len() <= max {
                 return;
             }

@@ -55,14 +55,8 @@ pub enum ShardError {
     Store { shard: u32, why: String },
 }
 
-/// A soft resource limit (`u64::MAX` when unlimited or unknown).
-fn soft_limit(resource: libc::__rlimit_resource_t) -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
-    let rc = unsafe { libc::getrlimit(resource, &mut r) };
+/// A soft limit as getrlimit gave it (`u64::MAX` when unlimited or unknown).
+fn soft_limit(rc: libc::c_int, r: &libc::rlimit) -> u64 {
     if rc != 0 || r.rlim_cur == libc::RLIM_INFINITY {
         u64::MAX
     } else {
@@ -72,24 +66,58 @@ fn soft_limit(resource: libc::__rlimit_resource_t) -> u64 {
 
 /// The locked-memory limit in bytes (RLIMIT_MEMLOCK, soft).
 pub fn memlock_limit() -> u64 {
-    soft_limit(libc::RLIMIT_MEMLOCK)
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and reads nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) };
+    soft_limit(rc, &r)
 }
 
-/// File descriptors left for everything but ConsumeQueue files: sockets, segments, the
-/// blocking pool's files, the name server's.
+/// Raises the soft open-files limit to the hard one (1,024 soft is a common default, far
+/// below what a broker with thousands of queues wants) and returns the soft limit then.
+pub fn raise_nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read or write only the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    if rc == 0 && r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: r.rlim_max,
+            rlim_max: r.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            info!(
+                from = r.rlim_cur,
+                to = r.rlim_max,
+                "raised the open-files limit"
+            );
+            r = raised;
+        }
+    }
+    soft_limit(rc, &r)
+}
+
+/// File descriptors left for everything but ConsumeQueue files (sockets, segments, the
+/// blocking pool's files, the name server's): this many, or a quarter of a lower limit.
 const FD_RESERVE: u64 = 1024;
 /// Fewest ConsumeQueue files a shard keeps open, however low `ulimit -n` is.
 const MIN_OPEN_CQ_FILES_PER_SHARD: usize = 64;
 /// Most ConsumeQueue files a shard keeps open, however high `ulimit -n` is.
 const MAX_OPEN_CQ_FILES_PER_SHARD: usize = 1 << 16;
 
-/// ConsumeQueue files each shard keeps open between persist rounds: half of the descriptors
-/// `nofile` (RLIMIT_NOFILE) leaves after [`FD_RESERVE`], split over the shards. Every queue
+/// ConsumeQueue files each shard keeps open between persist rounds: half of what the
+/// descriptor limit `nofile` leaves after the reserve, split over the shards. Every queue
 /// written in a round is persisted in that round, so when a shard's queues outnumber its open
 /// files the least recently written are closed before they are written again: with 8,000
 /// queues and 4,096 open files (the bound before) each round opened and closed every file.
 pub fn open_cq_files_per_shard(shards: u32, nofile: u64) -> usize {
-    let per_shard = nofile.saturating_sub(FD_RESERVE) / 2 / u64::from(shards.max(1));
+    let reserve = FD_RESERVE.min(nofile / 4);
+    let per_shard = nofile.saturating_sub(reserve) / 2 / u64::from(shards.max(1));
     (per_shard.min(MAX_OPEN_CQ_FILES_PER_SHARD as u64) as usize).max(MIN_OPEN_CQ_FILES_PER_SHARD)
 }
 
@@ -298,6 +326,7 @@ impl ShardSet {
     /// endpoint, and returns once all are serving.
     pub fn start(cfg: ShardSetConfig) -> Result<ShardSet, ShardError> {
         let io_memory = io_memory_per_shard(cfg.shards)?;
+        let open_cq_files = open_cq_files_per_shard(cfg.shards, raise_nofile_limit());
         let shape = shape::open_or_create(&cfg.data_dir, cfg.shards)?;
         let shared = cfg.net.as_ref().map(|n| {
             Arc::new(BrokerShared {
@@ -319,8 +348,7 @@ impl ShardSet {
             };
             let mut store_cfg = cfg.store.clone();
             store_cfg.dir = shard_dir(&cfg.data_dir, k);
-            store_cfg.max_open_cq_files =
-                open_cq_files_per_shard(cfg.shards, soft_limit(libc::RLIMIT_NOFILE));
+            store_cfg.max_open_cq_files = open_cq_files;
             let net = cfg.net.clone().zip(shared.clone());
             let (stop, ready) = (stop.clone(), ready_tx.clone());
             let h = LocalExecutorBuilder::new(placement)
@@ -412,6 +440,8 @@ mod tests {
         assert_eq!(open_cq_files_per_shard(1, 20_000), 9_488);
         assert_eq!(open_cq_files_per_shard(4, 20_000), 2_372);
         // A low limit still leaves a few; an unlimited one is bounded.
+        // 1,024 (a common soft limit): a quarter is reserved, the rest shared.
+        assert_eq!(open_cq_files_per_shard(1, 1_024), 384);
         assert_eq!(
             open_cq_files_per_shard(8, 1_024),
             MIN_OPEN_CQ_FILES_PER_SHARD
