@@ -269,6 +269,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fsutil::sync_dir(dir).map_err(io_err(format!("syncing directory {}", dir.display())))
 }
 
+/// [`sync_dir`] off the shard's thread (see [`fsutil::off_shard`]).
+async fn sync_dir_off_shard(dir: PathBuf) -> Result<()> {
+    fsutil::off_shard(move || sync_dir(&dir)).await
+}
+
 /// Every record below the returned log offset is in the persisted ConsumeQueues: the
 /// durable offset, or the first record of an entry not persisted yet if lower.
 fn index_floor(st: &State, durable: u64) -> u64 {
@@ -964,16 +969,15 @@ impl Store {
         .await;
         let _ = f.close().await;
         if let Err(e) = r {
-            let _ = std::fs::remove_file(&tmp);
+            // Up to a segment of allocated blocks to free: off the shard's thread too.
+            let _ = fsutil::off_shard(move || std::fs::remove_file(tmp)).await;
             return Err(e);
         }
         let named = p.clone();
-        fsutil::off_shard(move || {
-            std::fs::rename(&tmp, &named)?;
-            fsutil::sync_dir(&dir)
-        })
-        .await
-        .map_err(io_err(format!("naming {}", p.display())))?;
+        fsutil::off_shard(move || std::fs::rename(&tmp, &named))
+            .await
+            .map_err(io_err(format!("renaming {}", p.display())))?;
+        sync_dir_off_shard(dir).await?;
         debug!(segment = %segment_name(base), "segment prepared");
         Ok(())
     }
@@ -1456,11 +1460,10 @@ impl Store {
             return Ok(());
         }
         // Two fsyncs: off the shard's thread, so sends and pulls go on meanwhile.
-        let (path, written) = (cp_path.clone(), bytes.clone());
-        fsutil::off_shard(move || fsutil::write_atomically(&path, &written))
+        let written = fsutil::write_atomically_off_shard(cp_path.clone(), bytes)
             .await
             .map_err(io_err(format!("writing {}", cp_path.display())))?;
-        *self.inner.last_checkpoint.borrow_mut() = Some(bytes);
+        *self.inner.last_checkpoint.borrow_mut() = Some(written);
         if closing {
             self.inner.sealed.set(true);
         }
@@ -1514,12 +1517,16 @@ impl Store {
             return Ok(());
         };
         let p = self.inner.cfg.dir.join(OFFSETS_FILE);
-        let path = p.clone();
-        let r = fsutil::off_shard(move || fsutil::write_atomically(&path, &bytes)).await;
-        if r.is_err() {
-            self.inner.st.borrow_mut().offsets.mark_dirty();
+        match fsutil::write_atomically_off_shard(p.clone(), bytes).await {
+            Ok(_) => {
+                debug!(path = %p.display(), "saved consumer offsets");
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.st.borrow_mut().offsets.mark_dirty();
+                Err(StoreError::io(format!("writing {}", p.display()), e))
+            }
         }
-        r.map_err(io_err(format!("writing {}", p.display())))
     }
 
     // ---------------------------------------------------------------- reads
@@ -1878,13 +1885,7 @@ impl Store {
             info!(segment = %segment_name(*b), "retention deleted a CommitLog segment");
         }
         if !victims.is_empty() {
-            let dir = self.log_dir();
-            fsutil::off_shard(move || fsutil::sync_dir(&dir))
-                .await
-                .map_err(io_err(format!(
-                    "syncing directory {}",
-                    self.log_dir().display()
-                )))?;
+            sync_dir_off_shard(self.log_dir()).await?;
         }
         if let Some(last) = victims.last() {
             let new_min = last + seg_size;
