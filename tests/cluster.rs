@@ -389,6 +389,20 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         2,
         "{out}"
     );
+    // Each queue's ConsumeQueue directory and first file are made at creation, in the store
+    // of the one shard that serves the queue.
+    for name in ["broker-a", "broker-b"] {
+        for q in 0..8 {
+            let holders = (0..2)
+                .filter(|k| {
+                    root.join(format!("{name}-data/shard-{k}/consumequeue/{TOPIC}/{q}"))
+                        .join(format!("{:020}", 0))
+                        .is_file()
+                })
+                .count();
+            assert_eq!(holders, 1, "{name}: queue {q}'s first ConsumeQueue file");
+        }
+    }
     let out = run_ok(&[
         "admin",
         "topic",

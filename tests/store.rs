@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use orbitmq::log::retention::RetentionPolicy;
-use orbitmq::log::{AppendResult, FlushMode, ReadStatus, Store, StoreConfig, StoreError};
+use orbitmq::log::{
+    prepare_queue_files, AppendResult, FlushMode, ReadStatus, Store, StoreConfig, StoreError,
+};
 use orbitmq::proto::limits;
 use orbitmq::proto::record::{self, EncodeError, Message};
 
@@ -517,6 +519,50 @@ fn consume_queue_rebuilt_without_a_checkpoint() {
     rebuilt_after(|p| {
         std::fs::remove_file(p.join("checkpoint")).unwrap();
         set_len(&cq_file(p, CQ_TOPIC, 0, 100), 0);
+    });
+}
+
+/// A topic's queue files made when it is created (before the store opens, as a restarting
+/// broker finds them, and while it runs): the store takes them as empty queues, appends fill
+/// them across file boundaries, and all of it reads back after reopening. Preparing a queue
+/// again leaves its files alone.
+#[test]
+fn prepared_queue_files_are_empty_queues_until_written() {
+    const TOPIC: &str = "Made";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    assert!(prepare_queue_files(&path, TOPIC, 0).unwrap(), "a new queue");
+    assert_eq!(
+        std::fs::metadata(cq_file(&path, TOPIC, 0, 0))
+            .unwrap()
+            .len(),
+        0
+    );
+    run(move || async move {
+        let store = Store::open(cfg(&path, FlushMode::Async)).await.unwrap();
+        assert_eq!(store.queue_bounds(TOPIC, 0), Some((0, 0)), "an empty queue");
+        assert!(prepare_queue_files(&path, TOPIC, 1).unwrap());
+        let written = append_range(&store, TOPIC, 2, 0..300).await;
+        assert_queues(&store, TOPIC, 2, &written).await;
+        store.close().await.unwrap();
+        let full = 100 * 20;
+        assert_eq!(
+            std::fs::metadata(cq_file(&path, TOPIC, 0, 0))
+                .unwrap()
+                .len(),
+            full
+        );
+        assert!(
+            !prepare_queue_files(&path, TOPIC, 0).unwrap(),
+            "an existing queue"
+        );
+        assert_eq!(
+            std::fs::metadata(cq_file(&path, TOPIC, 0, 0))
+                .unwrap()
+                .len(),
+            full
+        );
+        reopen_and_continue(&path, FlushMode::Async, (TOPIC, 2), written, 300..400, None).await;
     });
 }
 

@@ -14,4 +14,4 @@ pub mod store;
 
 pub use config::{FlushMode, StoreConfig};
 pub use error::StoreError;
-pub use store::{AppendResult, ReadResult, ReadStatus, Store};
+pub use store::{prepare_queue_files, AppendResult, ReadResult, ReadStatus, Store};

@@ -30,7 +30,7 @@ use tracing::debug;
 use crate::log::shape::Shape;
 use crate::log::{ReadStatus, Store, StoreError};
 use crate::nameserver::routes::topic_data;
-use crate::nameserver::topics::{TopicView, Topics, PERM_READ, PERM_WRITE};
+use crate::nameserver::topics::{TopicConfig, TopicView, Topics, PERM_READ, PERM_WRITE};
 use crate::net::server::{
     error_frame, error_frame_redirect, ok_frame, Handler, HandlerFuture, Peer,
 };
@@ -39,6 +39,8 @@ use crate::shard::clients::{subscription_conflicts, ClientRegistry};
 /// What every shard of a broker shares (read-only after start, or behind its own sync).
 pub struct BrokerShared {
     pub shape: Shape,
+    /// The broker's data directory (each shard's store is in `shard-<k>` under it).
+    pub data_dir: std::path::PathBuf,
     pub topics: Arc<Topics>,
     /// Endpoint of each shard as clients reach it, known once every shard has bound its port.
     pub endpoints: OnceLock<Vec<SocketAddr>>,
@@ -601,6 +603,7 @@ impl ShardHandler {
                     h.perm,
                 ) {
                     Ok(t) => {
+                        self.prepare_queue_files(&t).await;
                         tracing::info!(topic = %t.name, read = t.read_queues, write = t.write_queues,
                             perm = t.perm, remote = %peer.remote, "topic created or updated");
                         ok_frame(
@@ -656,6 +659,36 @@ impl ShardHandler {
 }
 
 impl ShardHandler {
+    /// Makes the ConsumeQueue directories and first files of a created topic's new queues in
+    /// their shards' stores, off this shard's thread, so that the first sends do not wait for
+    /// inode creation. A failure is only logged: the stores make what is missing when they
+    /// first persist the queue, and report errors there.
+    async fn prepare_queue_files(&self, t: &TopicConfig) {
+        let queues = t.read_queues.max(t.write_queues);
+        let dirs: Vec<(std::path::PathBuf, u32)> = (0..queues)
+            .map(|q| {
+                let owner = self.shared.shape.shard_of(&t.name, q);
+                (crate::shard::shard_dir(&self.shared.data_dir, owner), q)
+            })
+            .collect();
+        let topic = t.name.clone();
+        let made = crate::log::fsutil::off_shard(move || {
+            let mut made = 0;
+            for (dir, q) in dirs {
+                match crate::log::prepare_queue_files(&dir, &topic, q) {
+                    Ok(new) => made += usize::from(new),
+                    Err(e) => {
+                        tracing::warn!(%topic, queue = q, error = %e,
+                            "cannot make the queue's ConsumeQueue directory now; its first persist will");
+                    }
+                }
+            }
+            made
+        })
+        .await;
+        debug!(topic = %t.name, made, "queue directories prepared");
+    }
+
     /// HEART_BEAT records the client in its groups; UNREGISTER_CLIENT removes it.
     fn heartbeat(&self, req: &Frame, peer: &Peer) -> Frame {
         let id = req.request_id;

@@ -331,6 +331,7 @@ impl ShardSet {
         let shared = cfg.net.as_ref().map(|n| {
             Arc::new(BrokerShared {
                 shape,
+                data_dir: cfg.data_dir.clone(),
                 topics: n.topics.clone(),
                 endpoints: OnceLock::new(),
                 schedule: cfg.schedule.clone(),
