@@ -389,20 +389,6 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         2,
         "{out}"
     );
-    // Each queue's ConsumeQueue directory and first file are made at creation, in the store
-    // of the one shard that serves the queue.
-    for name in ["broker-a", "broker-b"] {
-        for q in 0..8 {
-            let holders = (0..2)
-                .filter(|k| {
-                    root.join(format!("{name}-data/shard-{k}/consumequeue/{TOPIC}/{q}"))
-                        .join(format!("{:020}", 0))
-                        .is_file()
-                })
-                .count();
-            assert_eq!(holders, 1, "{name}: queue {q}'s first ConsumeQueue file");
-        }
-    }
     let out = run_ok(&[
         "admin",
         "topic",
@@ -418,6 +404,44 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         out.lines().filter(|l| l.starts_with("queue ")).count(),
         16,
         "{out}"
+    );
+    // Each queue's ConsumeQueue directory and first file are made at creation, in the store
+    // of the shard the route names for it, and in no other.
+    for line in out.lines().filter(|l| l.starts_with("queue ")) {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line}"))
+                .to_owned()
+        };
+        let (broker, q, shard) = (field("broker="), field("id="), field("shard="));
+        for k in 0..2 {
+            let first = root
+                .join(format!("{broker}-data/shard-{k}/consumequeue/{TOPIC}/{q}"))
+                .join(format!("{:020}", 0));
+            assert_eq!(first.is_file(), k.to_string() == shard, "{line}: {first:?}");
+        }
+    }
+    // The broker's internal topics cannot be created.
+    let out = run(&[
+        "admin",
+        "topic",
+        "create",
+        "--namesrv",
+        &ns_list,
+        "--tls-ca",
+        ca_s,
+        "--cluster",
+        CLUSTER,
+        "--topic",
+        "SCHEDULE_TOPIC_XXXX",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("internal to the broker and cannot be created"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
     let out = run_ok(&[
         "admin",

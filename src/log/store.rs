@@ -274,7 +274,10 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// an ext4 that has freed many inodes lately, making one takes milliseconds of CPU (its
 /// free-inode search skips recently deleted ones), 17% of a 1,000-topic run's broker time
 /// when made then. Returns whether the directory was new; an existing one is left as it is
-/// (its files say where the queue starts).
+/// (its files say where the queue starts). A queue whose entries start above 0 without a
+/// directory (deleted from outside after retention removed its early log) would get an empty
+/// file 0 before its real first file: the next start then takes the files for a hole and
+/// rebuilds the queue from the log, losing nothing.
 pub fn prepare_queue_files(shard_dir: &Path, topic: &str, queue_id: u32) -> std::io::Result<bool> {
     let dir = cq::queue_dir(&shard_dir.join(CQ_DIR), topic, queue_id);
     if let Some(parent) = dir.parent() {
@@ -291,6 +294,31 @@ pub fn prepare_queue_files(shard_dir: &Path, topic: &str, queue_id: u32) -> std:
         .truncate(false)
         .open(dir.join(cq::file_name(0)))?;
     Ok(true)
+}
+
+/// Opens (creating) a ConsumeQueue file for writing. Its directory is made only when the open
+/// finds none (a queue's first persist, unless its topic's creation made it): mkdir can take
+/// milliseconds on a busy ext4, so it runs off the shard's thread.
+async fn open_cq_file(dir: &Path, path: &Path) -> Result<BufferedFile> {
+    let open = || async {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .buffered_open(path)
+            .await
+            .map_err(std::io::Error::from)
+    };
+    let failed = |e| StoreError::io(format!("opening {}", path.display()), e);
+    match open().await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let d = dir.to_path_buf();
+            fsutil::off_shard(move || std::fs::create_dir_all(&d))
+                .await
+                .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+            open().await.map_err(failed)
+        }
+        r => r.map_err(failed),
+    }
 }
 
 /// [`sync_dir`] off the shard's thread (see [`fsutil::off_shard`]).
@@ -644,6 +672,7 @@ impl Store {
                 // and the rescan from the end of the run rebuilds them from the log.
                 let mut end: Option<u64> = None;
                 let mut first = None;
+                let mut last_len = 0;
                 for (i, base) in files.iter().enumerate() {
                     let contiguous =
                         base.is_multiple_of(per_file) && end.is_none_or(|e| e == *base);
@@ -662,6 +691,7 @@ impl Store {
                         .map_err(io_err(format!("stat {}", p.display())))?
                         .len();
                     end = Some(base + (len / CQ_ENTRY_LEN).min(per_file));
+                    last_len = len;
                     first.get_or_insert(*base);
                     cq.files.insert(*base, ());
                 }
@@ -688,11 +718,14 @@ impl Store {
                     }
                     // Cut a partial last entry (and anything past the kept prefix).
                     let want = (count - last_base) * CQ_ENTRY_LEN;
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&p)
-                        .and_then(|f| f.set_len(want))
-                        .map_err(io_err(format!("truncating {}", p.display())))?;
+                    // Most files are whole (a truncate is a journaled metadata write each).
+                    if last_len != want {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&p)
+                            .and_then(|f| f.set_len(want))
+                            .map_err(io_err(format!("truncating {}", p.display())))?;
+                    }
                     if count > min {
                         let (base, _) = cq.locate(count - 1);
                         last_end = Some(
@@ -1402,9 +1435,7 @@ impl Store {
                             .into_iter()
                             .map(|(base, pos, bytes)| (cq.path_of(base), pos, bytes))
                             .collect();
-                        // A queue with files has its directory.
-                        let make_dir = cq.files.is_empty().then(|| cq.dir.clone());
-                        work.push((t.clone(), *q, make_dir, upto, paths));
+                        work.push((t.clone(), *q, cq.dir.clone(), upto, paths));
                     }
                 }
             }
@@ -1412,28 +1443,12 @@ impl Store {
         };
         let round = self.inner.persist_round.get() + 1;
         self.inner.persist_round.set(round);
-        for (t, q, mut make_dir, upto, writes) in work {
+        for (t, q, dir, upto, writes) in work {
             for (path, pos, bytes) in writes {
                 let cached = self.inner.cq_open.borrow_mut().remove(&path);
                 let f = match cached {
                     Some((f, _)) => f,
-                    None => {
-                        // A new queue's directory (made at topic creation unless the topic
-                        // came another way): mkdir can take milliseconds on a busy ext4, so
-                        // it runs off the shard's thread.
-                        if let Some(dir) = make_dir.take() {
-                            let d = dir.clone();
-                            fsutil::off_shard(move || std::fs::create_dir_all(&d))
-                                .await
-                                .map_err(io_err(format!("creating {}", dir.display())))?;
-                        }
-                        OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .buffered_open(&path)
-                            .await
-                            .map_err(|e| gio("opening a ConsumeQueue file", e))?
-                    }
+                    None => open_cq_file(&dir, &path).await?,
                 };
                 let n = bytes.len();
                 let r = f.write_at(bytes, pos).await;

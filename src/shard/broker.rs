@@ -25,6 +25,7 @@ use orbitmq_proto::limits::{
 };
 use orbitmq_proto::msgid::OffsetId;
 use orbitmq_proto::record::{self, Message};
+use orbitmq_proto::sys;
 use tracing::debug;
 
 use crate::log::shape::Shape;
@@ -58,6 +59,8 @@ pub const MAX_HEARTBEAT_GROUPS: usize = 1024;
 pub const MAX_SUBSCRIPTIONS_PER_GROUP: usize = 1024;
 /// Longest tag expression recorded from a heartbeat.
 pub const MAX_SUB_EXPR_LEN: usize = 4096;
+/// Queues whose directories one blocking job makes when a topic is created.
+const PREPARE_QUEUES_PER_JOB: usize = 64;
 
 /// One shard's request handler.
 pub struct ShardHandler {
@@ -596,6 +599,16 @@ impl ShardHandler {
                     Ok(h) => h,
                     Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
                 };
+                if sys::is_internal_topic(&h.topic) {
+                    return error_frame(
+                        id,
+                        response::MESSAGE_ILLEGAL,
+                        format!(
+                            "topic {} is internal to the broker and cannot be created",
+                            h.topic
+                        ),
+                    );
+                }
                 match self.shared.topics.create_or_update(
                     &h.topic,
                     h.read_queues,
@@ -664,28 +677,30 @@ impl ShardHandler {
     /// inode creation. A failure is only logged: the stores make what is missing when they
     /// first persist the queue, and report errors there.
     async fn prepare_queue_files(&self, t: &TopicConfig) {
-        let queues = t.read_queues.max(t.write_queues);
-        let dirs: Vec<(std::path::PathBuf, u32)> = (0..queues)
+        let queues: Vec<(std::path::PathBuf, u32)> = (0..t.read_queues.max(t.write_queues))
             .map(|q| {
                 let owner = self.shared.shape.shard_of(&t.name, q);
                 (crate::shard::shard_dir(&self.shared.data_dir, owner), q)
             })
             .collect();
-        let topic = t.name.clone();
-        let made = crate::log::fsutil::off_shard(move || {
-            let mut made = 0;
-            for (dir, q) in dirs {
-                match crate::log::prepare_queue_files(&dir, &topic, q) {
-                    Ok(new) => made += usize::from(new),
-                    Err(e) => {
-                        tracing::warn!(%topic, queue = q, error = %e,
-                            "cannot make the queue's ConsumeQueue directory now; its first persist will");
+        let mut made = 0;
+        // In parts, so that a topic of many queues does not hold a blocking thread (the
+        // shard's checkpoint and offsets writes wait for one) for long.
+        for part in queues.chunks(PREPARE_QUEUES_PER_JOB) {
+            let (topic, part) = (t.name.clone(), part.to_vec());
+            made += crate::log::fsutil::off_shard(move || {
+                let mut made = 0;
+                for (dir, q) in part {
+                    match crate::log::prepare_queue_files(&dir, &topic, q) {
+                        Ok(new) => made += usize::from(new),
+                        Err(e) => tracing::warn!(%topic, queue = q, error = %e,
+                            "cannot make the queue's ConsumeQueue directory now; its first persist will"),
                     }
                 }
-            }
-            made
-        })
-        .await;
+                made
+            })
+            .await;
+        }
         debug!(topic = %t.name, made, "queue directories prepared");
     }
 
