@@ -42,6 +42,8 @@ pub const DEFAULT_PRODUCERS: u32 = 4;
 /// `--inflight` when not given: each producer waits for a request's answer before the next
 /// (RocketMQ's synchronous send). More in flight raised msgs/s here by 10-25% and p99 by 5-10x.
 pub const DEFAULT_INFLIGHT: u32 = 1;
+/// Most threads `--threads` may ask for.
+pub const MAX_BENCH_THREADS: usize = 256;
 /// `--deadline` when not given, in seconds: the whole run stops then, whatever is left.
 pub const DEFAULT_DEADLINE_SECS: u64 = 600;
 /// A producer (or consumer) stops after this many failed requests in a row: the cluster
@@ -125,6 +127,23 @@ pub struct CommonArgs {
     /// Stop the whole run after this many seconds, whatever is left.
     #[arg(long, default_value_t = DEFAULT_DEADLINE_SECS)]
     pub deadline: u64,
+    /// Threads the bench's clients run on (default: one per core). Beside a broker on a small
+    /// host, fewer leave it more CPU.
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl CommonArgs {
+    /// `--threads`, or its default for this host.
+    pub fn threads(&self) -> Result<usize, BenchError> {
+        match self.threads {
+            Some(n) if n == 0 || n > MAX_BENCH_THREADS => Err(BenchError::Invalid(format!(
+                "--threads must be 1..={MAX_BENCH_THREADS}"
+            ))),
+            Some(n) => Ok(n),
+            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug)]
@@ -268,6 +287,7 @@ pub fn run(cmd: BenchCmd) -> ExitCode {
 
 fn run_cmd(cmd: BenchCmd) -> Result<Report, BenchError> {
     let common = cmd.common().clone();
+    let threads = common.threads()?;
     // Started before the runtime and dropped after it: killed and removed in every case.
     let embedded = match &common.namesrv {
         Some(_) => {
@@ -287,6 +307,7 @@ fn run_cmd(cmd: BenchCmd) -> Result<Report, BenchError> {
     };
     let config = client_config(&common, embedded.as_ref());
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
         .map_err(BenchError::Runtime)?;
@@ -298,6 +319,10 @@ fn run_cmd(cmd: BenchCmd) -> Result<Report, BenchError> {
             BenchCmd::Consume(a) => consume::run(a, config, deadline, prefill).await,
             BenchCmd::E2e(a) => e2e::run(a, config, deadline).await,
         }
+    });
+    let res = res.map(|mut r| {
+        r.settings.push(("threads", threads.to_string()));
+        r
     });
     // Tasks stuck on a dead broker must not hold the exit back.
     rt.shutdown_timeout(SHUTDOWN_TIMEOUT);
@@ -472,6 +497,27 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bad_thread_counts_are_refused() {
+        let args = |threads| CommonArgs {
+            namesrv: None,
+            topic: DEFAULT_TOPIC.into(),
+            tls_ca: None,
+            insecure: false,
+            json: false,
+            flush: None,
+            shards: None,
+            deadline: DEFAULT_DEADLINE_SECS,
+            threads,
+        };
+        assert_eq!(args(Some(3)).threads().unwrap(), 3);
+        assert!(args(None).threads().unwrap() >= 1, "one per core");
+        for bad in [0, MAX_BENCH_THREADS + 1] {
+            let e = args(Some(bad)).threads().unwrap_err().to_string();
+            assert_eq!(e, format!("--threads must be 1..={MAX_BENCH_THREADS}"));
+        }
+    }
 
     #[test]
     fn claims_hand_out_exactly_the_messages() {
