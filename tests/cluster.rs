@@ -158,6 +158,17 @@ fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Queue `q` of [`TOPIC`] on `broker` has its first ConsumeQueue file in shard `shard`'s store
+/// and in no other (made when the topic was created or its queues added).
+fn assert_first_cq_file_on(root: &Path, broker: &str, q: u32, shard: u32) {
+    for k in 0..2 {
+        let first = root
+            .join(format!("{broker}-data/shard-{k}/consumequeue/{TOPIC}/{q}"))
+            .join(format!("{:020}", 0));
+        assert_eq!(first.is_file(), k == shard, "{broker} queue {q}: {first:?}");
+    }
+}
+
 /// A free UDP port `p` with `p + 1` free too (a broker's two shards).
 fn free_port_pair() -> u16 {
     for _ in 0..100 {
@@ -366,24 +377,30 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
     let ca = certs.ca();
     let ca_s = ca.to_str().unwrap();
 
+    // `admin topic create|update` on every broker of the cluster.
+    let topic_cmd = |verb, topic, queues: &[&'static str]| {
+        let mut args = vec![
+            "admin",
+            "topic",
+            verb,
+            "--namesrv",
+            &ns_list,
+            "--tls-ca",
+            ca_s,
+            "--cluster",
+            CLUSTER,
+            "--topic",
+            topic,
+        ];
+        args.extend_from_slice(queues);
+        args
+    };
     // One topic of 8 queues on each broker.
-    let out = run_ok(&[
-        "admin",
-        "topic",
+    let out = run_ok(&topic_cmd(
         "create",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--cluster",
-        CLUSTER,
-        "--topic",
         TOPIC,
-        "--read-queues",
-        "8",
-        "--write-queues",
-        "8",
-    ]);
+        &["--read-queues", "8", "--write-queues", "8"],
+    ));
     assert_eq!(
         out.lines().filter(|l| l.contains("topic=Cluster")).count(),
         2,
@@ -414,28 +431,11 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
                 .unwrap_or_else(|| panic!("no {k} in {line}"))
                 .to_owned()
         };
-        let (broker, q, shard) = (field("broker="), field("id="), field("shard="));
-        for k in 0..2 {
-            let first = root
-                .join(format!("{broker}-data/shard-{k}/consumequeue/{TOPIC}/{q}"))
-                .join(format!("{:020}", 0));
-            assert_eq!(first.is_file(), k.to_string() == shard, "{line}: {first:?}");
-        }
+        let (broker, q) = (field("broker="), field("id=").parse().unwrap());
+        assert_first_cq_file_on(root, &broker, q, field("shard=").parse().unwrap());
     }
     // The broker's internal topics cannot be created.
-    let out = run(&[
-        "admin",
-        "topic",
-        "create",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--cluster",
-        CLUSTER,
-        "--topic",
-        "SCHEDULE_TOPIC_XXXX",
-    ]);
+    let out = run(&topic_cmd("create", "SCHEDULE_TOPIC_XXXX", &[]));
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr)
@@ -618,25 +618,16 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
     assert_eq!(ids, vec![consumer.client().client_id().to_string()]);
 
     // Raising the queue count live: producers and consumers pick the new queues up.
-    run_ok(&[
-        "admin",
-        "topic",
+    run_ok(&topic_cmd(
         "update",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--cluster",
-        CLUSTER,
-        "--topic",
         TOPIC,
-        "--read-queues",
-        "12",
-        "--write-queues",
-        "12",
-    ]);
+        &["--read-queues", "12", "--write-queues", "12"],
+    ));
     let r = client.refresh_route(TOPIC).await.unwrap();
     assert_eq!(r.queues.len(), 24, "the route reflects it at once");
+    for qi in r.queues.iter().filter(|qi| qi.mq.queue_id >= 8) {
+        assert_first_cq_file_on(root, &qi.mq.broker_name, qi.mq.queue_id, qi.shard);
+    }
     let high = eventually("a send to a new queue", || async {
         let r = producer.send(Message::new(TOPIC, "high")).await.ok()?;
         (r.queue.queue_id >= 8).then_some(r)
