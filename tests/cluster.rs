@@ -377,23 +377,19 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
     let ca = certs.ca();
     let ca_s = ca.to_str().unwrap();
 
+    // `orbitmq admin <cmd...> --namesrv .. --tls-ca .. <more...>`.
+    let admin = |cmd: &[&'static str], more: &[&'static str]| {
+        let mut args = vec!["admin"];
+        args.extend_from_slice(cmd);
+        args.extend_from_slice(&["--namesrv", &ns_list, "--tls-ca", ca_s]);
+        args.extend_from_slice(more);
+        args
+    };
     // `admin topic create|update` on every broker of the cluster.
     let topic_cmd = |verb, topic, queues: &[&'static str]| {
-        let mut args = vec![
-            "admin",
-            "topic",
-            verb,
-            "--namesrv",
-            &ns_list,
-            "--tls-ca",
-            ca_s,
-            "--cluster",
-            CLUSTER,
-            "--topic",
-            topic,
-        ];
-        args.extend_from_slice(queues);
-        args
+        let mut more = vec!["--cluster", CLUSTER, "--topic", topic];
+        more.extend_from_slice(queues);
+        admin(&["topic", verb], &more)
     };
     // One topic of 8 queues on each broker.
     let out = run_ok(&topic_cmd(
@@ -406,17 +402,7 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         2,
         "{out}"
     );
-    let out = run_ok(&[
-        "admin",
-        "topic",
-        "route",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--topic",
-        TOPIC,
-    ]);
+    let out = run_ok(&admin(&["topic", "route"], &["--topic", TOPIC]));
     assert_eq!(
         out.lines().filter(|l| l.starts_with("queue ")).count(),
         16,
@@ -443,40 +429,12 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = run_ok(&[
-        "admin",
-        "topic",
-        "list",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--cluster",
-        CLUSTER,
-    ]);
+    let out = run_ok(&admin(&["topic", "list"], &["--cluster", CLUSTER]));
     assert_eq!(out.trim(), TOPIC);
-    let out = run_ok(&[
-        "admin",
-        "cluster",
-        "list",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-    ]);
+    let out = run_ok(&admin(&["cluster", "list"], &[]));
     assert_eq!(out.lines().count(), 2, "{out}");
     // An unknown topic is a clear error (no broker auto-creates here).
-    let out = run(&[
-        "admin",
-        "topic",
-        "route",
-        "--namesrv",
-        &ns_list,
-        "--tls-ca",
-        ca_s,
-        "--topic",
-        "Nope",
-    ]);
+    let out = run(&admin(&["topic", "route"], &["--topic", "Nope"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no route for topic Nope"));
 
