@@ -76,12 +76,18 @@ async fn a_delayed_message_is_invisible_until_due_then_arrives_once() {
         .await
         .unwrap();
     let c = consumer(&broker, "sched-g1", "Delayed").await;
+    // On a loaded machine this first poll can outlast the delay: then what it returned is
+    // the delivery itself (its store timestamp is checked below), not to be dropped.
     let early = c.poll(Duration::from_millis(600)).await.unwrap();
     assert!(
         early.is_empty() || now_ms() >= sent_at + 1000,
         "visible before its delay: {early:?}"
     );
-    let got = poll_n(&c, 1).await;
+    let got = if early.is_empty() {
+        poll_n(&c, 1).await
+    } else {
+        early
+    };
     assert_eq!(got.len(), 1);
     let m = &got[0];
     assert_eq!(m.topic, "Delayed");

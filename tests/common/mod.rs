@@ -202,11 +202,24 @@ impl Broker {
     }
 }
 
+/// How much of a broker's log a failed test prints (the log goes with the test's tempdir).
+pub const LOG_TAIL_BYTES: usize = 64 * 1024;
+
 impl Drop for Broker {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // A failing test unwinds through here: show what the broker said.
+        if std::thread::panicking() {
+            let log = std::fs::read(&self.log).unwrap_or_default();
+            let tail = &log[log.len().saturating_sub(LOG_TAIL_BYTES)..];
+            eprintln!(
+                "--- tail of broker log {} ---\n{}--- end of broker log ---",
+                self.log.display(),
+                String::from_utf8_lossy(tail)
+            );
         }
     }
 }
