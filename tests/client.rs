@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use common::{free_ports, from_first, poll_n, wait_until, Broker, BrokerSpec};
+use orbitmq::shard::broker::MAX_SUB_EXPR_LEN;
 use orbitmq_client::{
     Client, ClientConfig, ClientError, ConsumeStatus, LitePullConsumer, Message, MessageExt,
     MessageQueue, Producer, PullStatus, PullTarget, PushConsumer, SendResult, SubExpr, TlsOptions,
@@ -27,7 +28,7 @@ use orbitmq_proto::header::{
     self, ErrorResponse, HeartbeatRequest, MessageMeta, PullQueue, PullRequest, PullResponse,
     QueueRequest, SendRequest,
 };
-use orbitmq_proto::limits::{MAX_FRAME_LEN, MAX_MESSAGE_SIZE};
+use orbitmq_proto::limits::{MAX_FRAME_LEN, MAX_MESSAGE_SIZE, MAX_PULL_BYTES, MAX_RECORD_LEN};
 use orbitmq_proto::msgid::{OffsetId, UNIQ_KEY};
 use orbitmq_proto::record::tag_hash;
 use tempfile::TempDir;
@@ -38,7 +39,7 @@ use tempfile::TempDir;
 /// does not exist.
 const TOPICS: &[&str] = &[
     "Spread", "Tags", "Batch", "Ordered", "OneWay", "Callback", "Errors", "Shards", "PushAll",
-    "Tls", "Failover", "Edge",
+    "Tls", "Failover", "Edge", "Big",
 ];
 const QUEUES: u32 = 8;
 
@@ -1168,4 +1169,110 @@ async fn drain_topic(b: &Broker, group: &str, topic: &str, at_least: usize) -> V
     }
     c.shutdown().await.unwrap();
     got
+}
+
+/// A pull of queues that each hold a maximal message answers within the frame limit: once
+/// the answer holds its bytes, the queues after are not read this time (PULL_NOT_FOUND from
+/// the same offset) and come in the next pull. Before, every queue added its first record
+/// whatever the budget, and four 4 MiB records made an answer the client refused, closing
+/// its connection, forever. A queue named twice and an overlong tag expression are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_of_queues_of_maximal_messages_stay_under_the_frame_limit() {
+    let s = shared();
+    let b = &s.broker;
+    let p = Producer::new("big-pg", b.config()).await.unwrap();
+    let client = p.client();
+    let route = client.topic_route("Big").await.unwrap();
+    // One maximal message in every queue, of a byte of its own.
+    let fill = |queue_id: u32| queue_id as u8 + 1;
+    for q in &route.queues {
+        let body = vec![fill(q.mq.queue_id); MAX_MESSAGE_SIZE];
+        p.send_to_queue(Message::new("Big", body), &q.mq)
+            .await
+            .unwrap();
+    }
+    // Every queue of one shard in one raw pull.
+    let ep = route.queues[0].endpoint.clone();
+    let mine: Vec<u32> = route
+        .queues
+        .iter()
+        .filter(|q| q.endpoint == ep)
+        .map(|q| q.mq.queue_id)
+        .collect();
+    assert!(mine.len() >= 4, "queues of one shard: {mine:?}");
+    let pq = |queue_id: u32, sub_expr: &str| PullQueue {
+        topic: "Big".into(),
+        queue_id,
+        offset: 0,
+        max_msgs: 32,
+        sub_expr: sub_expr.into(),
+    };
+    let pull = |queues: Vec<PullQueue>| {
+        header::encode(&PullRequest {
+            group: "big-g".into(),
+            queues,
+            max_bytes: MAX_PULL_BYTES as u32,
+            suspend_ms: 0,
+        })
+    };
+    let all: Vec<PullQueue> = mine.iter().map(|&q| pq(q, "*")).collect();
+    let f = client
+        .request(&ep, request::PULL_MESSAGE, pull(all), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(f.code, response::SUCCESS);
+    assert!(
+        f.body.len() <= MAX_PULL_BYTES + MAX_RECORD_LEN,
+        "a pull answer of {} bytes",
+        f.body.len()
+    );
+    let r: PullResponse = header::decode(&f.header).unwrap();
+    assert_eq!(r.queues.len(), mine.len());
+    // 8 MiB: the first queue's record, then the next queue's first record over the budget.
+    let statuses: Vec<u16> = r.queues.iter().map(|q| q.status).collect();
+    let mut want = vec![response::SUCCESS; 2];
+    want.resize(mine.len(), response::PULL_NOT_FOUND);
+    assert_eq!(statuses, want);
+    let mut at = 0;
+    for q in &r.queues[..2] {
+        assert_eq!((q.count, q.next_offset), (1, 1));
+        let rec = &f.body[at..at + q.bytes as usize];
+        at += q.bytes as usize;
+        let m = orbitmq_proto::record::decode(rec).unwrap();
+        assert_eq!(m.queue_id, q.queue_id);
+        assert_eq!(m.body.len(), MAX_MESSAGE_SIZE);
+        assert!(m.body.iter().all(|&x| x == fill(q.queue_id)));
+    }
+    assert_eq!(at, f.body.len());
+    for q in &r.queues[2..] {
+        assert_eq!((q.count, q.next_offset, q.max_offset), (0, 0, 1), "{q:?}");
+    }
+
+    // Refused: a queue named twice, a tag expression over the bound.
+    let twice = vec![pq(mine[0], "*"), pq(mine[1], "*"), pq(mine[0], "*")];
+    let long = vec![pq(mine[0], &"a".repeat(MAX_SUB_EXPR_LEN + 1))];
+    for (queues, what) in [(twice, "named twice"), (long, "over the limit")] {
+        let f = client
+            .request(&ep, request::PULL_MESSAGE, pull(queues), Bytes::new())
+            .await
+            .unwrap();
+        assert_eq!(f.code, response::BAD_REQUEST);
+        let e = error_of(&f);
+        assert!(e.message.contains(what), "{}", e.message);
+    }
+
+    // A consumer gets every one, whole.
+    let c = LitePullConsumer::with_options("big-g", b.config(), from_first())
+        .await
+        .unwrap();
+    c.subscribe("Big", "*").await.unwrap();
+    let got = poll_n(&c, route.queues.len()).await;
+    let queues: BTreeSet<u32> = got.iter().map(|m| m.queue_id).collect();
+    assert_eq!(queues.len(), route.queues.len());
+    for m in &got {
+        assert_eq!(m.body.len(), MAX_MESSAGE_SIZE);
+        assert!(m.body.iter().all(|&x| x == fill(m.queue_id)));
+    }
+    c.shutdown().await.unwrap();
+    p.shutdown().await;
 }

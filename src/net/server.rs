@@ -116,6 +116,25 @@ pub fn error_frame_redirect(
     Frame::new(Kind::Response, code, req_id, h, Bytes::new())
 }
 
+/// An answer the peer could not take (over [`MAX_FRAME_LEN`]) becomes an error answer: the
+/// peer would drop its connection over it, and it could never fit the connection's outbound
+/// bound ([`MAX_OUTBOUND_BYTES_PER_CONN`]), so its task would wait forever.
+pub fn within_frame_limit(resp: Frame) -> Frame {
+    let len = resp.encoded_len();
+    if len <= MAX_FRAME_LEN {
+        return resp;
+    }
+    warn!(
+        code = resp.code,
+        len, "an answer over the frame limit was replaced by an error"
+    );
+    error_frame(
+        resp.request_id,
+        response::SYSTEM_ERROR,
+        format!("the answer would be {len} bytes, over the frame limit of {MAX_FRAME_LEN}"),
+    )
+}
+
 pub fn ok_frame(req_id: u64, header: Bytes, body: Bytes) -> Frame {
     Frame::new(Kind::Response, response::SUCCESS, req_id, header, body)
 }
@@ -287,7 +306,7 @@ async fn serve_stream(
                 outbound.clone(),
             );
             glommio::spawn_local(async move {
-                let resp = handler.handle(frame, &peer).await;
+                let resp = within_frame_limit(handler.handle(frame, &peer).await);
                 let n = resp.encoded_len() as u64;
                 // Bound what waits for the network; a closed semaphore only means shutdown.
                 if outbound.acquire(n).await.is_ok() {

@@ -4,7 +4,7 @@
 //! broker's, whichever shard gets them.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -57,7 +57,7 @@ pub struct BrokerShared {
 pub const MAX_HEARTBEAT_GROUPS: usize = 1024;
 /// Subscriptions one heartbeat may carry per consumer group.
 pub const MAX_SUBSCRIPTIONS_PER_GROUP: usize = 1024;
-/// Longest tag expression recorded from a heartbeat.
+/// Longest tag expression of a heartbeat's subscription or of a pulled queue.
 pub const MAX_SUB_EXPR_LEN: usize = 4096;
 /// Queues whose directories one blocking job makes when a topic is created.
 const PREPARE_QUEUES_PER_JOB: usize = 64;
@@ -333,6 +333,33 @@ impl ShardHandler {
             tags: Option<Vec<u64>>,
             result: Option<PullQueueResult>,
         }
+        if let Some(q) = h
+            .queues
+            .iter()
+            .find(|q| q.sub_expr.len() > MAX_SUB_EXPR_LEN)
+        {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "subscription expression of {} bytes for {} is over the limit of {MAX_SUB_EXPR_LEN}",
+                    q.sub_expr.len(),
+                    q.topic
+                ),
+            );
+        }
+        let mut seen = HashSet::with_capacity(h.queues.len());
+        if let Some(q) = h
+            .queues
+            .iter()
+            .find(|q| !seen.insert((q.topic.as_str(), q.queue_id)))
+        {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!("queue {} {} named twice in one pull", q.topic, q.queue_id),
+            );
+        }
         let mut qs: Vec<Q> = Vec::with_capacity(h.queues.len());
         for q in h.queues {
             let mut result = None;
@@ -373,6 +400,27 @@ impl ShardHandler {
                     .as_ref()
                     .is_none_or(|r| r.status == response::PULL_NOT_FOUND)
             }) {
+                // The answer is full: the queues after are not read (nothing new for them
+                // this time, from the same offset). A read returns its first record whatever
+                // the budget, so the body stays under the budget plus one record.
+                if budget == 0 {
+                    let (min_offset, max_offset) = self
+                        .store
+                        .queue_bounds(&q.topic, q.queue_id)
+                        .unwrap_or((0, 0));
+                    q.result = Some(PullQueueResult {
+                        topic: q.topic.clone(),
+                        queue_id: q.queue_id,
+                        status: response::PULL_NOT_FOUND,
+                        next_offset: q.offset,
+                        min_offset,
+                        max_offset,
+                        count: 0,
+                        bytes: 0,
+                        redirect: String::new(),
+                    });
+                    continue;
+                }
                 let r = match self
                     .store
                     .read(
@@ -380,7 +428,7 @@ impl ShardHandler {
                         q.queue_id,
                         q.offset,
                         q.max_msgs,
-                        budget.max(1),
+                        budget,
                         q.tags.as_deref(),
                     )
                     .await
