@@ -51,6 +51,18 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Writes back every dirty page of the file system holding `dir` and commits its journal
+/// (syncfs(2)): one call makes the buffered writes to many files durable.
+pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own, open for the duration of the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +75,13 @@ mod tests {
         write_atomically(&p, b"two!").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two!");
         assert!(!d.path().join("f.tmp").exists());
+    }
+
+    #[test]
+    fn syncing_the_file_system_of_a_missing_directory_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        sync_filesystem(d.path()).unwrap();
+        let e = sync_filesystem(&d.path().join("gone")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 }

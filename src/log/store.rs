@@ -194,6 +194,9 @@ struct Inner {
     /// written in.
     cq_open: RefCell<HashMap<PathBuf, (BufferedFile, u64)>>,
     persist_round: Cell<u64>,
+    /// ConsumeQueue entries were written (to the page cache) since the file system was last
+    /// synced: a checkpoint must not vouch for them before it is.
+    cq_unsynced: Cell<bool>,
 }
 
 /// A shard's store. Cheap to clone; all clones share one state on one thread.
@@ -470,6 +473,7 @@ impl Store {
                 hold_from: Cell::new(u64::MAX),
                 cq_open: RefCell::new(HashMap::new()),
                 persist_round: Cell::new(0),
+                cq_unsynced: Cell::new(false),
             }),
         };
         store.recover().await?;
@@ -640,6 +644,21 @@ impl Store {
         // They are derived data: on a full disk, serve from memory and rebuild next time.
         if let Err(e) = self.persist_consume_queues().await {
             warn!(error = %e, "ConsumeQueues not persisted; the next start rebuilds them from the log");
+            // The old checkpoint's clean end would tell the next recovery that nothing lies
+            // past it, but appends go past it from now on: without that checkpoint the next
+            // start rescans the whole log and zeroes after its cut.
+            if checkpoint.as_ref().is_some_and(|c| c.clean_end.is_some()) {
+                let p = cfg.dir.join(CHECKPOINT_FILE);
+                fsutil::off_shard(move || {
+                    std::fs::remove_file(&p)?;
+                    fsutil::sync_dir(fsutil::parent_or_cwd(&p))
+                })
+                .await
+                .map_err(io_err(format!(
+                    "removing the stale checkpoint of {}",
+                    cfg.dir.display()
+                )))?;
+            }
         }
         info!(dir = %cfg.dir.display(), next_offset = cut, "store recovered");
         Ok(())
@@ -1451,6 +1470,7 @@ impl Store {
                     None => open_cq_file(&dir, &path).await?,
                 };
                 let n = bytes.len();
+                self.inner.cq_unsynced.set(true);
                 let r = f.write_at(bytes, pos).await;
                 if matches!(r, Ok(w) if w == n) {
                     self.keep_cq_file(path.clone(), f, round).await;
@@ -1502,6 +1522,20 @@ impl Store {
         // Unchanged since this process last wrote it (an idle shard): no rewrite every round.
         if !closing && self.inner.last_checkpoint.borrow().as_ref() == Some(&bytes) {
             return Ok(());
+        }
+        // The ConsumeQueue entries are buffered writes, and the checkpoint vouches for them:
+        // make them durable first, or a power loss could leave zeros where the checkpoint
+        // says entries are. One syncfs covers every file of the round (an fdatasync per file
+        // would be a device flush per queue, thousands a round with many topics).
+        if self.inner.cq_unsynced.get() {
+            let dir = self.inner.cfg.dir.clone();
+            fsutil::off_shard(move || fsutil::sync_filesystem(&dir))
+                .await
+                .map_err(io_err(format!(
+                    "syncing the file system of {}",
+                    self.inner.cfg.dir.display()
+                )))?;
+            self.inner.cq_unsynced.set(false);
         }
         // Two fsyncs: off the shard's thread, so sends and pulls go on meanwhile.
         let written = fsutil::write_atomically_off_shard(cp_path.clone(), bytes)
