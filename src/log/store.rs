@@ -40,6 +40,13 @@ const PREPARE_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 const RECOVERY_READ_BYTES: usize = MAX_WRITE_BYTES + IO_ALIGN as usize;
 /// Zeros written per I/O when pre-writing a segment.
 const PREWRITE_CHUNK: usize = 1 << 20;
+/// Pre-writing the next segment pauses this many times each chunk's write time while the
+/// active segment is less than [`PREWRITE_PACED_FILL_PERCENT`] full: at full speed the zeros took the
+/// disk from the group commits (sync writes p50 6.3 ms against 1.3 ms while it ran).
+const PREWRITE_PACE: u32 = 2;
+/// Past this fill of the active segment (in percent) the next one is pre-written at full
+/// speed, so that appends do not wait for it.
+const PREWRITE_PACED_FILL_PERCENT: u64 = 50;
 /// Batches up to this size are copied into a buffer of their size for the tail cache when
 /// their own is over twice as large; larger ones are cached in their buffer.
 const CACHE_COPY_MAX_BYTES: usize = 64 * 1024;
@@ -378,18 +385,39 @@ async fn read_file_entry(path: &Path, cq: &ConsumeQueue, offset: u64) -> Result<
     read_entry_at(path, cq.locate(offset).1).await
 }
 
+/// Whether pre-writing segment `base` may pause between chunks when the next append goes at
+/// log offset `next`: while the segment before it is less than [`PREWRITE_PACED_FILL_PERCENT`]
+/// full (a segment further ahead counts as the emptiest), never once appends need it.
+fn prewrite_paced(next: u64, base: u64, seg_size: u64) -> bool {
+    let Some(room) = base.checked_sub(next).filter(|r| *r > 0) else {
+        return false;
+    };
+    let filled = seg_size.saturating_sub(room);
+    filled.saturating_mul(100) < seg_size.saturating_mul(PREWRITE_PACED_FILL_PERCENT)
+}
+
 /// How a CommitLog write ended: the error text fences the log.
 type WriteResult = std::result::Result<(), String>;
 
-/// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O.
-async fn write_zeros(file: &DmaFile, from: u64, to: u64) -> glommio::Result<(), ()> {
+/// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O. While `pace()`
+/// says there is time, each chunk is followed by a pause of [`PREWRITE_PACE`] times its write.
+async fn write_zeros(
+    file: &DmaFile,
+    from: u64,
+    to: u64,
+    pace: impl Fn() -> bool,
+) -> glommio::Result<(), ()> {
     let mut at = from;
     while at < to {
         let n = ((to - at) as usize).min(PREWRITE_CHUNK);
         let mut buf = file.alloc_dma_buffer(n);
         buf.as_bytes_mut().fill(0);
+        let started = Instant::now();
         file.write_at(buf, at).await?;
         at += n as u64;
+        if pace() {
+            glommio::timer::sleep(started.elapsed() * PREWRITE_PACE).await;
+        }
     }
     Ok(())
 }
@@ -979,7 +1007,7 @@ impl Store {
             };
             if let Err(e) = punched {
                 debug!(error = %e, "cannot punch the CommitLog tail: writing zeros");
-                write_zeros(&file, from, seg_size)
+                write_zeros(&file, from, seg_size, || false)
                     .await
                     .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
             }
@@ -1033,7 +1061,13 @@ impl Store {
                 .await
                 .map_err(|e| gio("allocating a segment", e))?;
             if prewrite {
-                write_zeros(&f, 0, cfg.segment_size)
+                let me = self.clone();
+                let seg_size = cfg.segment_size;
+                // The segment before `base` is the active one while `base` is prepared ahead.
+                let paced = move || {
+                    prewrite_paced(me.inner.st.borrow().staging.next_offset(), base, seg_size)
+                };
+                write_zeros(&f, 0, cfg.segment_size, paced)
                     .await
                     .map_err(|e| gio("pre-writing a segment", e))?;
             }
@@ -2099,5 +2133,27 @@ impl Store {
         offsets?;
         info!(dir = %self.inner.cfg.dir.display(), "store closed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_segment_is_pre_written_gently_only_while_the_active_one_is_under_half_full() {
+        const SEG: u64 = 1 << 30;
+        // Segment 2 prepared while segment 1 takes the appends.
+        let base = 2 * SEG;
+        assert!(prewrite_paced(SEG, base, SEG), "active segment empty");
+        assert!(
+            prewrite_paced(SEG + SEG / 2 - 1, base, SEG),
+            "just under half full"
+        );
+        assert!(!prewrite_paced(SEG + SEG / 2, base, SEG), "half full");
+        assert!(!prewrite_paced(base - 1, base, SEG), "about to need it");
+        assert!(!prewrite_paced(base, base, SEG), "appends wait for it");
+        assert!(!prewrite_paced(base + 4096, base, SEG));
+        assert!(prewrite_paced(0, base, SEG), "a segment further ahead");
     }
 }
