@@ -1496,6 +1496,9 @@ impl Store {
         };
         let round = self.inner.persist_round.get() + 1;
         self.inner.persist_round.set(round);
+        if !work.is_empty() {
+            self.inner.cq_unsynced.set(true);
+        }
         for (t, q, dir, upto, writes) in work {
             for (path, pos, bytes) in writes {
                 let cached = self.inner.cq_open.borrow_mut().remove(&path);
@@ -1504,7 +1507,6 @@ impl Store {
                     None => open_cq_file(&dir, &path).await?,
                 };
                 let n = bytes.len();
-                self.inner.cq_unsynced.set(true);
                 let r = f.write_at(bytes, pos).await;
                 if matches!(r, Ok(w) if w == n) {
                     self.keep_cq_file(path.clone(), f, round).await;

@@ -29,7 +29,7 @@ use orbitmq_proto::sys;
 use tracing::debug;
 
 use crate::log::shape::Shape;
-use crate::log::{ReadStatus, Store, StoreError};
+use crate::log::{ReadResult, ReadStatus, Store, StoreError};
 use crate::nameserver::routes::topic_data;
 use crate::nameserver::topics::{TopicConfig, TopicView, Topics, PERM_READ, PERM_WRITE};
 use crate::net::server::{
@@ -403,36 +403,31 @@ impl ShardHandler {
                 // The answer is full: the queues after are not read (nothing new for them
                 // this time, from the same offset). A read returns its first record whatever
                 // the budget, so the body stays under the budget plus one record.
-                if budget == 0 {
+                let read = if budget == 0 {
                     let (min_offset, max_offset) = self
                         .store
                         .queue_bounds(&q.topic, q.queue_id)
                         .unwrap_or((0, 0));
-                    q.result = Some(PullQueueResult {
-                        topic: q.topic.clone(),
-                        queue_id: q.queue_id,
-                        status: response::PULL_NOT_FOUND,
+                    Ok(ReadResult {
+                        status: ReadStatus::NoNewMessage,
+                        records: Vec::new(),
                         next_offset: q.offset,
                         min_offset,
                         max_offset,
-                        count: 0,
-                        bytes: 0,
-                        redirect: String::new(),
-                    });
-                    continue;
-                }
-                let r = match self
-                    .store
-                    .read(
-                        &q.topic,
-                        q.queue_id,
-                        q.offset,
-                        q.max_msgs,
-                        budget,
-                        q.tags.as_deref(),
-                    )
-                    .await
-                {
+                    })
+                } else {
+                    self.store
+                        .read(
+                            &q.topic,
+                            q.queue_id,
+                            q.offset,
+                            q.max_msgs,
+                            budget,
+                            q.tags.as_deref(),
+                        )
+                        .await
+                };
+                let r = match read {
                     Ok(r) => r,
                     Err(e) => return error_frame(id, store_error_code(&e), e.to_string()),
                 };
