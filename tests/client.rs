@@ -28,9 +28,12 @@ use orbitmq_proto::header::{
     self, ErrorResponse, HeartbeatRequest, MessageMeta, PullQueue, PullRequest, PullResponse,
     QueueRequest, SendRequest,
 };
-use orbitmq_proto::limits::{MAX_FRAME_LEN, MAX_MESSAGE_SIZE, MAX_PULL_BYTES, MAX_RECORD_LEN};
+use orbitmq_proto::limits::{
+    MAX_FRAME_LEN, MAX_MESSAGE_SIZE, MAX_PROPERTIES_LEN, MAX_PULL_BYTES, MAX_RECORD_LEN,
+};
 use orbitmq_proto::msgid::{OffsetId, UNIQ_KEY};
 use orbitmq_proto::record::tag_hash;
+use orbitmq_proto::sys;
 use tempfile::TempDir;
 
 // ----- the shared broker -----
@@ -895,6 +898,44 @@ async fn malformed_traffic_gets_errors_and_the_broker_keeps_serving() {
     assert_eq!(f.code, response::MESSAGE_ILLEGAL);
     let e = ClientError::from_response(f.code, &f.header, "Edge");
     assert!(matches!(e, ClientError::MessageIllegal(_)), "{e}");
+    // Properties the client would refuse, sent raw: one the broker sets (a forged retry
+    // origin), and properties that leave no room for what a delay or retry adds.
+    let raw_send = |properties: Vec<(String, String)>| {
+        header::encode(&SendRequest {
+            producer_group: "edge-pg".into(),
+            topic: "Edge".into(),
+            queue_id: q.mq.queue_id,
+            messages: vec![MessageMeta {
+                body_len: 1,
+                properties,
+                ..Default::default()
+            }],
+        })
+    };
+    let uniq = || (UNIQ_KEY.to_owned(), "0".repeat(32));
+    for (props, why) in [
+        (
+            vec![uniq(), (sys::property::RETRY_TOPIC.into(), "Orders".into())],
+            "property RETRY_TOPIC is set by the broker",
+        ),
+        (
+            vec![uniq(), ("big".into(), "v".repeat(MAX_PROPERTIES_LEN - 100))],
+            "for delays and retries",
+        ),
+    ] {
+        let f = client
+            .request(
+                &q.endpoint,
+                request::SEND_MESSAGE,
+                raw_send(props),
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(f.code, response::MESSAGE_ILLEGAL, "{why}");
+        let e = ClientError::from_response(f.code, &f.header, "Edge").to_string();
+        assert!(e.contains(why), "{e}");
+    }
     // Headers of random bytes, for every kind of request.
     for (i, code) in [
         request::SEND_MESSAGE,

@@ -35,6 +35,9 @@ pub const MAX_PULL_SUSPEND_MS: u32 = 60_000;
 pub const MAX_GROUP_LEN: usize = 255;
 /// Most queues one topic may have on one broker.
 pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
+/// Most topics one broker holds: every registration with the name servers carries all of
+/// them, and a name server takes no more than this from one broker.
+pub const MAX_TOPICS_PER_BROKER: usize = 20_000;
 
 /// Why a topic name is refused.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]

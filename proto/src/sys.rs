@@ -1,6 +1,10 @@
 //! System topics and the message properties the broker and the client act on. Names are
 //! RocketMQ's where it has the same thing, so tools and habits carry over.
 
+use thiserror::Error;
+
+use crate::limits::MAX_PROPERTIES_LEN;
+
 /// Where a message sent with a delay level waits: queue `level - 1` on the shard of its target
 /// queue. Not readable by consumers (it is never a topic in the topic table).
 pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
@@ -54,6 +58,46 @@ pub mod property {
     ];
 }
 
+/// Properties only the broker sets: a producer sending one is refused, so a stored message's
+/// origin (`RETRY_TOPIC`, `ORIGIN_MESSAGE_ID`) or hold is always the broker's word. The client
+/// sets `UNIQ_KEY`, `DELAY` and `TIMER_DELIVER_MS` from its own fields, so those pass.
+pub const BROKER_SET_PROPERTIES: &[&str] = &[
+    property::REAL_TOPIC,
+    property::REAL_QID,
+    property::DELAY_APPLIED_MS,
+    property::RETRY_TOPIC,
+    property::ORIGIN_MESSAGE_ID,
+];
+
+/// Why the broker refuses a sent message's properties.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum SentPropertiesError {
+    #[error("property {0} is set by the broker, not by a producer")]
+    BrokerSet(String),
+    #[error(
+        "properties are {len} bytes encoded, over the limit of {max} for a sent message (the \
+         broker keeps {BROKER_PROPERTIES_RESERVE} of the {MAX_PROPERTIES_LEN} for delays and retries)"
+    )]
+    TooLong { len: usize, max: usize },
+}
+
+/// Checks the properties of a message as a producer sent it: none the broker sets, and room
+/// left for what a delay or a retry adds ([`BROKER_PROPERTIES_RESERVE`]).
+pub fn check_sent_properties(props: &[(String, String)]) -> Result<(), SentPropertiesError> {
+    let max = MAX_PROPERTIES_LEN - BROKER_PROPERTIES_RESERVE;
+    let mut len = 0usize;
+    for (k, v) in props {
+        if BROKER_SET_PROPERTIES.contains(&k.as_str()) {
+            return Err(SentPropertiesError::BrokerSet(k.clone()));
+        }
+        len += 4 + k.len() + v.len();
+    }
+    if len > max {
+        return Err(SentPropertiesError::TooLong { len, max });
+    }
+    Ok(())
+}
+
 /// `%RETRY%<group>`.
 pub fn retry_topic(group: &str) -> String {
     format!("{RETRY_GROUP_TOPIC_PREFIX}{group}")
@@ -91,6 +135,32 @@ mod tests {
             + entry(property::ORIGIN_MESSAGE_ID, 32)
             + entry(property::DELAY_APPLIED_MS, 20);
         assert!(added <= BROKER_PROPERTIES_RESERVE, "{added}");
+    }
+
+    #[test]
+    fn sent_properties_leave_the_reserve_and_the_broker_set_ones() {
+        let p = |k: &str, v: usize| (k.to_owned(), "v".repeat(v));
+        let max = MAX_PROPERTIES_LEN - BROKER_PROPERTIES_RESERVE;
+        let room = max - (4 + crate::msgid::UNIQ_KEY.len() + 32) - (4 + "big".len());
+        let fits = [p(crate::msgid::UNIQ_KEY, 32), p("big", room)];
+        assert_eq!(check_sent_properties(&fits), Ok(()));
+        let over = [p(crate::msgid::UNIQ_KEY, 32), p("big", room + 1)];
+        assert_eq!(
+            check_sent_properties(&over),
+            Err(SentPropertiesError::TooLong { len: max + 1, max })
+        );
+        for k in [property::DELAY, property::TIMER_DELIVER_MS] {
+            assert_eq!(check_sent_properties(&[p(k, 2)]), Ok(()), "{k}");
+        }
+        for k in BROKER_SET_PROPERTIES {
+            let e = check_sent_properties(&[p("a", 1), p(k, 3)]).unwrap_err();
+            assert_eq!(e, SentPropertiesError::BrokerSet(k.to_string()));
+            assert!(e.to_string().contains("set by the broker"), "{e}");
+        }
+        // Every broker-set property is one no user may set either.
+        assert!(BROKER_SET_PROPERTIES
+            .iter()
+            .all(|k| property::RESERVED.contains(k)));
     }
 
     #[test]

@@ -21,8 +21,9 @@ pub const STAMP_MAGIC: &[u8; 4] = b"OMQB";
 pub const STAMP_LEN: usize = 4 + 8;
 /// Most requests one producer may keep in flight (`--inflight`).
 pub const MAX_INFLIGHT: u32 = 1024;
-/// Most topics one run may spread over (`--topics`).
-pub const MAX_BENCH_TOPICS: u32 = 100_000;
+/// Most topics one run may spread over (`--topics`): half of what a broker holds, so a run
+/// leaves room for the cluster's own topics.
+pub const MAX_BENCH_TOPICS: u32 = orbitmq_proto::limits::MAX_TOPICS_PER_BROKER as u32 / 2;
 /// Topic creations (and route look-ups) in flight at once before a `--topics` run.
 const SETUP_CONCURRENCY: usize = 64;
 /// How long a route look-up waits for the name servers to learn a topic just created (the

@@ -23,6 +23,14 @@ pub const OFFSETS_HEADER: &str = "orbitmq-offsets v1";
 pub const MAX_OFFSETS_FILE_LEN: u64 = 256 * 1024 * 1024;
 /// Longest consumer group name, as RocketMQ (`CHARACTER_MAX_LENGTH`).
 pub const MAX_GROUP_LEN: usize = 255;
+/// Committed offsets (group, topic, queue) one shard keeps: any client may commit for any
+/// group name, and every entry is rewritten on each save.
+pub const MAX_COMMITTED_OFFSETS: usize = 200_000;
+/// Longest line of the file: group, topic, queue id and offset, tab-separated.
+const MAX_LINE_LEN: usize =
+    MAX_GROUP_LEN + 1 + orbitmq_proto::limits::MAX_TOPIC_LEN + 1 + 10 + 1 + 20 + 1;
+// A full set of offsets must load again after a restart.
+const _: () = assert!(((MAX_COMMITTED_OFFSETS + 2) * MAX_LINE_LEN) as u64 <= MAX_OFFSETS_FILE_LEN);
 /// Prefix of the last line, followed by the CRC in hex.
 const CRC_PREFIX: &str = "crc ";
 /// Hex digits of a CRC32C.
@@ -56,6 +64,11 @@ pub enum OffsetsError {
         line: usize,
         reason: String,
     },
+    #[error(
+        "the shard holds {0} committed offsets, its limit: a new group, topic or queue gets \
+         none (delete unused groups' offsets or spread the groups over brokers)"
+    )]
+    Full(usize),
     #[error("{kind} name {name:?} is refused: {reason}")]
     InvalidName {
         kind: &'static str,
@@ -119,7 +132,11 @@ impl ConsumerOffsets {
     ) -> Result<(), OffsetsError> {
         validate_name("group", group, MAX_GROUP_LEN)?;
         // Topics are validated at the edge; this keeps the file parseable whatever happens there.
-        validate_name("topic", topic, usize::MAX)?;
+        validate_name("topic", topic, orbitmq_proto::limits::MAX_TOPIC_LEN)?;
+        if self.entries.len() >= MAX_COMMITTED_OFFSETS && self.query(group, topic, queue).is_none()
+        {
+            return Err(OffsetsError::Full(MAX_COMMITTED_OFFSETS));
+        }
         let old = self
             .entries
             .insert((group.to_owned(), topic.to_owned(), queue), offset);
@@ -336,6 +353,30 @@ mod tests {
         o.commit("g1", "TopicA", 1, 50).unwrap();
         assert_eq!(o.query("g1", "TopicA", 1), Some(50));
         assert_eq!(o.len(), 4);
+    }
+
+    #[test]
+    fn a_full_set_refuses_new_keys_keeps_updating_old_ones_and_loads_again() {
+        let mut o = ConsumerOffsets::new();
+        for i in 0..MAX_COMMITTED_OFFSETS {
+            o.commit(&format!("g{}", i / 1024), "T", (i % 1024) as u32, i as u64)
+                .unwrap();
+        }
+        for (g, t, q) in [("g0", "U", 0), ("new", "T", 0), ("g0", "T", 1024)] {
+            let e = o.commit(g, t, q, 1).unwrap_err();
+            assert!(
+                matches!(e, OffsetsError::Full(MAX_COMMITTED_OFFSETS)),
+                "{e}"
+            );
+            assert_eq!(o.query(g, t, q), None);
+        }
+        o.commit("g0", "T", 5, 77).unwrap();
+        assert_eq!(o.query("g0", "T", 5), Some(77));
+        assert_eq!(o.len(), MAX_COMMITTED_OFFSETS);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("consumerOffset");
+        save(&mut o, &path).unwrap();
+        assert_eq!(ConsumerOffsets::load(&path).unwrap(), o);
     }
 
     #[test]

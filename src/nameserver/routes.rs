@@ -28,8 +28,8 @@ use crate::nameserver::topics::{TopicConfig, PERM_READ, PERM_RW, PERM_WRITE};
 pub const DEFAULT_BROKER_EXPIRY: Duration = Duration::from_secs(120);
 /// RocketMQ's scan period for silent brokers.
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(10);
-/// Topics one registration may carry.
-pub const MAX_REGISTERED_TOPICS: usize = 20_000;
+/// Topics one registration may carry: all a broker may hold.
+pub const MAX_REGISTERED_TOPICS: usize = limits::MAX_TOPICS_PER_BROKER;
 /// Brokers (name + id) one name server keeps.
 pub const MAX_BROKERS: usize = 4096;
 /// Longest cluster or broker name (as a topic name).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use orbitmq_proto::limits::{self, MAX_QUEUES_PER_TOPIC};
+use orbitmq_proto::limits::{self, MAX_QUEUES_PER_TOPIC, MAX_TOPICS_PER_BROKER};
 use orbitmq_proto::sys::RETRY_DLQ_QUEUES;
 use thiserror::Error;
 
@@ -20,9 +20,9 @@ pub const PERM_READ: u32 = 4;
 pub const PERM_WRITE: u32 = 2;
 pub const PERM_RW: u32 = PERM_READ | PERM_WRITE;
 /// Topics a broker makes for consumer groups (retry and dead-letter topics) only while it
-/// has fewer than this many topics: heartbeats name groups, and a name is no reason to grow
-/// the table without end.
-pub const MAX_TOPICS_FOR_GROUP_TOPICS: usize = 100_000;
+/// has fewer than this many topics: heartbeats name groups, and a name is no reason to fill
+/// the table, so a quarter of it stays for topics an admin or a first send creates.
+pub const MAX_TOPICS_FOR_GROUP_TOPICS: usize = MAX_TOPICS_PER_BROKER / 4 * 3;
 const TOPICS_FILE: &str = "topics.conf";
 const TOPICS_HEADER: &str =
     "# orbitmq topics: name read_queues write_queues perm [auto (created by a first send)]";
@@ -71,6 +71,8 @@ pub enum TopicError {
     },
     #[error("the broker has {0} topics: no more retry or dead-letter topics are made")]
     TooMany(usize),
+    #[error("the broker holds {0} topics, its limit: delete unused topics or create this one on another broker")]
+    Full(usize),
     #[error("writing {path}: {source}")]
     Io {
         path: String,
@@ -87,6 +89,21 @@ pub struct Topics {
     changed: tokio::sync::Notify,
     pub auto_create: bool,
     pub default_queues: u32,
+    /// [`MAX_TOPICS_PER_BROKER`] and [`MAX_TOPICS_FOR_GROUP_TOPICS`]; smaller in unit tests.
+    limits: TableLimits,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TableLimits {
+    all: usize,
+    group_topics: usize,
+}
+
+impl TableLimits {
+    const BROKER: TableLimits = TableLimits {
+        all: MAX_TOPICS_PER_BROKER,
+        group_topics: MAX_TOPICS_FOR_GROUP_TOPICS,
+    };
 }
 
 impl Topics {
@@ -142,7 +159,20 @@ impl Topics {
             changed: tokio::sync::Notify::new(),
             auto_create,
             default_queues,
+            limits: TableLimits::BROKER,
         })
+    }
+
+    /// Refuses a new topic when the table is full (updates of existing ones always pass).
+    fn room_for(
+        &self,
+        table: &BTreeMap<String, TopicConfig>,
+        name: &str,
+    ) -> Result<(), TopicError> {
+        if table.len() >= self.limits.all && !table.contains_key(name) {
+            return Err(TopicError::Full(self.limits.all));
+        }
+        Ok(())
     }
 
     pub fn epoch(&self) -> u64 {
@@ -180,6 +210,7 @@ impl Topics {
             }
         }
         let mut table = self.table.lock().expect("topic table lock");
+        self.room_for(&table, &t.name)?;
         table.insert(t.name.clone(), t.clone());
         self.persist(&table)?;
         self.bump();
@@ -237,6 +268,7 @@ impl Topics {
         if let Some(t) = table.get(name) {
             return Ok(Some(t.clone()));
         }
+        self.room_for(&table, name)?;
         let mut t = TopicConfig::new(name, self.default_queues);
         t.auto_created = true;
         table.insert(name.to_owned(), t.clone());
@@ -264,8 +296,8 @@ impl Topics {
         if let Some(t) = table.get(name) {
             return Ok(t.clone());
         }
-        if table.len() >= MAX_TOPICS_FOR_GROUP_TOPICS {
-            return Err(TopicError::TooMany(MAX_TOPICS_FOR_GROUP_TOPICS));
+        if table.len() >= self.limits.group_topics {
+            return Err(TopicError::TooMany(self.limits.group_topics));
         }
         let t = TopicConfig::new(name, RETRY_DLQ_QUEUES);
         table.insert(name.to_owned(), t.clone());
@@ -383,6 +415,51 @@ mod tests {
         let dlq = a.get_or_auto_create("%DLQ%g2").unwrap().unwrap();
         assert_eq!((dlq.queues(), dlq.auto_created), (1, false));
         assert_eq!(a.get_or_auto_create("Orders").unwrap().unwrap().queues(), 8);
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_topics_but_updates_existing_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = Topics::load(d.path(), true, 8).unwrap();
+        t.limits = TableLimits {
+            all: 4,
+            group_topics: 2,
+        };
+        t.upsert(TopicConfig::new("A", 4)).unwrap();
+        t.ensure_group_topic("%RETRY%g1").unwrap();
+        // Group topics stop at their share, leaving room for the others.
+        let e = t.ensure_group_topic("%RETRY%g2").unwrap_err();
+        assert!(matches!(e, TopicError::TooMany(2)), "{e}");
+        assert_eq!(t.ensure_group_topic("%RETRY%g1").unwrap().queues(), 1);
+        t.get_or_auto_create("B").unwrap().unwrap();
+        t.create_or_update("C", 2, 2, 0).unwrap();
+        for e in [
+            t.upsert(TopicConfig::new("D", 4)).unwrap_err(),
+            t.get_or_auto_create("D").unwrap_err(),
+            t.create_or_update("D", 0, 0, 0).unwrap_err(),
+        ] {
+            assert!(matches!(e, TopicError::Full(4)), "{e}");
+            assert!(e.to_string().contains("holds 4 topics"), "{e}");
+        }
+        assert_eq!(t.create_or_update("C", 0, 6, 0).unwrap().write_queues, 6);
+        assert_eq!(t.get_or_auto_create("B").unwrap().unwrap().queues(), 8);
+        assert!(t.delete("A").unwrap());
+        t.upsert(TopicConfig::new("D", 4)).unwrap();
+        let names: Vec<String> = Topics::load(d.path(), true, 8)
+            .unwrap()
+            .snapshot()
+            .into_keys()
+            .collect();
+        assert_eq!(names, ["%RETRY%g1", "B", "C", "D"]);
+    }
+
+    #[test]
+    fn a_broker_never_holds_more_topics_than_a_name_server_takes() {
+        assert_eq!(
+            TableLimits::BROKER.all,
+            crate::nameserver::routes::MAX_REGISTERED_TOPICS
+        );
+        assert!(TableLimits::BROKER.group_topics < TableLimits::BROKER.all);
     }
 
     #[test]

@@ -152,6 +152,13 @@ impl ShardHandler {
                     format!("topic {topic} does not exist (auto-creation is off)"),
                 ))
             }
+            Err(e @ crate::nameserver::topics::TopicError::Full(_)) => {
+                return Err(error_frame(
+                    id,
+                    response::TOPIC_NOT_EXIST,
+                    format!("topic {topic} does not exist and cannot be created: {e}"),
+                ))
+            }
             Err(e) => return Err(error_frame(id, response::MESSAGE_ILLEGAL, e.to_string())),
         };
         if t.perm & perm == 0 {
@@ -228,6 +235,11 @@ impl ShardHandler {
         }
         if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_WRITE) {
             return f;
+        }
+        for m in &h.messages {
+            if let Err(e) = sys::check_sent_properties(&m.properties) {
+                return error_frame(id, response::MESSAGE_ILLEGAL, e.to_string());
+            }
         }
         let mut at = 0usize;
         let mut msgs: Vec<Message> = h
