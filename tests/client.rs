@@ -1317,3 +1317,74 @@ async fn pulls_of_queues_of_maximal_messages_stay_under_the_frame_limit() {
     c.shutdown().await.unwrap();
     p.shutdown().await;
 }
+
+/// A connection that opens many streams and sends most of a maximal frame on each, never the
+/// rest, cannot make the broker hold more than its inbound budget: the broker stops reading
+/// and QUIC's flow control stops the writer, where before every byte was read and kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cannot_make_the_broker_hold_unbounded_request_bytes() {
+    const STREAMS: usize = 12;
+    const PER_STREAM: usize = 15 << 20;
+    const CHUNK: usize = 64 << 10;
+    /// The broker's budget (32 MiB), the unread bytes QUIC lets each stream send (1.25 MB a
+    /// stream by default) and the writer's own send buffer, with room to spare.
+    const MOST_WRITTEN: usize = 100 << 20;
+    let s = shared();
+    let b = &s.broker;
+    let raw = RawConn::connect(&b.ca, &b.shards[0]).await;
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut streams = Vec::new();
+    for i in 0..STREAMS {
+        let (mut send, recv) = raw.conn.open_bi().await.unwrap();
+        let w = written.clone();
+        let body = Bytes::from(vec![0u8; MAX_FRAME_LEN - FRAME_PREFIX_LEN]);
+        let prefix = Frame::new(
+            Kind::Request,
+            request::SEND_MESSAGE,
+            i as u64,
+            Bytes::new(),
+            body,
+        )
+        .prefix();
+        streams.push(tokio::spawn(async move {
+            send.write_all(&prefix).await.unwrap();
+            let chunk = vec![0u8; CHUNK];
+            for _ in 0..PER_STREAM / CHUNK {
+                if send.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                w.fetch_add(CHUNK, Ordering::Relaxed);
+            }
+            // Kept open, never finished: the frames stay incomplete.
+            (send, recv)
+        }));
+    }
+    // Until the writers have made no progress for two seconds.
+    let (mut last, mut still) = (0, 0);
+    while still < 8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = written.load(Ordering::Relaxed);
+        (still, last) = if now == last {
+            (still + 1, last)
+        } else {
+            (0, now)
+        };
+    }
+    println!("{last} of {} bytes written", STREAMS * PER_STREAM);
+    assert!(
+        (32 << 20..MOST_WRITTEN).contains(&last),
+        "{last} bytes of {} went in",
+        STREAMS * PER_STREAM
+    );
+    for t in streams {
+        t.abort();
+    }
+    raw.close().await;
+    // The broker still serves, and another connection never waited.
+    let p = Producer::new("budget-pg", b.config()).await.unwrap();
+    let r = p
+        .send(Message::new("Edge", "after the flood"))
+        .await
+        .unwrap();
+    assert!(!r.msg_id.is_empty());
+}

@@ -33,8 +33,13 @@ use crate::sync::Event;
 
 /// Response bytes queued for one connection before handlers wait (at least one max frame).
 pub const MAX_OUTBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
+/// Request bytes one connection may make us hold, across its streams: frames being read and
+/// frames being handled (at least one max frame and a read). Past it the connection's streams
+/// stop being read, and QUIC's flow control stops the peer.
+pub const MAX_INBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 256 * 1024;
+const _: () = assert!(MAX_INBOUND_BYTES_PER_CONN >= MAX_FRAME_LEN + READ_CHUNK);
 /// Requests in progress on one stream before the reader stops reading (back-pressure).
 pub const MAX_INFLIGHT_PER_STREAM: usize = 4096;
 /// Longest a shutting-down endpoint waits for its clients to acknowledge GOING_AWAY.
@@ -209,6 +214,7 @@ async fn serve_connection(conn: quinn::Connection, handler: Rc<dyn Handler>) {
         conn: conn.clone(),
     };
     let outbound = Rc::new(Semaphore::new(MAX_OUTBOUND_BYTES_PER_CONN as u64));
+    let inbound = Rc::new(Semaphore::new(MAX_INBOUND_BYTES_PER_CONN as u64));
     loop {
         let (send, recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -218,8 +224,12 @@ async fn serve_connection(conn: quinn::Connection, handler: Rc<dyn Handler>) {
                 return;
             }
         };
-        let (handler, peer, outbound) = (handler.clone(), peer.clone(), outbound.clone());
-        glommio::spawn_local(serve_stream(send, recv, handler, peer, outbound)).detach();
+        let (handler, peer) = (handler.clone(), peer.clone());
+        let budget = Budget {
+            outbound: outbound.clone(),
+            inbound: inbound.clone(),
+        };
+        glommio::spawn_local(serve_stream(send, recv, handler, peer, budget)).detach();
     }
 }
 
@@ -232,12 +242,19 @@ struct Outbox {
     room: Event,
 }
 
+/// The bytes a connection's streams share: requests held ([`MAX_INBOUND_BYTES_PER_CONN`]) and
+/// responses queued ([`MAX_OUTBOUND_BYTES_PER_CONN`]).
+struct Budget {
+    inbound: Rc<Semaphore>,
+    outbound: Rc<Semaphore>,
+}
+
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     handler: Rc<dyn Handler>,
     peer: Peer,
-    outbound: Rc<Semaphore>,
+    Budget { inbound, outbound }: Budget,
 ) {
     let outbox = Rc::new(Outbox {
         queue: RefCell::new(VecDeque::new()),
@@ -272,13 +289,28 @@ async fn serve_stream(
     };
 
     let mut decoder = FrameDecoder::new();
+    // Inbound permits this stream holds: the bytes its decoder buffers.
+    let mut held = 0u64;
     let mut failure = None;
     'read: loop {
         while outbox.inflight.get() >= MAX_INFLIGHT_PER_STREAM {
             outbox.room.listen().await;
         }
-        match recv.read_chunk(READ_CHUNK, true).await {
-            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
+        // Room for a whole read first; a closed semaphore only means shutdown.
+        if inbound.acquire(READ_CHUNK as u64).await.is_err() {
+            break;
+        }
+        let read = recv.read_chunk(READ_CHUNK, true).await;
+        let n = match &read {
+            Ok(Some(chunk)) => chunk.bytes.len(),
+            _ => 0,
+        };
+        inbound.signal((READ_CHUNK - n) as u64);
+        match read {
+            Ok(Some(chunk)) => {
+                decoder.push(&chunk.bytes);
+                held += n as u64;
+            }
             Ok(None) => break,
             Err(e) => {
                 debug!(remote = %peer.remote, error = %e, "stream read ended");
@@ -299,14 +331,19 @@ async fn serve_stream(
                 break 'read;
             }
             outbox.inflight.set(outbox.inflight.get() + 1);
-            let (handler, peer, outbox, outbound) = (
+            // The frame's bytes leave the decoder; their permits go with it to its handler.
+            let taken = held - decoder.buffered() as u64;
+            held -= taken;
+            let (handler, peer, outbox, outbound, inbound) = (
                 handler.clone(),
                 peer.clone(),
                 outbox.clone(),
                 outbound.clone(),
+                inbound.clone(),
             );
             glommio::spawn_local(async move {
                 let resp = within_frame_limit(handler.handle(frame, &peer).await);
+                inbound.signal(taken);
                 let n = resp.encoded_len() as u64;
                 // Bound what waits for the network; a closed semaphore only means shutdown.
                 if outbound.acquire(n).await.is_ok() {
@@ -319,6 +356,8 @@ async fn serve_stream(
             .detach();
         }
     }
+    inbound.signal(held);
+    drop(decoder);
     if let Some(why) = &failure {
         warn!(remote = %peer.remote, why, "closing a stream after an invalid frame");
         let _ = recv.stop(quic::FRAME_INVALID.into());
