@@ -37,6 +37,9 @@ pub const MAX_OUTBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 /// frames being handled (at least one max frame and a read). Past it the connection's streams
 /// stop being read, and QUIC's flow control stops the peer.
 pub const MAX_INBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
+/// Connections one endpoint (a shard or a name server) serves at once; more are refused
+/// before their handshake, so a flood of clients cannot multiply the per-connection bounds.
+pub const MAX_CONNECTIONS: usize = 4096;
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 256 * 1024;
 const _: () = assert!(MAX_INBOUND_BYTES_PER_CONN >= MAX_FRAME_LEN + READ_CHUNK);
@@ -188,6 +191,11 @@ impl Connections {
 /// Accepts connections until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, handler: Rc<dyn Handler>, conns: Rc<Connections>) {
     while let Some(incoming) = endpoint.accept().await {
+        if endpoint.open_connections() >= MAX_CONNECTIONS {
+            warn!(remote = %incoming.remote_address(), limit = MAX_CONNECTIONS, "connection refused: too many connections");
+            incoming.refuse();
+            continue;
+        }
         let (handler, conns) = (handler.clone(), conns.clone());
         glommio::spawn_local(async move {
             let conn = match incoming.await {
