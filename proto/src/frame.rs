@@ -130,8 +130,17 @@ impl FrameDecoder {
         self.buf.len()
     }
 
-    /// The next whole frame, `Ok(None)` if more bytes are needed.
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+    /// Bytes the next frame needs in all: the prefix's length until the prefix is in, then
+    /// the whole frame's. A reader that never pushes past this keeps each frame in a buffer of
+    /// its own, so a small frame held long never keeps a large one's memory alive.
+    pub fn next_len(&self) -> Result<usize, FrameError> {
+        Ok(self
+            .prefix()?
+            .map_or(FRAME_PREFIX_LEN, |(total, _, _)| total))
+    }
+
+    /// The next frame's encoded length, kind and header length, once its prefix is in.
+    fn prefix(&self) -> Result<Option<(usize, Kind, usize)>, FrameError> {
         if self.buf.len() < FRAME_PREFIX_LEN {
             // Even a partial length can be judged early.
             if self.buf.len() >= 4 {
@@ -150,11 +159,19 @@ impl FrameDecoder {
         if header_len > MAX_HEADER_LEN || header_len > len - FIXED_AFTER_LEN {
             return Err(FrameError::Header { len: header_len });
         }
-        if self.buf.len() < 4 + len {
-            self.buf.reserve(4 + len - self.buf.len());
+        Ok(Some((4 + len, kind, header_len)))
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some((total, kind, header_len)) = self.prefix()? else {
+            return Ok(None);
+        };
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
-        let mut f = self.buf.split_to(4 + len);
+        let mut f = self.buf.split_to(total);
         let code = u16::from_le_bytes(f[6..8].try_into().expect("2"));
         let request_id = u64::from_le_bytes(f[8..16].try_into().expect("8"));
         f.advance(FRAME_PREFIX_LEN);
@@ -210,6 +227,26 @@ mod tests {
         }
         assert_eq!(got, frames);
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn next_len_is_the_prefix_then_the_whole_frame() {
+        let fr = f(&[9u8; 1000]);
+        let wire = fr.to_bytes();
+        let mut d = FrameDecoder::new();
+        assert_eq!(d.next_len().unwrap(), FRAME_PREFIX_LEN);
+        d.push(&wire[..FRAME_PREFIX_LEN - 1]);
+        assert_eq!(d.next_len().unwrap(), FRAME_PREFIX_LEN);
+        d.push(&wire[FRAME_PREFIX_LEN - 1..FRAME_PREFIX_LEN]);
+        assert_eq!(d.next_len().unwrap(), fr.encoded_len());
+        assert!(d.next_frame().unwrap().is_none());
+        d.push(&wire[FRAME_PREFIX_LEN..]);
+        assert_eq!(d.next_frame().unwrap().unwrap().body, fr.body);
+        assert_eq!((d.buffered(), d.next_len().unwrap()), (0, FRAME_PREFIX_LEN));
+        let mut bad = wire.to_vec();
+        bad[4] = 99;
+        d.push(&bad[..FRAME_PREFIX_LEN]);
+        assert_eq!(d.next_len(), Err(FrameError::Version(99)));
     }
 
     #[test]

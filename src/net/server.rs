@@ -34,15 +34,16 @@ use crate::sync::Event;
 /// Response bytes queued for one connection before handlers wait (at least one max frame).
 pub const MAX_OUTBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 /// Request bytes one connection may make us hold, across its streams: frames being read and
-/// frames being handled (at least one max frame and a read). Past it the connection's streams
-/// stop being read, and QUIC's flow control stops the peer.
+/// frames being handled (at least one max frame). A stream reserves a frame's whole length once
+/// its prefix is in, so a stream holding bytes can always finish its frame; past the bound the
+/// connection's streams stop being read, and QUIC's flow control stops the peer.
 pub const MAX_INBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 /// Connections one endpoint (a shard or a name server) serves at once; more are refused
 /// before their handshake, so a flood of clients cannot multiply the per-connection bounds.
 pub const MAX_CONNECTIONS: usize = 4096;
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 256 * 1024;
-const _: () = assert!(MAX_INBOUND_BYTES_PER_CONN >= MAX_FRAME_LEN + READ_CHUNK);
+const _: () = assert!(MAX_INBOUND_BYTES_PER_CONN >= MAX_FRAME_LEN);
 /// Requests in progress on one stream before the reader stops reading (back-pressure).
 pub const MAX_INFLIGHT_PER_STREAM: usize = 4096;
 /// Longest a shutting-down endpoint waits for its clients to acknowledge GOING_AWAY.
@@ -228,6 +229,9 @@ async fn serve_connection(conn: quinn::Connection, handler: Rc<dyn Handler>) {
             Ok(s) => s,
             Err(e) => {
                 debug!(remote = %peer.remote, error = %e, "connection ended");
+                // Wakes streams and handlers waiting for room, so they end and free theirs.
+                inbound.close();
+                outbound.close();
                 handler.connection_closed(&peer);
                 return;
             }
@@ -297,72 +301,74 @@ async fn serve_stream(
     };
 
     let mut decoder = FrameDecoder::new();
-    // Inbound permits this stream holds: the bytes its decoder buffers.
+    // Inbound permits this stream holds: its next frame's length (or its prefix's), reserved
+    // before reading it.
     let mut held = 0u64;
     let mut failure = None;
-    'read: loop {
+    loop {
         while outbox.inflight.get() >= MAX_INFLIGHT_PER_STREAM {
             outbox.room.listen().await;
         }
-        // Room for a whole read first; a closed semaphore only means shutdown.
-        if inbound.acquire(READ_CHUNK as u64).await.is_err() {
-            break;
-        }
-        let read = recv.read_chunk(READ_CHUNK, true).await;
-        let n = match &read {
-            Ok(Some(chunk)) => chunk.bytes.len(),
-            _ => 0,
-        };
-        inbound.signal((READ_CHUNK - n) as u64);
-        match read {
-            Ok(Some(chunk)) => {
-                decoder.push(&chunk.bytes);
-                held += n as u64;
+        let next = match decoder.next_len() {
+            Ok(n) => n,
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
             }
+        };
+        if held < next as u64 {
+            // A closed semaphore: the connection is gone.
+            if inbound.acquire(next as u64 - held).await.is_err() {
+                break;
+            }
+            held = next as u64;
+        }
+        // Never past this frame: each frame gets a buffer of its own (see `next_len`).
+        let want = (next - decoder.buffered()).min(READ_CHUNK);
+        match recv.read_chunk(want, true).await {
+            Ok(Some(chunk)) => decoder.push(&chunk.bytes),
             Ok(None) => break,
             Err(e) => {
                 debug!(remote = %peer.remote, error = %e, "stream read ended");
                 break;
             }
         }
-        loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e.to_string());
-                    break 'read;
-                }
-            };
-            if frame.kind != Kind::Request {
-                failure = Some(format!("a client sent a {:?} frame", frame.kind));
-                break 'read;
+        let frame = match decoder.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => continue,
+            Err(e) => {
+                failure = Some(e.to_string());
+                break;
             }
-            outbox.inflight.set(outbox.inflight.get() + 1);
-            // The frame's bytes leave the decoder; their permits go with it to its handler.
-            let taken = held - decoder.buffered() as u64;
-            held -= taken;
-            let (handler, peer, outbox, outbound, inbound) = (
-                handler.clone(),
-                peer.clone(),
-                outbox.clone(),
-                outbound.clone(),
-                inbound.clone(),
-            );
-            glommio::spawn_local(async move {
-                let resp = within_frame_limit(handler.handle(frame, &peer).await);
-                inbound.signal(taken);
-                let n = resp.encoded_len() as u64;
-                // Bound what waits for the network; a closed semaphore only means shutdown.
-                if outbound.acquire(n).await.is_ok() {
-                    outbox.queue.borrow_mut().push_back(resp);
-                }
-                outbox.inflight.set(outbox.inflight.get() - 1);
-                outbox.ready.notify();
-                outbox.room.notify();
-            })
-            .detach();
+        };
+        if frame.kind != Kind::Request {
+            failure = Some(format!("a client sent a {:?} frame", frame.kind));
+            break;
         }
+        outbox.inflight.set(outbox.inflight.get() + 1);
+        // The frame's permits go with it to its handler.
+        let taken = std::mem::take(&mut held);
+        let (handler, peer, outbox, outbound, inbound) = (
+            handler.clone(),
+            peer.clone(),
+            outbox.clone(),
+            outbound.clone(),
+            inbound.clone(),
+        );
+        glommio::spawn_local(async move {
+            let resp = within_frame_limit(handler.handle(frame, &peer).await);
+            inbound.signal(taken);
+            let n = resp.encoded_len() as u64;
+            // Bound what waits for the network; a closed semaphore means the connection is
+            // gone.
+            if outbound.acquire(n).await.is_ok() {
+                outbox.queue.borrow_mut().push_back(resp);
+            }
+            outbox.inflight.set(outbox.inflight.get() - 1);
+            outbox.ready.notify();
+            outbox.room.notify();
+        })
+        .detach();
     }
     inbound.signal(held);
     drop(decoder);
