@@ -8,7 +8,7 @@
 //! crc <crc32c of all preceding bytes, 8 lowercase hex digits>
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{self, Read};
@@ -130,18 +130,37 @@ impl ConsumerOffsets {
         queue: u32,
         offset: u64,
     ) -> Result<(), OffsetsError> {
+        self.commit_all(group, topic, &[(queue, offset)])
+    }
+
+    /// Records several queues' offsets of one group and topic: all of them or, when the names
+    /// are refused or the new ones would pass [`MAX_COMMITTED_OFFSETS`], none.
+    pub fn commit_all(
+        &mut self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), OffsetsError> {
         validate_name("group", group, MAX_GROUP_LEN)?;
         // Topics are validated at the edge; this keeps the file parseable whatever happens there.
         validate_name("topic", topic, orbitmq_proto::limits::MAX_TOPIC_LEN)?;
-        if self.entries.len() >= MAX_COMMITTED_OFFSETS && self.query(group, topic, queue).is_none()
-        {
-            return Err(OffsetsError::Full(MAX_COMMITTED_OFFSETS));
+        if self.entries.len() + offsets.len() > MAX_COMMITTED_OFFSETS {
+            let new: BTreeSet<u32> = offsets
+                .iter()
+                .map(|&(q, _)| q)
+                .filter(|&q| self.query(group, topic, q).is_none())
+                .collect();
+            if self.entries.len() + new.len() > MAX_COMMITTED_OFFSETS {
+                return Err(OffsetsError::Full(MAX_COMMITTED_OFFSETS));
+            }
         }
-        let old = self
-            .entries
-            .insert((group.to_owned(), topic.to_owned(), queue), offset);
-        // Re-committing the same offset (every pull does) must not force a save.
-        self.dirty |= old != Some(offset);
+        for &(queue, offset) in offsets {
+            let old = self
+                .entries
+                .insert((group.to_owned(), topic.to_owned(), queue), offset);
+            // Re-committing the same offset (every pull does) must not force a save.
+            self.dirty |= old != Some(offset);
+        }
         Ok(())
     }
 
@@ -372,6 +391,15 @@ mod tests {
         }
         o.commit("g0", "T", 5, 77).unwrap();
         assert_eq!(o.query("g0", "T", 5), Some(77));
+        // Several at once: all or none.
+        let e = o.commit_all("g0", "T", &[(6, 1), (1024, 1)]).unwrap_err();
+        assert!(matches!(e, OffsetsError::Full(_)), "{e}");
+        assert_eq!(o.query("g0", "T", 6), Some(6));
+        o.commit_all("g0", "T", &[(6, 1), (7, 2)]).unwrap();
+        assert_eq!(
+            (o.query("g0", "T", 6), o.query("g0", "T", 7)),
+            (Some(1), Some(2))
+        );
         assert_eq!(o.len(), MAX_COMMITTED_OFFSETS);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("consumerOffset");

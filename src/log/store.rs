@@ -1922,6 +1922,14 @@ impl Store {
             .map_err(|e| StoreError::BadBatch(e.to_string()))
     }
 
+    /// Commits several queues' offsets of one group and topic: all or none.
+    pub fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<()> {
+        let mut st = self.inner.st.borrow_mut();
+        st.offsets
+            .commit_all(group, topic, offsets)
+            .map_err(|e| StoreError::BadBatch(e.to_string()))
+    }
+
     pub fn query_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
         self.inner.st.borrow().offsets.query(group, topic, queue_id)
     }

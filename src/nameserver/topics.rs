@@ -19,9 +19,9 @@ pub const DEFAULT_TOPIC_QUEUE_NUMS: u32 = 8;
 pub const PERM_READ: u32 = 4;
 pub const PERM_WRITE: u32 = 2;
 pub const PERM_RW: u32 = PERM_READ | PERM_WRITE;
-/// Topics a broker makes for consumer groups (retry and dead-letter topics) only while it
-/// has fewer than this many topics: heartbeats name groups, and a name is no reason to fill
-/// the table, so a quarter of it stays for topics an admin or a first send creates.
+/// Retry and dead-letter topics a broker makes for consumer groups at most: heartbeats name
+/// groups, and a name is no reason to fill the table, so a quarter of it stays for topics an
+/// admin or a first send creates.
 pub const MAX_TOPICS_FOR_GROUP_TOPICS: usize = MAX_TOPICS_PER_BROKER / 4 * 3;
 // A broker never holds more topics than its registration may carry.
 const _: () = assert!(MAX_TOPICS_PER_BROKER <= crate::nameserver::routes::MAX_REGISTERED_TOPICS);
@@ -71,7 +71,7 @@ pub enum TopicError {
         line: usize,
         why: String,
     },
-    #[error("the broker has {0} topics: no more retry or dead-letter topics are made")]
+    #[error("the broker has {0} retry and dead-letter topics, its limit: no more are made")]
     TooMany(usize),
     #[error("the broker holds {0} topics, its limit: delete unused topics or create this one on another broker")]
     Full(usize),
@@ -298,9 +298,15 @@ impl Topics {
         if let Some(t) = table.get(name) {
             return Ok(t.clone());
         }
-        if table.len() >= self.limits.group_topics {
+        // Counted apart: other topics never use up the group topics' share.
+        let groups = table
+            .keys()
+            .filter(|t| orbitmq_proto::sys::group_of(t).is_some())
+            .count();
+        if groups >= self.limits.group_topics {
             return Err(TopicError::TooMany(self.limits.group_topics));
         }
+        self.room_for(&table, name)?;
         let t = TopicConfig::new(name, RETRY_DLQ_QUEUES);
         table.insert(name.to_owned(), t.clone());
         self.persist(&table)?;
@@ -428,13 +434,15 @@ mod tests {
             group_topics: 2,
         };
         t.upsert(TopicConfig::new("A", 4)).unwrap();
+        t.get_or_auto_create("B").unwrap().unwrap();
+        // Group topics are counted apart: other topics never use up their share.
         t.ensure_group_topic("%RETRY%g1").unwrap();
-        // Group topics stop at their share, leaving room for the others.
+        t.ensure_group_topic("%DLQ%g1").unwrap();
+        // And they stop at their share.
         let e = t.ensure_group_topic("%RETRY%g2").unwrap_err();
         assert!(matches!(e, TopicError::TooMany(2)), "{e}");
         assert_eq!(t.ensure_group_topic("%RETRY%g1").unwrap().queues(), 1);
-        t.get_or_auto_create("B").unwrap().unwrap();
-        t.create_or_update("C", 2, 2, 0).unwrap();
+        // The table is full: no new topic of any kind, updates of existing ones pass.
         for e in [
             t.upsert(TopicConfig::new("D", 4)).unwrap_err(),
             t.get_or_auto_create("D").unwrap_err(),
@@ -443,7 +451,7 @@ mod tests {
             assert!(matches!(e, TopicError::Full(4)), "{e}");
             assert!(e.to_string().contains("holds 4 topics"), "{e}");
         }
-        assert_eq!(t.create_or_update("C", 0, 6, 0).unwrap().write_queues, 6);
+        assert_eq!(t.create_or_update("A", 0, 6, 0).unwrap().write_queues, 6);
         assert_eq!(t.get_or_auto_create("B").unwrap().unwrap().queues(), 8);
         assert!(t.delete("A").unwrap());
         t.upsert(TopicConfig::new("D", 4)).unwrap();
@@ -452,7 +460,7 @@ mod tests {
             .snapshot()
             .into_keys()
             .collect();
-        assert_eq!(names, ["%RETRY%g1", "B", "C", "D"]);
+        assert_eq!(names, ["%DLQ%g1", "%RETRY%g1", "B", "D"]);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub const MAX_INBOUND_BYTES_PER_CONN: usize = 2 * MAX_FRAME_LEN;
 /// Connections one endpoint (a shard or a name server) serves at once; more are refused
 /// before their handshake, so a flood of clients cannot multiply the per-connection bounds.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Refused connections per warning logged (the first is always logged).
+const REFUSALS_PER_WARNING: u64 = 1024;
 /// Bytes read from a stream at a time.
 const READ_CHUNK: usize = 256 * 1024;
 const _: () = assert!(MAX_INBOUND_BYTES_PER_CONN >= MAX_FRAME_LEN);
@@ -191,15 +193,29 @@ impl Connections {
 
 /// Accepts connections until the endpoint closes.
 pub async fn serve(endpoint: quinn::Endpoint, handler: Rc<dyn Handler>, conns: Rc<Connections>) {
+    let mut refused = 0u64;
     while let Some(incoming) = endpoint.accept().await {
+        // Counted as open once accepted here, before the handshake: a burst cannot pass the
+        // check together.
         if endpoint.open_connections() >= MAX_CONNECTIONS {
-            warn!(remote = %incoming.remote_address(), limit = MAX_CONNECTIONS, "connection refused: too many connections");
+            refused += 1;
+            if refused % REFUSALS_PER_WARNING == 1 {
+                warn!(remote = %incoming.remote_address(), limit = MAX_CONNECTIONS, refused,
+                    "connection refused: too many connections");
+            }
             incoming.refuse();
             continue;
         }
+        let connecting = match incoming.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(error = %e, "connection not accepted");
+                continue;
+            }
+        };
         let (handler, conns) = (handler.clone(), conns.clone());
         glommio::spawn_local(async move {
-            let conn = match incoming.await {
+            let conn = match connecting.await {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(error = %e, "handshake failed");

@@ -152,7 +152,10 @@ impl ShardHandler {
                     format!("topic {topic} does not exist (auto-creation is off)"),
                 ))
             }
-            Err(e @ crate::nameserver::topics::TopicError::Full(_)) => {
+            Err(
+                e @ (crate::nameserver::topics::TopicError::Full(_)
+                | crate::nameserver::topics::TopicError::TooMany(_)),
+            ) => {
                 return Err(error_frame(
                     id,
                     response::TOPIC_NOT_EXIST,
@@ -233,13 +236,14 @@ impl ShardHandler {
                 format!("batch of {total} bytes is over the limit of {MAX_BATCH_BYTES}"),
             );
         }
-        if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_WRITE) {
-            return f;
-        }
+        // Before the topic check, which may auto-create the topic.
         for m in &h.messages {
             if let Err(e) = sys::check_sent_properties(&m.properties) {
                 return error_frame(id, response::MESSAGE_ILLEGAL, e.to_string());
             }
+        }
+        if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_WRITE) {
+            return f;
         }
         let mut at = 0usize;
         let mut msgs: Vec<Message> = h

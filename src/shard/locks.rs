@@ -346,13 +346,9 @@ impl ShardHandler {
                 );
             }
         }
-        for o in &h.offsets {
-            if let Err(e) = self
-                .store
-                .commit_offset(&h.group, &h.topic, o.queue_id, o.offset)
-            {
-                return error_frame(id, response::SYSTEM_ERROR, e.to_string());
-            }
+        let offsets: Vec<(u32, u64)> = h.offsets.iter().map(|o| (o.queue_id, o.offset)).collect();
+        if let Err(e) = self.store.commit_offsets(&h.group, &h.topic, &offsets) {
+            return error_frame(id, response::BAD_REQUEST, e.to_string());
         }
         let consumers = self
             .shared
