@@ -1059,6 +1059,9 @@ struct SmallFs {
 
 /// Size of the file system the full-disk test fills: a handful of test segments.
 const SMALL_FS_BYTES: u64 = 8 * TEST_SEGMENT;
+/// Plain unmounts tried, this far apart, before a busy file system is detached lazily.
+const UMOUNT_ATTEMPTS: u32 = 50;
+const UMOUNT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 /// Size of the ext4 image: room for the journal and a few test segments.
 const EXT4_IMAGE_BYTES: u64 = 64 << 20;
 
@@ -1106,9 +1109,19 @@ impl Drop for SmallFs {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        // A file still open (a failing test) keeps it busy: detach it anyway, so no mount
-        // outlives the test.
-        if !umount(false) {
+        // A file still open keeps it busy: a store's blocking pool may finish a job (an
+        // offsets write, a syncfs) just after the store closed, so wait a little for it; a
+        // failing test may keep one open for good, so then detach it anyway, so no mount
+        // outlives the test. (Mounting the image again over a lazily detached file system
+        // that is still alive reads garbage.)
+        let busy = (0..UMOUNT_ATTEMPTS).all(|_| {
+            if umount(false) {
+                return false;
+            }
+            std::thread::sleep(UMOUNT_RETRY);
+            true
+        });
+        if busy {
             eprintln!(
                 "umount {}: busy, detaching lazily",
                 self.dir.path().display()
@@ -1408,6 +1421,38 @@ fn an_idle_store_leaves_its_checkpoint_alone() {
             );
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
+        store.close().await.unwrap();
+    });
+}
+
+/// Files of this process open under `dir` (the blocking pool's threads share the table).
+fn open_files_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// Once close() returns nothing of the store touches its files: the next segment being
+/// pre-written in the background (64 MiB of zeros, paced) stops and is removed, so the data
+/// directory can be unmounted or handed to another process at once.
+#[test]
+fn close_ends_background_work_so_no_file_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    run(move || async move {
+        let mut c = cfg(&path, FlushMode::Sync);
+        c.segment_size = 64 << 20;
+        c.prewrite_segments = true;
+        let store = Store::open(c.clone()).await.unwrap();
+        // The first append starts preparing the next segment.
+        let ok = append_serial(&store, "Close", 1, 0..10).await;
+        store.close().await.unwrap();
+        let open = open_files_under(&path);
+        assert!(open.is_empty(), "open after close: {open:?}");
+        let store = Store::open(c).await.unwrap();
+        assert_eq!(read_bodies(&store, "Close", 0).await, bodies_of(&ok, 0));
         store.close().await.unwrap();
     });
 }

@@ -172,6 +172,17 @@ struct State {
     offsets: ConsumerOffsets,
 }
 
+/// See [`Store::background_work`].
+struct BackgroundWork(Rc<Inner>);
+
+impl Drop for BackgroundWork {
+    fn drop(&mut self) {
+        let n = &self.0.background;
+        n.set(n.get() - 1);
+        self.0.background_done.notify();
+    }
+}
+
 struct Inner {
     cfg: StoreConfig,
     st: RefCell<State>,
@@ -183,6 +194,10 @@ struct Inner {
     dispatched: Event,
     committer_done: Rc<Signal<()>>,
     stop: Cell<bool>,
+    /// Background work under way (a flush round, a persist, retention, a segment being
+    /// prepared): close() waits for it, so nothing of this store runs once it returns.
+    background: Cell<usize>,
+    background_done: Event,
     /// One fdatasync round at a time, so close() waits for the flusher's round.
     flushing: Gate,
     /// One ConsumeQueue persist and checkpoint at a time.
@@ -401,14 +416,20 @@ type WriteResult = std::result::Result<(), String>;
 
 /// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O. While `pace()`
 /// says there is time, each chunk is followed by a pause of [`PREWRITE_PACE`] times its write.
+/// Writes zeros over `from..to`, pausing after each chunk while `pace` says so; gives up
+/// (`Ok(false)`) once `stop` says so.
 async fn write_zeros(
     file: &DmaFile,
     from: u64,
     to: u64,
     pace: impl Fn() -> bool,
-) -> glommio::Result<(), ()> {
+    stop: impl Fn() -> bool,
+) -> glommio::Result<bool, ()> {
     let mut at = from;
     while at < to {
+        if stop() {
+            return Ok(false);
+        }
         let n = ((to - at) as usize).min(PREWRITE_CHUNK);
         let mut buf = file.alloc_dma_buffer(n);
         buf.as_bytes_mut().fill(0);
@@ -419,7 +440,7 @@ async fn write_zeros(
             glommio::timer::sleep(started.elapsed() * PREWRITE_PACE).await;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// How a recovery scan ended.
@@ -493,6 +514,8 @@ impl Store {
                 dispatched: Event::default(),
                 committer_done: Signal::new(),
                 stop: Cell::new(false),
+                background: Cell::new(0),
+                background_done: Event::default(),
                 flushing: Gate::default(),
                 persisting: Gate::default(),
                 saving_offsets: Gate::default(),
@@ -1007,7 +1030,8 @@ impl Store {
             };
             if let Err(e) = punched {
                 debug!(error = %e, "cannot punch the CommitLog tail: writing zeros");
-                write_zeros(&file, from, seg_size, || false)
+                // Recovery zeroing is never given up: the log must end in zeros.
+                write_zeros(&file, from, seg_size, || false, || false)
                     .await
                     .map_err(|e| gio("zeroing the CommitLog after the recovered end", e))?;
             }
@@ -1067,9 +1091,13 @@ impl Store {
                 let paced = move || {
                     prewrite_paced(me.inner.st.borrow().staging.next_offset(), base, seg_size)
                 };
-                write_zeros(&f, 0, cfg.segment_size, paced)
+                let stop = || self.inner.stop.get();
+                let whole = write_zeros(&f, 0, cfg.segment_size, paced, stop)
                     .await
                     .map_err(|e| gio("pre-writing a segment", e))?;
+                if !whole {
+                    return Err(StoreError::Closed);
+                }
             }
             f.fdatasync()
                 .await
@@ -1105,11 +1133,17 @@ impl Store {
             s
         };
         let me = self.clone();
+        let work = self.background_work();
         glommio::spawn_local(async move {
-            let r = match me
-                .prepare_segment(base, me.inner.cfg.prewrite_segments)
-                .await
-            {
+            let r = match &work {
+                // Closing: appends are over, so no segment is needed.
+                None => Err(StoreError::Closed),
+                Some(_) => {
+                    me.prepare_segment(base, me.inner.cfg.prewrite_segments)
+                        .await
+                }
+            };
+            let r = match r {
                 Ok(()) => me.open_segment(base).await,
                 Err(e) => Err(e),
             };
@@ -1121,6 +1155,7 @@ impl Store {
                         st.segments.insert(base, f);
                         st.staging.segment_prepared(base);
                     }
+                    Err(StoreError::Closed) => {}
                     Err(e) => {
                         error!(error = %e, "cannot prepare the next CommitLog segment");
                         st.prepare_failed = Some((Instant::now(), disk_full_or(e)));
@@ -1271,14 +1306,39 @@ impl Store {
 
     // ---------------------------------------------------------------- tasks
 
+    /// Marks background work under way until the guard drops; `None` once the store is
+    /// closing, so no new work starts.
+    fn background_work(&self) -> Option<BackgroundWork> {
+        if self.inner.stop.get() {
+            return None;
+        }
+        let n = &self.inner.background;
+        n.set(n.get() + 1);
+        Some(BackgroundWork(self.inner.clone()))
+    }
+
+    /// Waits until no background work is under way.
+    async fn background_finished(&self) {
+        loop {
+            let done = self.inner.background_done.listen();
+            if self.inner.background.get() == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
     fn spawn_tasks(&self) {
         let me = self.clone();
         glommio::spawn_local(async move { me.committer().await }).detach();
         if self.inner.cfg.flush == FlushMode::Async {
             let me = self.clone();
             glommio::spawn_local(async move {
-                while !me.inner.stop.get() {
+                loop {
                     glommio::timer::sleep(me.inner.cfg.flush_interval).await;
+                    let Some(_work) = me.background_work() else {
+                        break;
+                    };
                     me.flush_dirty().await;
                 }
             })
@@ -1287,11 +1347,11 @@ impl Store {
         let me = self.clone();
         glommio::spawn_local(async move {
             let mut last_offsets = Instant::now();
-            while !me.inner.stop.get() {
+            loop {
                 glommio::timer::sleep(me.inner.cfg.cq_flush_interval).await;
-                if me.inner.stop.get() {
+                let Some(_work) = me.background_work() else {
                     break;
-                }
+                };
                 if let Err(e) = me.persist_consume_queues().await {
                     error!(error = %e, "persisting ConsumeQueues failed");
                 }
@@ -1306,11 +1366,11 @@ impl Store {
         .detach();
         let me = self.clone();
         glommio::spawn_local(async move {
-            while !me.inner.stop.get() {
+            loop {
                 glommio::timer::sleep(RETENTION_INTERVAL).await;
-                if me.inner.stop.get() {
+                let Some(_work) = me.background_work() else {
                     break;
-                }
+                };
                 let ratio = disk_used_ratio(&me.inner.cfg.dir).unwrap_or(0.0);
                 if let Err(e) = me.run_retention(now_ms(), local_hour(), ratio).await {
                     error!(error = %e, "retention failed");
@@ -2118,6 +2178,9 @@ impl Store {
         self.inner.staged.notify();
         self.inner.committer_done.wait().await;
         self.inner.stop.set(true);
+        // Background work under way ends first: after close() returns nothing of this store
+        // touches its files (a persist of its own must not land after the final one).
+        self.background_finished().await;
         self.flush_dirty().await;
         let fenced = self.inner.st.borrow().fenced.clone();
         // The log is synced; ConsumeQueues are derived from it, so failing to persist them
