@@ -32,6 +32,9 @@ pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(10);
 pub const MAX_REGISTERED_TOPICS: usize = limits::MAX_TOPICS_PER_BROKER;
 /// Brokers (name + id) one name server keeps.
 pub const MAX_BROKERS: usize = 4096;
+/// Topic entries (a topic on a broker) one name server keeps over all its brokers: with
+/// MAX_BROKERS brokers of MAX_REGISTERED_TOPICS each it would hold gigabytes.
+pub const MAX_TOPIC_ROUTES: usize = 2_000_000;
 /// Longest cluster or broker name (as a topic name).
 pub const MAX_NAME_LEN: usize = limits::MAX_TOPIC_LEN;
 /// The broker id of a master.
@@ -47,6 +50,11 @@ pub enum RegisterError {
     },
     #[error("the name server already holds {MAX_BROKERS} brokers")]
     Full,
+    #[error(
+        "the name server would hold {total} topic entries over its brokers with this one, over \
+         its limit of {max}"
+    )]
+    TooManyTopics { total: usize, max: usize },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -90,9 +98,20 @@ pub struct Removed {
 }
 
 /// The name server's tables.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct RouteInfoManager {
     brokers: BTreeMap<String, BrokerEntry>,
+    /// [`MAX_TOPIC_ROUTES`]; smaller in unit tests.
+    max_topic_routes: usize,
+}
+
+impl Default for RouteInfoManager {
+    fn default() -> Self {
+        RouteInfoManager {
+            brokers: BTreeMap::new(),
+            max_topic_routes: MAX_TOPIC_ROUTES,
+        }
+    }
 }
 
 fn check_name(what: &'static str, v: &str) -> Result<(), RegisterError> {
@@ -231,6 +250,21 @@ impl RouteInfoManager {
         let m = member_of(r, now)?;
         if !self.brokers.contains_key(&r.broker_name) && self.member_count() >= MAX_BROKERS {
             return Err(RegisterError::Full);
+        }
+        // This broker's previous registration is replaced, not added to.
+        let others: usize = self
+            .brokers
+            .iter()
+            .flat_map(|(n, e)| e.members.iter().map(move |(id, m)| (n, id, m)))
+            .filter(|(n, id, _)| !(**n == r.broker_name && **id == r.broker_id))
+            .map(|(_, _, m)| m.topics.len())
+            .sum();
+        let total = others + m.topics.len();
+        if total > self.max_topic_routes {
+            return Err(RegisterError::TooManyTopics {
+                total,
+                max: self.max_topic_routes,
+            });
         }
         let e = self
             .brokers
@@ -457,6 +491,26 @@ mod tests {
             .to_string()
             .contains("no route for topic U"));
         assert!(m.route("bad topic").is_err());
+    }
+
+    #[test]
+    fn topic_entries_are_bounded_over_all_brokers() {
+        let t0 = Instant::now();
+        let mut m = RouteInfoManager::new();
+        m.max_topic_routes = 4;
+        m.register(&reg("a", 10911, &[("T", 8), ("U", 8)], false), t0)
+            .unwrap();
+        m.register(&reg("b", 10921, &[("T", 8)], false), t0)
+            .unwrap();
+        let e = m
+            .register(&reg("c", 10931, &[("T", 8), ("V", 8)], false), t0)
+            .unwrap_err();
+        assert_eq!(e, RegisterError::TooManyTopics { total: 5, max: 4 });
+        assert!(m.route("V").is_err(), "nothing of c was kept");
+        // A broker registering again replaces its entries: b may grow to the limit.
+        m.register(&reg("b", 10921, &[("T", 8), ("V", 8)], false), t0)
+            .unwrap();
+        assert_eq!(m.route("V").unwrap().brokers.len(), 1);
     }
 
     #[test]
