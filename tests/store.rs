@@ -1109,11 +1109,11 @@ impl Drop for SmallFs {
                 .status()
                 .is_ok_and(|s| s.success())
         };
-        // A file still open keeps it busy: a store's blocking pool may finish a job (an
-        // offsets write, a syncfs) just after the store closed, so wait a little for it; a
-        // failing test may keep one open for good, so then detach it anyway, so no mount
-        // outlives the test. (Mounting the image again over a lazily detached file system
-        // that is still alive reads garbage.)
+        // A file still open keeps it busy. A store's close waits for its work, but another
+        // process (a scan, a backup) may hold a file for a moment: wait a little. A failing
+        // test may keep one open for good: then detach it anyway, so no mount outlives the
+        // test. (Mounting the image again over a lazily detached file system that is still
+        // alive reads garbage.)
         let busy = (0..UMOUNT_ATTEMPTS).all(|_| {
             if umount(false) {
                 return false;
@@ -1435,22 +1435,36 @@ fn open_files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Once close() returns nothing of the store touches its files: the next segment being
-/// pre-written in the background (64 MiB of zeros, paced) stops and is removed, so the data
+/// pre-written in the background (256 MiB of zeros, paced) stops and is removed, so the data
 /// directory can be unmounted or handed to another process at once.
 #[test]
 fn close_ends_background_work_so_no_file_stays_open() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("store");
+    // As /proc names open files.
+    let path = std::fs::canonicalize(dir.path()).unwrap().join("store");
     run(move || async move {
         let mut c = cfg(&path, FlushMode::Sync);
-        c.segment_size = 64 << 20;
+        // Pre-writing the next segment takes a second or more here (paced 1 MiB writes).
+        c.segment_size = 256 << 20;
         c.prewrite_segments = true;
         let store = Store::open(c.clone()).await.unwrap();
         // The first append starts preparing the next segment.
         let ok = append_serial(&store, "Close", 1, 0..10).await;
+        let preparing = |p: &Path| p.extension().is_some_and(|e| e == "prepare");
+        let open = open_files_under(&path);
+        assert!(
+            open.iter().any(|p| preparing(p)),
+            "no pre-write under way: {open:?}"
+        );
         store.close().await.unwrap();
         let open = open_files_under(&path);
         assert!(open.is_empty(), "open after close: {open:?}");
+        let left: Vec<PathBuf> = std::fs::read_dir(path.join("commitlog"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| preparing(p))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         let store = Store::open(c).await.unwrap();
         assert_eq!(read_bodies(&store, "Close", 0).await, bodies_of(&ok, 0));
         store.close().await.unwrap();

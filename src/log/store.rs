@@ -416,8 +416,7 @@ type WriteResult = std::result::Result<(), String>;
 
 /// Writes zeros over `[from, to)` of `file` (aligned offsets), a chunk per I/O. While `pace()`
 /// says there is time, each chunk is followed by a pause of [`PREWRITE_PACE`] times its write.
-/// Writes zeros over `from..to`, pausing after each chunk while `pace` says so; gives up
-/// (`Ok(false)`) once `stop` says so.
+/// Gives up (`Ok(false)`) once `stop()` says so.
 async fn write_zeros(
     file: &DmaFile,
     from: u64,

@@ -248,7 +248,12 @@ impl RouteInfoManager {
         now: Instant,
     ) -> Result<bool, RegisterError> {
         let m = member_of(r, now)?;
-        if !self.brokers.contains_key(&r.broker_name) && self.member_count() >= MAX_BROKERS {
+        let known = self
+            .brokers
+            .get(&r.broker_name)
+            .and_then(|e| e.members.get(&r.broker_id))
+            .is_some();
+        if !known && self.member_count() >= MAX_BROKERS {
             return Err(RegisterError::Full);
         }
         // This broker's previous registration is replaced, not added to.
@@ -261,6 +266,15 @@ impl RouteInfoManager {
             .sum();
         let total = others + m.topics.len();
         if total > self.max_topic_routes {
+            // A known broker that grew stays alive with the topics it had: registration is its
+            // heartbeat, and expiring it would drop every route it serves.
+            if let Some(old) = self
+                .brokers
+                .get_mut(&r.broker_name)
+                .and_then(|e| e.members.get_mut(&r.broker_id))
+            {
+                old.last_seen = now;
+            }
             return Err(RegisterError::TooManyTopics {
                 total,
                 max: self.max_topic_routes,
@@ -511,6 +525,22 @@ mod tests {
         m.register(&reg("b", 10921, &[("T", 8), ("V", 8)], false), t0)
             .unwrap();
         assert_eq!(m.route("V").unwrap().brokers.len(), 1);
+        // Past it, b is refused but stays alive with what it had: its refused registrations
+        // still count as heartbeats.
+        let expiry = DEFAULT_BROKER_EXPIRY;
+        let later = t0 + expiry;
+        m.register(&reg("a", 10911, &[("T", 8), ("U", 8)], false), later)
+            .unwrap();
+        let e = m
+            .register(
+                &reg("b", 10921, &[("T", 8), ("V", 8), ("W", 8)], false),
+                later,
+            )
+            .unwrap_err();
+        assert_eq!(e, RegisterError::TooManyTopics { total: 5, max: 4 });
+        assert!(m.expire(later + expiry / 2, expiry).is_empty());
+        assert_eq!(m.route("V").unwrap().brokers.len(), 1);
+        assert!(m.route("W").is_err());
     }
 
     #[test]
