@@ -1456,9 +1456,16 @@ fn close_ends_background_work_so_no_file_stays_open() {
             open.iter().any(|p| preparing(p)),
             "no pre-write under way: {open:?}"
         );
-        store.close().await.unwrap();
-        let open = open_files_under(&path);
-        assert!(open.is_empty(), "open after close: {open:?}");
+        // Two callers: each returns once the store is closed.
+        let closing = || async {
+            let r = store.close().await;
+            (r, open_files_under(&path))
+        };
+        let (a, b) = futures_lite::future::zip(closing(), closing()).await;
+        for (r, open) in [a, b] {
+            r.unwrap();
+            assert!(open.is_empty(), "open after close: {open:?}");
+        }
         let left: Vec<PathBuf> = std::fs::read_dir(path.join("commitlog"))
             .unwrap()
             .map(|e| e.unwrap().path())

@@ -193,6 +193,8 @@ struct Inner {
     /// New ConsumeQueue entries are readable (long polls wake on this).
     dispatched: Event,
     committer_done: Rc<Signal<()>>,
+    /// The outcome of close(), for every caller.
+    closed: Rc<Signal<Result<()>>>,
     stop: Cell<bool>,
     /// Background work under way (a flush round, a persist, retention, a segment being
     /// prepared): close() waits for it, so nothing of this store runs once it returns.
@@ -512,6 +514,7 @@ impl Store {
                 room: Event::default(),
                 dispatched: Event::default(),
                 committer_done: Signal::new(),
+                closed: Signal::new(),
                 stop: Cell::new(false),
                 background: Cell::new(0),
                 background_done: Event::default(),
@@ -2096,6 +2099,10 @@ impl Store {
                 .collect()
         };
         for (t, q, min, max) in queues {
+            // Closing: the next start advances the minimums from the first segment anyway.
+            if self.inner.stop.get() {
+                break;
+            }
             // Entries are in log order within a queue: binary search the first kept one.
             let (mut lo, mut hi) = (min, max);
             while lo < hi {
@@ -2167,13 +2174,17 @@ impl Store {
     /// Writes everything staged, syncs the log, persists ConsumeQueues, checkpoint and
     /// offsets, and stops the store's tasks.
     pub async fn close(&self) -> Result<()> {
-        {
-            let mut st = self.inner.st.borrow_mut();
-            if st.closing {
-                return Ok(());
-            }
-            st.closing = true;
+        let first = !std::mem::replace(&mut self.inner.st.borrow_mut().closing, true);
+        if !first {
+            // Another caller is closing it: its outcome is this one's too.
+            return self.inner.closed.wait().await;
         }
+        let r = self.close_once().await;
+        self.inner.closed.set(r.clone());
+        r
+    }
+
+    async fn close_once(&self) -> Result<()> {
         self.inner.staged.notify();
         self.inner.committer_done.wait().await;
         self.inner.stop.set(true);
