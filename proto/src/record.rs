@@ -181,6 +181,11 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), EncodeEr
     }
 }
 
+/// Encoded bytes of `props`: each name and value with its u16 length.
+pub fn properties_len(props: &[(String, String)]) -> usize {
+    props.iter().map(|(k, v)| 4 + k.len() + v.len()).sum()
+}
+
 /// Appends the record for `msg` placed at `at` to `out`; returns its length.
 /// Call [`encoded_len`] first: this function trusts that the message is within bounds.
 pub fn encode_into(msg: &Message, at: Placement, out: &mut Vec<u8>) -> usize {
@@ -190,11 +195,7 @@ pub fn encode_into(msg: &Message, at: Placement, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(msg.topic.as_bytes());
     put_str16(out, &msg.tags);
     put_str16(out, &msg.keys);
-    let props_len: usize = msg
-        .properties
-        .iter()
-        .map(|(k, v)| 4 + k.len() + v.len())
-        .sum();
+    let props_len = properties_len(&msg.properties);
     out.extend_from_slice(&(props_len as u32).to_le_bytes());
     for (k, v) in &msg.properties {
         put_str16(out, k);

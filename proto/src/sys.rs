@@ -85,13 +85,13 @@ pub enum SentPropertiesError {
 /// left for what a delay or a retry adds ([`BROKER_PROPERTIES_RESERVE`]).
 pub fn check_sent_properties(props: &[(String, String)]) -> Result<(), SentPropertiesError> {
     let max = MAX_PROPERTIES_LEN - BROKER_PROPERTIES_RESERVE;
-    let mut len = 0usize;
-    for (k, v) in props {
-        if BROKER_SET_PROPERTIES.contains(&k.as_str()) {
-            return Err(SentPropertiesError::BrokerSet(k.clone()));
-        }
-        len += 4 + k.len() + v.len();
+    if let Some((k, _)) = props
+        .iter()
+        .find(|(k, _)| BROKER_SET_PROPERTIES.contains(&k.as_str()))
+    {
+        return Err(SentPropertiesError::BrokerSet(k.clone()));
     }
+    let len = crate::record::properties_len(props);
     if len > max {
         return Err(SentPropertiesError::TooLong { len, max });
     }

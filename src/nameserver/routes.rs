@@ -248,23 +248,16 @@ impl RouteInfoManager {
         now: Instant,
     ) -> Result<bool, RegisterError> {
         let m = member_of(r, now)?;
-        let known = self
+        // This broker's previous registration, which this one replaces.
+        let old_topics = self
             .brokers
             .get(&r.broker_name)
             .and_then(|e| e.members.get(&r.broker_id))
-            .is_some();
-        if !known && self.member_count() >= MAX_BROKERS {
+            .map(|old| old.topics.len());
+        if old_topics.is_none() && self.member_count() >= MAX_BROKERS {
             return Err(RegisterError::Full);
         }
-        // This broker's previous registration is replaced, not added to.
-        let others: usize = self
-            .brokers
-            .iter()
-            .flat_map(|(n, e)| e.members.iter().map(move |(id, m)| (n, id, m)))
-            .filter(|(n, id, _)| !(**n == r.broker_name && **id == r.broker_id))
-            .map(|(_, _, m)| m.topics.len())
-            .sum();
-        let total = others + m.topics.len();
+        let total = self.topic_count() - old_topics.unwrap_or(0) + m.topics.len();
         if total > self.max_topic_routes {
             // A known broker that grew stays alive with the topics it had: registration is its
             // heartbeat, and expiring it would drop every route it serves.
@@ -298,6 +291,15 @@ impl RouteInfoManager {
 
     fn member_count(&self) -> usize {
         self.brokers.values().map(|b| b.members.len()).sum()
+    }
+
+    /// Topic entries over every member.
+    fn topic_count(&self) -> usize {
+        self.brokers
+            .values()
+            .flat_map(|b| b.members.values())
+            .map(|m| m.topics.len())
+            .sum()
     }
 
     /// Removes a broker that shut down cleanly, if it is still registered at `addr`.
