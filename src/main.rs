@@ -193,6 +193,8 @@ fn debug_writer(a: WriterArgs) -> Result<(), String> {
                         let m = Message {
                             topic: "crash".into(),
                             queue_id: queue,
+                            // A key per message, so crash tests can look each up.
+                            keys: format!("seq-{seq}"),
                             body: writer_body(queue, seq, a.body_size).into(),
                             ..Default::default()
                         };

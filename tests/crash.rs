@@ -125,6 +125,20 @@ fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
             );
         }
 
+        // Each acknowledged message is found by its key (the writer's `seq-<seq>`), once.
+        for &(q, _, seq) in acks.iter().step_by(7).chain(acks.last()) {
+            let found = store
+                .query_key(TOPIC, &format!("seq-{seq}"), false, 0, u64::MAX, 8)
+                .await
+                .unwrap();
+            assert_eq!(found.len(), 1, "seq {seq} by its key");
+            let v = orbitmq::proto::record::decode(&found[0]).unwrap();
+            assert!(
+                v.body == writer_body(q, seq, BODY_SIZE),
+                "seq {seq} by its key"
+            );
+        }
+
         // Appends continue after recovery, at each queue's next offset.
         for q in 0..QUEUES {
             let had = queues[&q].len() as u64;

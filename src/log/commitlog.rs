@@ -48,6 +48,8 @@ pub struct DispatchEntry {
     pub size: u32,
     pub tag_hash: u64,
     pub store_timestamp: u64,
+    /// How many of the batch's `key_hashes` (the next ones, in order) are this record's.
+    pub keys: u32,
 }
 
 /// Records gathered for one write into one segment.
@@ -64,6 +66,8 @@ pub struct Batch {
     pub blank_len: usize,
     pub done: BatchDone,
     pub dispatch: Vec<DispatchEntry>,
+    /// Hashes of the records' indexed keys, in record order (see `DispatchEntry::keys`).
+    pub key_hashes: Vec<u32>,
 }
 
 impl Batch {
@@ -83,6 +87,7 @@ impl Batch {
             blank_len: 0,
             done: Signal::new(),
             dispatch: Vec::new(),
+            key_hashes: Vec::new(),
         }
     }
 

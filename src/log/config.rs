@@ -70,6 +70,24 @@ pub struct StoreConfig {
     /// ConsumeQueue files kept open between persist rounds (file descriptors; a shard set
     /// sizes it from `ulimit -n`).
     pub max_open_cq_files: usize,
+    /// The key index (`messageIndexEnable`, on by default); `None`: no index, no queries by key.
+    pub index: Option<IndexConfig>,
+}
+
+/// Shape of the key index's files (RocketMQ's `maxHashSlotNum`, `maxIndexNum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexConfig {
+    pub hash_slots: u32,
+    pub max_entries: u32,
+}
+
+impl Default for IndexConfig {
+    fn default() -> IndexConfig {
+        IndexConfig {
+            hash_slots: super::indexfile::DEFAULT_MAX_HASH_SLOTS,
+            max_entries: super::indexfile::DEFAULT_MAX_INDEX_NUM,
+        }
+    }
 }
 
 impl StoreConfig {
@@ -85,6 +103,7 @@ impl StoreConfig {
             prewrite_segments: flush == FlushMode::Sync,
             retention: RetentionPolicy::default(),
             max_open_cq_files: DEFAULT_MAX_OPEN_CQ_FILES,
+            index: Some(IndexConfig::default()),
         }
     }
 
@@ -98,6 +117,21 @@ impl StoreConfig {
         }
         if self.cq_entries_per_file == 0 {
             return Err("ConsumeQueue entries per file must be positive".into());
+        }
+        if let Some(ix) = &self.index {
+            use super::indexfile::{MAX_HASH_SLOTS, MAX_INDEX_NUM};
+            if !(1..=MAX_HASH_SLOTS).contains(&ix.hash_slots) {
+                return Err(format!(
+                    "maxHashSlotNum {} must be 1..={MAX_HASH_SLOTS}",
+                    ix.hash_slots
+                ));
+            }
+            if !(1..=MAX_INDEX_NUM).contains(&ix.max_entries) {
+                return Err(format!(
+                    "maxIndexNum {} must be 1..={MAX_INDEX_NUM}",
+                    ix.max_entries
+                ));
+            }
         }
         Ok(())
     }

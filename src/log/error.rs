@@ -38,6 +38,9 @@ pub enum StoreError {
     Config(String),
     #[error("the store is closed")]
     Closed,
+    /// Queries by key need the key index (`messageIndexEnable`).
+    #[error("the message key index is off on this broker (messageIndexEnable=false)")]
+    IndexDisabled,
 }
 
 impl StoreError {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod cq;
 pub mod error;
 pub mod fsutil;
+pub mod indexfile;
 pub mod offsets;
 pub mod recovery;
 pub mod retention;

@@ -3,6 +3,8 @@
 
 use orbitmq_proto::record::{self, DecodeError, Peek};
 
+use super::indexfile;
+
 /// One record found by a scan, with what its ConsumeQueue entry needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scanned {
@@ -13,6 +15,8 @@ pub struct Scanned {
     pub queue_offset: u64,
     pub tag_hash: u64,
     pub store_timestamp: u64,
+    /// Hashes of its indexed keys (see `indexfile`).
+    pub key_hashes: Vec<u32>,
 }
 
 /// Why a scan of a buffer stopped.
@@ -107,6 +111,12 @@ pub fn scan(
                         v.property(orbitmq_proto::sys::property::TIMER_DELIVER_MS)
                     }),
                     store_timestamp: v.store_timestamp,
+                    key_hashes: {
+                        let t = indexfile::topic_hash(v.topic);
+                        indexfile::indexed_keys(v.keys, v.property(orbitmq_proto::msgid::UNIQ_KEY))
+                            .map(|k| indexfile::key_hash_from(t, k))
+                            .collect()
+                    },
                 });
                 at += n as usize;
             }

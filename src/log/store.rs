@@ -28,6 +28,7 @@ use super::config::{FlushMode, StoreConfig, IO_ALIGN, MAX_WRITE_BYTES};
 use super::cq::{self, ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
 use super::error::{gio, Result, StoreError};
 use super::fsutil;
+use super::indexfile::{self, KeyIndex, OpenIndex, Walk};
 use super::offsets::ConsumerOffsets;
 use super::recovery::{self, Checkpoint, Scanned, Stop};
 use super::retention::{self, SegmentInfo};
@@ -62,6 +63,7 @@ pub const MAX_READ_MESSAGES: usize = 1024;
 
 const COMMITLOG_DIR: &str = "commitlog";
 const CQ_DIR: &str = "consumequeue";
+const INDEX_DIR: &str = "index";
 const CHECKPOINT_FILE: &str = "checkpoint";
 const OFFSETS_FILE: &str = "consumer-offsets";
 
@@ -170,6 +172,8 @@ struct State {
     cache: TailCache,
     last_store_ts: u64,
     offsets: ConsumerOffsets,
+    /// The key index; `None` when `messageIndexEnable` is off.
+    index: Option<KeyIndex>,
 }
 
 /// See [`Store::background_work`].
@@ -221,6 +225,8 @@ struct Inner {
     /// ConsumeQueue entries were written (to the page cache) since the file system was last
     /// synced: a checkpoint must not vouch for them before it is.
     cq_unsynced: Cell<bool>,
+    /// The open key index files, by first log offset, kept open until sealed.
+    index_files: RefCell<HashMap<u64, BufferedFile>>,
 }
 
 /// A shard's store. Cheap to clone; all clones share one state on one thread.
@@ -461,6 +467,10 @@ impl Store {
         self.inner.cfg.dir.join(CQ_DIR)
     }
 
+    fn index_dir(&self) -> PathBuf {
+        self.inner.cfg.dir.join(INDEX_DIR)
+    }
+
     pub fn config(&self) -> &StoreConfig {
         &self.inner.cfg
     }
@@ -471,7 +481,8 @@ impl Store {
         cfg.validate().map_err(StoreError::Config)?;
         let log_dir = cfg.dir.join(COMMITLOG_DIR);
         let cq_root = cfg.dir.join(CQ_DIR);
-        for d in [&cfg.dir, &log_dir, &cq_root] {
+        let index_dir = cfg.index.map(|_| cfg.dir.join(INDEX_DIR));
+        for d in [&cfg.dir, &log_dir, &cq_root].into_iter().chain(&index_dir) {
             std::fs::create_dir_all(d).map_err(io_err(format!("creating {}", d.display())))?;
         }
         let segments: Vec<PathBuf> = list_numbered(&log_dir)?
@@ -508,6 +519,9 @@ impl Store {
                     cache,
                     last_store_ts: 0,
                     offsets,
+                    index: cfg
+                        .index
+                        .map(|c| KeyIndex::new(c.hash_slots, c.max_entries)),
                 }),
                 cfg,
                 staged: Event::default(),
@@ -527,6 +541,7 @@ impl Store {
                 cq_open: RefCell::new(HashMap::new()),
                 persist_round: Cell::new(0),
                 cq_unsynced: Cell::new(false),
+                index_files: RefCell::new(HashMap::new()),
             }),
         };
         store.recover().await?;
@@ -598,6 +613,10 @@ impl Store {
                 scan_from = scan_from.min(point);
             }
         }
+        // The key index is derived data too: the rescan starts no later than what it covers.
+        if let Some(covered) = self.load_key_index(log_min).await? {
+            scan_from = scan_from.min(covered);
+        }
         let scan_from = scan_from.clamp(log_min, last_base + seg_size);
         // Re-check the whole segment holding the last indexed byte: the checkpoint says what
         // is indexed, not that those bytes are still whole, and a damaged or torn last record
@@ -627,6 +646,7 @@ impl Store {
         };
         let cut = end.cut;
         self.truncate_consume_queues(cut).await?;
+        self.cut_key_index(cut).await?;
 
         // Make the cut the end: drop later segments, zero stale bytes after it.
         let active = cut - cut % seg_size;
@@ -886,6 +906,9 @@ impl Store {
     fn redispatch(&self, s: Scanned) -> std::result::Result<(), u64> {
         let mut st = self.inner.st.borrow_mut();
         st.last_store_ts = st.last_store_ts.max(s.store_timestamp);
+        if let Some(ix) = st.index.as_mut() {
+            ix.add_record(&s.key_hashes, s.size, s.phys, s.store_timestamp);
+        }
         let root = self.cq_root();
         let per_file = self.inner.cfg.cq_entries_per_file;
         let topic: Rc<str> = match st.topics.get_key_value(s.topic.as_str()) {
@@ -1258,9 +1281,13 @@ impl Store {
         let root = self.cq_root();
         let per_file = self.inner.cfg.cq_entries_per_file;
         let State {
-            staging, topics, ..
+            staging,
+            topics,
+            index,
+            ..
         } = st;
         let batch: &mut Batch = staging.reserve(total)?;
+        let topic_hash = index.as_ref().map(|_| indexfile::topic_hash(&first.topic));
         let topic: Rc<str> = match topics.get_key_value(first.topic.as_str()) {
             Some((k, _)) => k.clone(),
             None => first.topic.as_str().into(),
@@ -1280,6 +1307,18 @@ impl Store {
             let n = record::encode_into(m, at, &mut batch.buf);
             assert_eq!(n, *len, "encoded length matches the reservation");
             cq.next_assign += 1;
+            let mut keys = 0;
+            if let Some(t) = topic_hash {
+                let uniq = m
+                    .properties
+                    .iter()
+                    .find(|(k, _)| k == orbitmq_proto::msgid::UNIQ_KEY)
+                    .map(|(_, v)| v.as_str());
+                for k in indexfile::indexed_keys(&m.keys, uniq) {
+                    batch.key_hashes.push(indexfile::key_hash_from(t, k));
+                    keys += 1;
+                }
+            }
             batch.dispatch.push(DispatchEntry {
                 topic: topic.clone(),
                 queue_id: m.queue_id,
@@ -1293,6 +1332,7 @@ impl Store {
                         .map(|(_, v)| v.as_str())
                 }),
                 store_timestamp: ts,
+                keys,
             });
             results.push(AppendResult {
                 physical_offset: at.physical_offset,
@@ -1459,6 +1499,19 @@ impl Store {
         } else {
             st.dirty.insert(batch.seg_base);
         }
+        if let Some(ix) = st.index.as_mut() {
+            let mut at = 0;
+            for d in &batch.dispatch {
+                let n = d.keys as usize;
+                ix.add_record(
+                    &batch.key_hashes[at..at + n],
+                    d.size,
+                    d.physical_offset,
+                    d.store_timestamp,
+                );
+                at += n;
+            }
+        }
         for d in batch.dispatch.drain(..) {
             let cq = st
                 .topics
@@ -1592,6 +1645,7 @@ impl Store {
             }
         }
         // Every record below `durable` is now in the persisted ConsumeQueues.
+        self.persist_key_index(durable).await?;
         let cp = {
             let st = self.inner.st.borrow();
             let mut queues: Vec<(String, u32, u64)> = st
@@ -1603,7 +1657,8 @@ impl Store {
                 })
                 .collect();
             queues.sort();
-            let scan_from = index_floor(&st, durable);
+            let scan_from =
+                index_floor(&st, durable).min(st.index.as_ref().map_or(u64::MAX, |ix| ix.covered));
             let clean = closing
                 && scan_from == durable
                 && durable == st.written
@@ -2075,6 +2130,7 @@ impl Store {
             let new_min = last + seg_size;
             self.advance_queue_minimums(new_min).await?;
             self.inner.st.borrow_mut().cache.drop_below(new_min);
+            self.prune_key_index(new_min).await?;
         }
         Ok(victims)
     }
@@ -2203,6 +2259,13 @@ impl Store {
         }
         let offsets = self.persist_offsets().await;
         self.close_cq_files(|_| true).await;
+        let index_files: Vec<BufferedFile> =
+            std::mem::take(&mut *self.inner.index_files.borrow_mut())
+                .into_values()
+                .collect();
+        for f in index_files {
+            let _ = f.close().await;
+        }
         // Close the segments even when fenced, so the files are not held open after close.
         let segs: Vec<Rc<DmaFile>> = std::mem::take(&mut self.inner.st.borrow_mut().segments)
             .into_values()
@@ -2216,6 +2279,433 @@ impl Store {
         offsets?;
         info!(dir = %self.inner.cfg.dir.display(), "store closed");
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- key index
+
+/// What one step of persisting the key index does (the open files change while it awaits).
+enum IndexStep {
+    /// Write entries `first..` of a file, then its header.
+    Write {
+        first_phys: u64,
+        pos: u64,
+        bytes: Vec<u8>,
+        n: u32,
+        header: Vec<u8>,
+    },
+    /// Write a full file's slots, sync it, then its sealed header.
+    Seal {
+        first_phys: u64,
+        slots_bytes: Vec<u8>,
+        header: Vec<u8>,
+        covered: u64,
+    },
+}
+
+impl Store {
+    /// Loads the key index files at recovery: sealed ones by their headers, open ones with
+    /// their entries (their slots are rebuilt). A damaged file and the files after it are
+    /// removed (derived data: the rescan rebuilds them). Returns the log offset the files
+    /// cover (the rescan starts no later), `None` without an index.
+    async fn load_key_index(&self, log_min: u64) -> Result<Option<u64>> {
+        let Some(cfg) = self.inner.cfg.index else {
+            return Ok(None);
+        };
+        let dir = self.index_dir();
+        let names = list_numbered(&dir)?;
+        let mut ix = KeyIndex::new(cfg.hash_slots, cfg.max_entries);
+        let mut covered = 0;
+        let mut doomed = Vec::new();
+        for (i, first) in names.iter().enumerate() {
+            let path = dir.join(indexfile::file_name(*first));
+            let header = indexfile::read_header(&path)
+                .map_err(io_err(format!("reading {}", path.display())))?
+                .filter(|h| h.first_phys == *first && h.first_phys >= covered);
+            let Some(h) = header else {
+                warn!(file = %path.display(), "damaged key index file: rebuilding it and later ones from the log");
+                doomed.extend_from_slice(&names[i..]);
+                break;
+            };
+            if h.sealed {
+                ix.sealed.push(indexfile::Sealed {
+                    first_phys: h.first_phys,
+                    covered: h.covered,
+                });
+                covered = h.covered;
+                continue;
+            }
+            let entries = indexfile::read_entries(&path, &h)
+                .map_err(io_err(format!("reading {}", path.display())))?;
+            let mut keep = indexfile::valid_prefix(&entries, h.first_phys, h.covered);
+            let mut file_covered = h.covered;
+            if keep < entries.len() || entries.len() < h.count as usize {
+                // A torn tail: the last whole record's keys may be partly there, so it goes
+                // too, and the rescan adds it again.
+                file_covered = keep
+                    .checked_sub(1)
+                    .map_or(h.first_phys, |l| entries[l].phys);
+                keep = entries[..keep].partition_point(|e| e.phys < file_covered);
+                warn!(file = %path.display(), kept = keep, "key index file cut at a damaged entry");
+            }
+            ix.open.push_back(OpenIndex::rebuild(
+                h.first_phys,
+                h.slots,
+                h.max_entries,
+                &entries[..keep],
+            ));
+            covered = file_covered;
+        }
+        for first in doomed {
+            let p = dir.join(indexfile::file_name(first));
+            std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
+        }
+        ix.covered = covered;
+        ix.indexed_upto = covered;
+        let gone = ix.prune_below(log_min);
+        self.inner.st.borrow_mut().index = Some(ix);
+        self.delete_index_files(gone).await?;
+        Ok(Some(covered))
+    }
+
+    /// After the recovery scan cut the log at `cut`: records from `cut` on are gone, so the
+    /// index must not point at them. The files cover only synced log, so this happens only
+    /// when synced log was lost: files from the cut on are removed, and the file holding the
+    /// cut is reloaded without its entries past it.
+    async fn cut_key_index(&self, cut: u64) -> Result<()> {
+        let (over, gone) = {
+            let mut st = self.inner.st.borrow_mut();
+            let Some(ix) = st.index.as_mut() else {
+                return Ok(());
+            };
+            let over = ix.covered > cut;
+            let mut gone = Vec::new();
+            if over {
+                warn!(
+                    cut,
+                    covered = ix.covered,
+                    "the key index runs past the recovered end of the log: cutting it"
+                );
+                while ix.open.back().is_some_and(|f| f.first_phys >= cut) {
+                    gone.extend(ix.open.pop_back().map(|f| f.first_phys));
+                }
+                if ix.open.is_empty() {
+                    while ix.sealed.last().is_some_and(|s| s.first_phys >= cut) {
+                        gone.extend(ix.sealed.pop().map(|s| s.first_phys));
+                    }
+                }
+            }
+            (over, gone)
+        };
+        self.delete_index_files(gone).await?;
+        if over {
+            // The newest file left holds the cut: reload it, open, without what lies past it.
+            let last = {
+                let mut st = self.inner.st.borrow_mut();
+                let ix = st.index.as_mut().expect("index");
+                match ix.open.pop_back() {
+                    Some(f) => Some(f.first_phys),
+                    None => ix.sealed.pop().map(|s| s.first_phys),
+                }
+            };
+            if let Some(first) = last {
+                let path = self.index_dir().join(indexfile::file_name(first));
+                let loaded = indexfile::read_header(&path)
+                    .and_then(|h| match h {
+                        Some(h) => indexfile::read_entries(&path, &h).map(|e| Some((h, e))),
+                        None => Ok(None),
+                    })
+                    .map_err(io_err(format!("reading {}", path.display())))?;
+                let mut st = self.inner.st.borrow_mut();
+                let ix = st.index.as_mut().expect("index");
+                match loaded {
+                    Some((h, entries)) => {
+                        let keep = entries.partition_point(|e| e.phys < cut);
+                        ix.open.push_back(OpenIndex::rebuild(
+                            first,
+                            h.slots,
+                            h.max_entries,
+                            &entries[..keep],
+                        ));
+                    }
+                    None => ix
+                        .open
+                        .push_back(OpenIndex::new(first, ix.slots, ix.max_entries)),
+                }
+            }
+        }
+        let mut st = self.inner.st.borrow_mut();
+        let ix = st.index.as_mut().expect("index");
+        ix.covered = ix.covered.min(cut);
+        ix.indexed_upto = cut;
+        Ok(())
+    }
+
+    async fn delete_index_files(&self, firsts: Vec<u64>) -> Result<()> {
+        if firsts.is_empty() {
+            return Ok(());
+        }
+        let dir = self.index_dir();
+        for first in &firsts {
+            let f = self.inner.index_files.borrow_mut().remove(first);
+            if let Some(f) = f {
+                let _ = f.close().await;
+            }
+        }
+        let d = dir.clone();
+        fsutil::off_shard(move || {
+            for first in firsts {
+                match std::fs::remove_file(d.join(indexfile::file_name(first))) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            fsutil::sync_dir(&d)
+        })
+        .await
+        .map_err(io_err(format!(
+            "deleting key index files in {}",
+            dir.display()
+        )))
+    }
+
+    /// Retention: index files whose records were all deleted go too.
+    async fn prune_key_index(&self, log_min: u64) -> Result<()> {
+        let gone = match self.inner.st.borrow_mut().index.as_mut() {
+            Some(ix) => ix.prune_below(log_min),
+            None => return Ok(()),
+        };
+        if !gone.is_empty() {
+            info!(files = gone.len(), "retention deleted key index files");
+        }
+        self.delete_index_files(gone).await
+    }
+
+    /// Writes the key index entries of records below `durable`, and seals full files; then
+    /// every record below `durable` is in the files (the checkpoint may vouch for it).
+    async fn persist_key_index(&self, durable: u64) -> Result<()> {
+        loop {
+            let step = {
+                let st = self.inner.st.borrow();
+                let Some(ix) = st.index.as_ref() else {
+                    return Ok(());
+                };
+                let len = ix.open.len();
+                let mut step = None;
+                for (i, f) in ix.open.iter().enumerate() {
+                    let next_first = ix.open.get(i + 1).map(|n| n.first_phys);
+                    let covered = durable.min(next_first.unwrap_or(u64::MAX));
+                    if let Some((first, bytes, n)) = f.unpersisted_below(durable) {
+                        let mut h = f.header(covered, false);
+                        h.count += n;
+                        step = Some(IndexStep::Write {
+                            first_phys: f.first_phys,
+                            pos: indexfile::entry_pos(f.slot_count(), first),
+                            bytes,
+                            n,
+                            header: h.encode(),
+                        });
+                        break;
+                    }
+                    if (i + 1 < len || f.is_full()) && f.all_persisted() {
+                        step = Some(IndexStep::Seal {
+                            first_phys: f.first_phys,
+                            slots_bytes: f.slot_bytes(),
+                            header: f.header(covered, true).encode(),
+                            covered,
+                        });
+                        break;
+                    }
+                }
+                step
+            };
+            let Some(step) = step else {
+                break;
+            };
+            self.inner.cq_unsynced.set(true);
+            match step {
+                IndexStep::Write {
+                    first_phys,
+                    pos,
+                    bytes,
+                    n,
+                    header,
+                } => {
+                    let f = self.index_file(first_phys).await?;
+                    let r = match index_write(&f, bytes, pos).await {
+                        Ok(()) => index_write(&f, header, 0).await,
+                        Err(e) => Err(e),
+                    };
+                    self.inner.index_files.borrow_mut().insert(first_phys, f);
+                    r?;
+                    let mut st = self.inner.st.borrow_mut();
+                    let ix = st.index.as_mut().expect("index");
+                    if let Some(o) = ix.open.iter_mut().find(|o| o.first_phys == first_phys) {
+                        o.mark_persisted(n);
+                    }
+                }
+                IndexStep::Seal {
+                    first_phys,
+                    slots_bytes,
+                    header,
+                    covered,
+                } => {
+                    let f = self.index_file(first_phys).await?;
+                    let r = async {
+                        index_write(&f, slots_bytes, indexfile::HEADER_LEN).await?;
+                        // The slots are durable before the header says they are there.
+                        f.fdatasync()
+                            .await
+                            .map_err(|e| gio("syncing a key index file", e))?;
+                        index_write(&f, header, 0).await
+                    }
+                    .await;
+                    let _ = f.close().await;
+                    r?;
+                    let mut st = self.inner.st.borrow_mut();
+                    let ix = st.index.as_mut().expect("index");
+                    ix.open.retain(|o| o.first_phys != first_phys);
+                    ix.sealed.push(indexfile::Sealed {
+                        first_phys,
+                        covered,
+                    });
+                    debug!(first_phys, "sealed a key index file");
+                }
+            }
+        }
+        if let Some(ix) = self.inner.st.borrow_mut().index.as_mut() {
+            ix.covered = ix.covered.max(durable);
+        }
+        Ok(())
+    }
+
+    /// The open key index file starting at `first_phys`, opened (made) on first use.
+    async fn index_file(&self, first_phys: u64) -> Result<BufferedFile> {
+        if let Some(f) = self.inner.index_files.borrow_mut().remove(&first_phys) {
+            return Ok(f);
+        }
+        let path = self.index_dir().join(indexfile::file_name(first_phys));
+        open_cq_file(&self.index_dir(), &path).await
+    }
+
+    /// Messages of `topic` whose keys (or, with `unique`, whose unique key) include `key`,
+    /// stored between `begin_ms` and `end_ms`: at most `max` (and about
+    /// [`indexfile::MAX_QUERY_BYTES`]), in log order. Each record is read back and compared,
+    /// so a hash shared with another key returns nothing wrong.
+    pub async fn query_key(
+        &self,
+        topic: &str,
+        key: &str,
+        unique: bool,
+        begin_ms: u64,
+        end_ms: u64,
+        max: usize,
+    ) -> Result<Vec<Bytes>> {
+        let max = max.clamp(1, indexfile::MAX_QUERY_RESULTS);
+        let (mut walk, files) = {
+            let st = self.inner.st.borrow();
+            let Some(ix) = st.index.as_ref() else {
+                return Err(StoreError::IndexDisabled);
+            };
+            let mut walk = Walk::new(indexfile::key_hash(topic, key), begin_ms, end_ms);
+            let files = ix.plan_query(&mut walk, &self.index_dir());
+            (walk, files)
+        };
+        if !files.is_empty() && !walk.done() {
+            walk = fsutil::off_shard(move || {
+                indexfile::walk_files(&files, &mut walk);
+                walk
+            })
+            .await;
+        }
+        let mut found = walk.found;
+        found.sort_unstable();
+        found.dedup();
+        // The newest `max` matches, returned oldest first.
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for (phys, size) in found.into_iter().rev() {
+            if out.len() >= max || bytes + size as usize > indexfile::MAX_QUERY_BYTES {
+                break;
+            }
+            // Deleted by retention since, or damaged: not served.
+            let b = match self.record_at(phys, size).await {
+                Ok(b) => b,
+                Err(e) => {
+                    debug!(phys, error = %e, "a key index entry's record cannot be read");
+                    continue;
+                }
+            };
+            let Ok(v) = record::decode(&b) else { continue };
+            let hit = v.topic == topic
+                && (begin_ms..=end_ms).contains(&v.store_timestamp)
+                && if unique {
+                    v.property(orbitmq_proto::msgid::UNIQ_KEY) == Some(key)
+                } else {
+                    indexfile::indexed_keys(v.keys, None).any(|k| k == key)
+                };
+            if hit {
+                bytes += b.len();
+                out.push(b);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// The record that starts at log offset `phys` (an offset message id's position);
+    /// `None` when no whole record starts there (never written, deleted, or not a record's
+    /// start).
+    pub async fn record_by_offset(&self, phys: u64) -> Result<Option<Bytes>> {
+        let seg_size = self.inner.cfg.segment_size;
+        let (file, written, cached_len) = {
+            let st = self.inner.st.borrow();
+            let base = phys - phys % seg_size;
+            (
+                st.segments.get(&base).cloned(),
+                st.written,
+                st.cache.get(phys, 4),
+            )
+        };
+        let Some(file) = file.filter(|_| phys < written) else {
+            return Ok(None);
+        };
+        let len_bytes = match cached_len {
+            Some(b) => b.to_vec(),
+            None => file
+                .read_at(phys % seg_size, 4)
+                .await
+                .map_err(|e| gio("reading the CommitLog", e))?
+                .to_vec(),
+        };
+        let Ok(len) = <[u8; 4]>::try_from(len_bytes.as_slice()) else {
+            return Ok(None);
+        };
+        let size = u32::from_le_bytes(len);
+        let seg_end = phys - phys % seg_size + seg_size;
+        let fits = (size as u64) >= 4
+            && (size as usize) <= MAX_WRITE_BYTES
+            && phys + size as u64 <= written.min(seg_end);
+        if !fits {
+            return Ok(None);
+        }
+        match self.record_at(phys, size).await {
+            Ok(b) => Ok(Some(b)),
+            Err(StoreError::Corrupt { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+async fn index_write(f: &BufferedFile, bytes: Vec<u8>, pos: u64) -> Result<()> {
+    let n = bytes.len();
+    match f.write_at(bytes, pos).await {
+        Ok(w) if w == n => Ok(()),
+        Ok(w) => Err(StoreError::io(
+            "writing a key index file",
+            std::io::Error::other(format!("short write {w} of {n}")),
+        )),
+        Err(e) => Err(gio("writing a key index file", e)),
     }
 }
 
