@@ -36,6 +36,9 @@ pub enum AdminCmd {
     /// original topic.
     #[command(subcommand)]
     Dlq(crate::dlq::DlqCmd),
+    /// Find messages by key, by unique key, or by message id.
+    #[command(subcommand)]
+    Message(crate::msgquery::MessageCmd),
 }
 
 #[derive(Args, Debug)]
@@ -701,6 +704,7 @@ pub fn admin(cmd: AdminCmd) -> Result<(), String> {
             }) => consumer_reset(r).await,
             AdminCmd::Consumer(a) => consumer_show(a).await,
             AdminCmd::Dlq(c) => crate::dlq::run(c).await,
+            AdminCmd::Message(c) => crate::msgquery::run(c).await,
         }
     })
 }

@@ -86,6 +86,8 @@ pub struct BrokerConfig {
     pub tls_ca_file: Option<PathBuf>,
     /// `messageDelayLevel` and `timerMaxDelaySec`.
     pub schedule: crate::schedule::ScheduleConfig,
+    /// `messageIndexEnable`, `maxHashSlotNum`, `maxIndexNum`: the key index (`None`: off).
+    pub index: Option<crate::log::config::IndexConfig>,
     /// Warnings to log at start (keys known but not acted on).
     pub warnings: Vec<String>,
 }
@@ -116,6 +118,7 @@ impl Default for BrokerConfig {
             tls_key_file: None,
             tls_ca_file: None,
             schedule: crate::schedule::ScheduleConfig::default(),
+            index: Some(crate::log::config::IndexConfig::default()),
             warnings: Vec::new(),
         }
     }
@@ -169,6 +172,8 @@ impl BrokerConfig {
     /// Parses property text (`key = value`, `#` and `!` comments).
     pub fn parse(path: &str, text: &str) -> Result<BrokerConfig, ConfigError> {
         let mut c = BrokerConfig::default();
+        let mut index = crate::log::config::IndexConfig::default();
+        let mut index_enable = None;
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
@@ -233,6 +238,20 @@ impl BrokerConfig {
                     c.retention.disk_force_clean_ratio = pct as f64 / 100.0;
                 }
                 "autoCreateTopicEnable" => c.auto_create_topic = parse_bool(v).map_err(bad)?,
+                "messageIndexEnable" => index_enable = Some(parse_bool(v).map_err(bad)?),
+                "maxHashSlotNum" | "maxIndexNum" => {
+                    use crate::log::indexfile::{MAX_HASH_SLOTS, MAX_INDEX_NUM};
+                    let n: u32 = parse_num(v).map_err(bad)?;
+                    let max = if k == "maxHashSlotNum" { MAX_HASH_SLOTS } else { MAX_INDEX_NUM };
+                    if n == 0 || n > max {
+                        return Err(bad(format!("must be 1..={max}")));
+                    }
+                    if k == "maxHashSlotNum" {
+                        index.hash_slots = n;
+                    } else {
+                        index.max_entries = n;
+                    }
+                }
                 "defaultTopicQueueNums" => {
                     let n: u32 = parse_num(v).map_err(bad)?;
                     if n == 0 || n > orbitmq_proto::limits::MAX_QUEUES_PER_TOPIC {
@@ -305,6 +324,7 @@ impl BrokerConfig {
                 }
             }
         }
+        c.index = index_enable.unwrap_or(true).then_some(index);
         if c.broker_id != crate::nameserver::routes::MASTER_ID {
             c.warnings.push(format!(
                 "{path}: brokerId = {}: a master's id is 0 (as RocketMQ), so 0 is used",
@@ -386,6 +406,45 @@ mod tests {
         assert_eq!(c.flush_disk_type, FlushMode::Sync);
         assert_eq!(c.namesrv_addr, vec!["a:1", "b:2"]);
         assert!(BrokerConfig::parse("b", "shards = 0\n").is_err());
+    }
+
+    #[test]
+    fn index_keys() {
+        use crate::log::config::IndexConfig;
+        let c = BrokerConfig::parse("b", "").unwrap();
+        assert_eq!(c.index, Some(IndexConfig::default()), "on by default");
+        let c = BrokerConfig::parse(
+            "b",
+            "maxHashSlotNum = 1000
+maxIndexNum = 4000
+",
+        )
+        .unwrap();
+        assert_eq!(
+            c.index,
+            Some(IndexConfig {
+                hash_slots: 1000,
+                max_entries: 4000
+            })
+        );
+        let c = BrokerConfig::parse(
+            "b",
+            "messageIndexEnable = false
+",
+        )
+        .unwrap();
+        assert_eq!(c.index, None);
+        for bad in [
+            "maxHashSlotNum = 0
+",
+            "maxIndexNum = 100000001
+",
+            "messageIndexEnable = yes
+",
+        ] {
+            let e = BrokerConfig::parse("b", bad).unwrap_err().to_string();
+            assert!(e.contains("b:1"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod dlq;
 pub mod dma;
 pub mod log;
+pub mod msgquery;
 pub mod nameserver;
 pub mod net;
 pub mod node;

@@ -157,6 +157,7 @@ pub fn store_config_over(
     c.segment_size = segment_size.unwrap_or(conf.segment_size);
     c.flush_interval = conf.flush_interval;
     c.retention = conf.retention.clone();
+    c.index = conf.index;
     (dir, c)
 }
 

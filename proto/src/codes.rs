@@ -4,6 +4,10 @@
 pub mod request {
     pub const SEND_MESSAGE: u16 = 10;
     pub const PULL_MESSAGE: u16 = 11;
+    /// Messages of a topic by key or unique key (the key index of each shard).
+    pub const QUERY_MESSAGE: u16 = 12;
+    /// The message at a CommitLog offset (an offset message id).
+    pub const VIEW_MESSAGE_BY_ID: u16 = 33;
     pub const QUERY_CONSUMER_OFFSET: u16 = 14;
     pub const UPDATE_CONSUMER_OFFSET: u16 = 15;
     pub const SEARCH_OFFSET_BY_TIMESTAMP: u16 = 29;
@@ -38,6 +42,8 @@ pub mod request {
         match code {
             SEND_MESSAGE => "SEND_MESSAGE",
             PULL_MESSAGE => "PULL_MESSAGE",
+            QUERY_MESSAGE => "QUERY_MESSAGE",
+            VIEW_MESSAGE_BY_ID => "VIEW_MESSAGE_BY_ID",
             QUERY_CONSUMER_OFFSET => "QUERY_CONSUMER_OFFSET",
             UPDATE_CONSUMER_OFFSET => "UPDATE_CONSUMER_OFFSET",
             SEARCH_OFFSET_BY_TIMESTAMP => "SEARCH_OFFSET_BY_TIMESTAMP",

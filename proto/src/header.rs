@@ -327,6 +327,31 @@ pub struct TopicConfigsResponse {
     pub topics: Vec<TopicConfigData>,
 }
 
+/// QUERY_MESSAGE: messages of `topic` whose keys include `key` (or whose unique key is
+/// `key`, with `unique_key`), stored from `begin_ms` to `end_ms`, at most `max_num`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct QueryMessageRequest {
+    pub topic: String,
+    pub key: String,
+    pub unique_key: bool,
+    pub max_num: u32,
+    pub begin_ms: u64,
+    pub end_ms: u64,
+}
+
+/// QUERY_MESSAGE's answer: `count` records, in log order, in the body.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct QueryMessageResponse {
+    pub count: u32,
+}
+
+/// VIEW_MESSAGE_BY_ID: the record at this CommitLog offset of the shard asked (the body of
+/// the answer).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ViewMessageRequest {
+    pub offset: u64,
+}
+
 /// GET_CONSUMER_LIST_BY_GROUP (and UNREGISTER_CLIENT's group list is in the heartbeat form).
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct GroupRequest {

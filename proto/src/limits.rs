@@ -31,6 +31,11 @@ pub const MAX_PULL_MESSAGES: u32 = 1024;
 pub const MAX_PULL_QUEUES: usize = 256;
 /// Longest a pull may park waiting for messages (RocketMQ holds 15 s by default).
 pub const MAX_PULL_SUSPEND_MS: u32 = 60_000;
+/// Messages one query by key returns from one shard at most (RocketMQ's
+/// `maxMsgsNumBatch` is 64).
+pub const MAX_QUERY_MESSAGES: u32 = 256;
+/// Record bytes one query answer carries at most.
+pub const MAX_QUERY_BYTES: usize = 8 * 1024 * 1024;
 /// Longest consumer group, producer group or client id.
 pub const MAX_GROUP_LEN: usize = 255;
 /// Most queues one topic may have on one broker.

@@ -42,10 +42,10 @@ pub const MAX_HASH_SLOTS: u32 = 16 << 20;
 pub const MAX_INDEX_NUM: u32 = 100_000_000;
 /// Separator of keys in a record's KEYS field (RocketMQ's).
 pub const KEY_SEPARATOR: char = ' ';
-/// Most results a query returns from one shard (RocketMQ's `maxMsgsNumBatch` is 64).
-pub const MAX_QUERY_RESULTS: usize = 256;
+/// Most results a query returns from one shard.
+pub const MAX_QUERY_RESULTS: usize = orbitmq_proto::limits::MAX_QUERY_MESSAGES as usize;
 /// Most record bytes a query answer carries (under the 16 MiB frame limit).
-pub const MAX_QUERY_BYTES: usize = 8 << 20;
+pub const MAX_QUERY_BYTES: usize = orbitmq_proto::limits::MAX_QUERY_BYTES;
 /// Most entries with the key's hash a query gathers before reading records: a hash shared
 /// with other keys is rare (32 bits), so this leaves room past `MAX_QUERY_RESULTS`.
 pub const MAX_QUERY_CANDIDATES: usize = 4 * MAX_QUERY_RESULTS;

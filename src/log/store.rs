@@ -2684,7 +2684,7 @@ impl Store {
         let size = u32::from_le_bytes(len);
         let seg_end = phys - phys % seg_size + seg_size;
         let fits = (size as u64) >= 4
-            && (size as usize) <= MAX_WRITE_BYTES
+            && (size as usize) <= orbitmq_proto::limits::MAX_RECORD_LEN
             && phys + size as u64 <= written.min(seg_end);
         if !fits {
             return Ok(None);

@@ -101,9 +101,10 @@ pub fn tag_hashes(expr: &str) -> Option<Vec<u64>> {
 pub(crate) fn store_error_code(e: &StoreError) -> u16 {
     match e {
         StoreError::BadMessage(_) | StoreError::BadBatch(_) => response::MESSAGE_ILLEGAL,
-        StoreError::Fenced(_) | StoreError::DiskFull(_) | StoreError::Closed => {
-            response::SERVICE_NOT_AVAILABLE
-        }
+        StoreError::Fenced(_)
+        | StoreError::DiskFull(_)
+        | StoreError::Closed
+        | StoreError::IndexDisabled => response::SERVICE_NOT_AVAILABLE,
         _ => response::SYSTEM_ERROR,
     }
 }
@@ -536,6 +537,8 @@ impl ShardHandler {
         match req.code {
             request::SEND_MESSAGE => self.send(req, peer).await,
             request::PULL_MESSAGE => self.pull(req).await,
+            request::QUERY_MESSAGE => self.query_message(&req).await,
+            request::VIEW_MESSAGE_BY_ID => self.view_message(&req).await,
             request::QUERY_CONSUMER_OFFSET => {
                 let h = match self.queue_request(&req) {
                     Ok(h) => h,

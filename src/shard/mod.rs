@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod clients;
 pub mod locks;
+pub mod query;
 pub mod sendback;
 
 use std::cell::RefCell;
