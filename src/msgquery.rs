@@ -63,7 +63,7 @@ pub struct IdArgs {
     pub id: String,
 }
 
-/// One line per message.
+/// One line per message; text from producers is escaped (no terminal control bytes).
 pub fn describe(m: &MessageExt) -> String {
     let body = &m.body[..m.body.len().min(SHOWN_BODY_BYTES)];
     format!(
@@ -73,9 +73,9 @@ pub fn describe(m: &MessageExt) -> String {
         m.broker_name,
         m.queue_id,
         m.queue_offset,
-        if m.tags.is_empty() { "-" } else { &m.tags },
-        if m.keys.is_empty() { "-".to_string() } else { m.keys.join(",") },
-        m.uniq_key.as_deref().unwrap_or("-"),
+        if m.tags.is_empty() { "-".to_string() } else { m.tags.escape_debug().to_string() },
+        if m.keys.is_empty() { "-".to_string() } else { m.keys.join(",").escape_debug().to_string() },
+        m.uniq_key.as_deref().unwrap_or("-").escape_debug(),
         m.store_timestamp,
         m.born_host,
         m.body.len(),

@@ -130,7 +130,8 @@ fn crash_keeps_acknowledged(flush: &str, mode: FlushMode) {
             let found = store
                 .query_key(TOPIC, &format!("seq-{seq}"), false, 0, u64::MAX, 8)
                 .await
-                .unwrap();
+                .unwrap()
+                .0;
             assert_eq!(found.len(), 1, "seq {seq} by its key");
             let v = orbitmq::proto::record::decode(&found[0]).unwrap();
             assert!(

@@ -59,7 +59,8 @@ async fn query(store: &Store, topic: &str, key: &str, unique: bool) -> Vec<(Stri
     let got = store
         .query_key(topic, key, unique, 0, u64::MAX, 256)
         .await
-        .unwrap();
+        .unwrap()
+        .0;
     got.iter()
         .map(|b| {
             let v = record::decode(b).unwrap();
@@ -170,7 +171,8 @@ fn a_time_range_and_a_maximum_bound_the_answer() {
         let got = store
             .query_key(TOPIC, "order-4", false, from, u64::MAX, 256)
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         let want: Vec<Vec<u8>> = (100..200)
             .filter(|i| i % 10 == 4)
             .map(|i| msg(TOPIC, i).body.to_vec())
@@ -184,12 +186,14 @@ fn a_time_range_and_a_maximum_bound_the_answer() {
         let got = store
             .query_key(TOPIC, "order-4", false, 0, until, 256)
             .await
-            .unwrap();
+            .unwrap()
+            .0;
         assert_eq!(got.len(), 10, "only messages stored up to `until`");
-        let got = store
+        let (got, truncated) = store
             .query_key(TOPIC, "order-4", false, 0, u64::MAX, 3)
             .await
             .unwrap();
+        assert!(!truncated, "a maximum is not a truncation");
         let got: Vec<Vec<u8>> = got
             .iter()
             .map(|b| record::decode(b).unwrap().body.to_vec())
@@ -350,5 +354,132 @@ fn without_the_index_a_query_says_so() {
         }
         assert!(!path.join("index").exists());
         store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn offsets_at_the_top_of_the_range_find_nothing_on_a_young_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path)).await.unwrap();
+        append(&store, TOPIC, 0..1).await;
+        for off in (u64::MAX - 4..=u64::MAX).chain([1, 2, 3]) {
+            assert_eq!(store.record_by_offset(off).await.unwrap(), None, "{off}");
+        }
+        assert!(store.record_by_offset(0).await.unwrap().is_some());
+        store.close().await.unwrap();
+    });
+}
+
+/// The unsealed (newest) file as the header of its first bytes says.
+fn last_header(path: &Path) -> (PathBuf, orbitmq::log::indexfile::Header) {
+    let last = index_files(path).pop().unwrap();
+    let h = orbitmq::log::indexfile::read_header(&last)
+        .unwrap()
+        .unwrap();
+    (last, h)
+}
+
+#[test]
+fn a_torn_tail_of_the_newest_file_is_cut_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let p = path.clone();
+    run(move || async move {
+        let store = Store::open(cfg(&p)).await.unwrap();
+        append(&store, TOPIC, 0..130).await;
+        append(&store, OTHER, 0..130).await;
+        store.close().await.unwrap();
+    });
+    let (last, h) = last_header(&path);
+    assert!(!h.sealed && h.count >= 6, "{h:?}");
+    // Its last 5 entries zeroed, as writes that never reached the disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    let at = h.entry_pos(h.count - 4);
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[0u8; 5 * 28], at).unwrap();
+    run(move || async move {
+        let store = Store::open(cfg(&path)).await.unwrap();
+        check_queries(&store, 130).await;
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn an_index_past_a_cut_log_forgets_what_the_log_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let p = path.clone();
+    let last = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let l = last.clone();
+    run(move || async move {
+        let store = Store::open(cfg(&p)).await.unwrap();
+        append(&store, OTHER, 0..150).await;
+        let r = append(&store, TOPIC, 0..150).await;
+        store.close().await.unwrap();
+        *l.lock().unwrap() = Some(*r.last().unwrap());
+    });
+    // The last record damaged after it was indexed: recovery cuts the log before it.
+    let r: AppendResult = last.lock().unwrap().unwrap();
+    let seg = path.join("commitlog").join(format!(
+        "{:020}",
+        r.physical_offset - r.physical_offset % SEGMENT
+    ));
+    let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"XX", r.physical_offset % SEGMENT + 40)
+        .unwrap();
+    let p = path.clone();
+    run(move || async move {
+        let store = Store::open(cfg(&p)).await.unwrap();
+        assert_eq!(
+            store.stats().next_offset,
+            r.physical_offset,
+            "the log is cut"
+        );
+        // The index file on disk says so at once: a crash now must not bring back entries
+        // of the lost record.
+        let (_, h) = last_header(&p);
+        assert!(h.covered <= r.physical_offset, "{h:?}");
+        assert!(query(&store, TOPIC, "k149", false).await.is_empty());
+        assert!(query(&store, TOPIC, "u149", true).await.is_empty());
+        check_queries(&store, 149).await;
+        // A new message takes the lost one's place, and a crash follows.
+        let mut m = msg(TOPIC, 149);
+        m.keys = "k149".into();
+        m.properties = vec![("UNIQ_KEY".into(), "u-again".into())];
+        m.body = "again".into();
+        store.append(&m).await.unwrap();
+        assert_eq!(query(&store, TOPIC, "k149", false).await.len(), 1);
+    });
+    run(move || async move {
+        let store = Store::open(cfg(&path)).await.unwrap();
+        let got = query(&store, TOPIC, "k149", false).await;
+        assert_eq!(got, vec![(TOPIC.to_owned(), b"again".to_vec())]);
+        check_queries(&store, 149).await;
+        store.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_clean_close_without_keys_leaves_an_index_covering_the_whole_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path)).await.unwrap();
+        for i in 0..300 {
+            let m = Message {
+                topic: TOPIC.into(),
+                body: format!("no key {i}").into_bytes().into(),
+                ..Default::default()
+            };
+            store.append(&m).await.unwrap();
+        }
+        let end = store.stats().next_offset;
+        store.close().await.unwrap();
+        // The next start rescans nothing the index already covers.
+        let (_, h) = last_header(&path);
+        assert_eq!((h.count, h.covered), (0, end));
     });
 }

@@ -200,6 +200,10 @@ impl Client {
             return Err(ClientError::from_response(f.code, &f.header, &q.topic));
         }
         let r: QueryMessageResponse = header::decode(&f.header).map_err(bad_header(endpoint))?;
+        if r.truncated {
+            tracing::warn!(endpoint, topic = %q.topic, key = %q.key,
+                "the shard reached the bounds of its search: the answer may be incomplete");
+        }
         let shard = u16::try_from(shard).map_err(|_| ClientError::Protocol {
             endpoint: endpoint.to_owned(),
             reason: format!("shard {shard} is over u16"),

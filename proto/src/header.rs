@@ -339,10 +339,12 @@ pub struct QueryMessageRequest {
     pub end_ms: u64,
 }
 
-/// QUERY_MESSAGE's answer: `count` records, in log order, in the body.
+/// QUERY_MESSAGE's answer: `count` records, in log order, in the body. `truncated`: the
+/// shard reached a bound of its search (links followed, bytes read), so there may be more.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct QueryMessageResponse {
     pub count: u32,
+    pub truncated: bool,
 }
 
 /// VIEW_MESSAGE_BY_ID: the record at this CommitLog offset of the shard asked (the body of

@@ -282,6 +282,7 @@ impl Staging {
         }
         self.active.done.set(Err(err.clone()));
         self.active.dispatch.clear();
+        self.active.key_hashes.clear();
         self.active.done = Signal::new();
         self.active.buf.truncate(self.active.carried);
     }

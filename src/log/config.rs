@@ -132,6 +132,14 @@ impl StoreConfig {
                     ix.max_entries
                 ));
             }
+            // Every new file allocates its slots: more slots than entries is memory for
+            // nothing, each time a small file rolls.
+            if ix.hash_slots > ix.max_entries {
+                return Err(format!(
+                    "maxHashSlotNum {} must not exceed maxIndexNum {}",
+                    ix.hash_slots, ix.max_entries
+                ));
+            }
         }
         Ok(())
     }

@@ -10,7 +10,8 @@
 //! header: magic u32, flags u32 (bit 0: sealed), slots u32, max_entries u32, count u32,
 //!         reserved u32, first_phys u64, covered u64, begin_ts u64, end_ts u64,
 //!         crc32c u32 (of the 56 bytes before it), reserved u32
-//! slot:   the number (1-based) of the newest entry whose key hash falls in the slot, 0: none
+//! slot:   the number (1-based) of the newest entry whose key hash falls in the slot, 0: none;
+//!         a hash's slot is `hash * slots >> 32`
 //! entry:  key hash u32, record size u32, CommitLog offset u64, store time (ms) u64,
 //!         previous entry of the same slot u32 (0: none)
 //! ```
@@ -51,7 +52,14 @@ pub const MAX_QUERY_BYTES: usize = orbitmq_proto::limits::MAX_QUERY_BYTES;
 pub const MAX_QUERY_CANDIDATES: usize = 4 * MAX_QUERY_RESULTS;
 /// Most chain links one query follows in all: other keys in the same slot cannot make a
 /// query run for long (each link read from a file is a read of 28 bytes).
-pub const MAX_QUERY_HOPS: usize = 200_000;
+pub const MAX_QUERY_HOPS: usize = 100_000;
+/// Most log bytes one query reads to check its candidates (matching or not).
+pub const MAX_QUERY_READ_BYTES: usize = 2 * MAX_QUERY_BYTES;
+/// Most keys of one record that are indexed (besides its unique key): a record's keys field
+/// (up to 1 KiB) could otherwise name hundreds, each an entry to write.
+pub const MAX_INDEXED_KEYS: usize = 32;
+/// Entries read at a time when an open file is loaded at recovery.
+const LOAD_CHUNK_ENTRIES: usize = 32 * 1024;
 
 /// The hash a key is indexed under: its topic and the key, as RocketMQ's `topic#key`.
 pub fn key_hash(topic: &str, key: &str) -> u32 {
@@ -67,11 +75,29 @@ pub fn key_hash_from(topic_hash: u32, key: &str) -> u32 {
     crc32c::crc32c_append(topic_hash, key.as_bytes())
 }
 
-/// The keys of a record that are indexed: each of its keys, and its unique key.
-pub fn indexed_keys<'a>(keys: &'a str, uniq_key: Option<&'a str>) -> impl Iterator<Item = &'a str> {
-    keys.split(KEY_SEPARATOR)
-        .filter(|k| !k.is_empty())
-        .chain(uniq_key.filter(|k| !k.is_empty()))
+/// Calls `f` with each key of a record that is indexed: its distinct keys (the first
+/// [`MAX_INDEXED_KEYS`]), and its unique key. No allocation: this runs for every message.
+pub fn indexed_keys<'a>(keys: &'a str, uniq_key: Option<&'a str>, mut f: impl FnMut(&'a str)) {
+    let mut seen: [&str; MAX_INDEXED_KEYS] = [""; MAX_INDEXED_KEYS];
+    let mut n = 0;
+    for k in keys.split(KEY_SEPARATOR).filter(|k| !k.is_empty()) {
+        if n == MAX_INDEXED_KEYS {
+            break;
+        }
+        if !seen[..n].contains(&k) {
+            seen[n] = k;
+            n += 1;
+            f(k);
+        }
+    }
+    if let Some(u) = uniq_key.filter(|u| !u.is_empty() && !seen[..n].contains(u)) {
+        f(u);
+    }
+}
+
+/// The slot of a hash among `slots` (a multiply and a shift: no division per message).
+pub fn slot_of(hash: u32, slots: u32) -> usize {
+    ((u64::from(hash) * u64::from(slots)) >> 32) as usize
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +191,7 @@ impl Header {
     }
 
     pub fn slot_pos(&self, hash: u32) -> u64 {
-        HEADER_LEN + u64::from(hash % self.slots) * SLOT_LEN
+        HEADER_LEN + slot_of(hash, self.slots) as u64 * SLOT_LEN
     }
 
     /// Where entry `n` (1-based) sits in the file.
@@ -197,6 +223,8 @@ pub struct OpenIndex {
     pending: Vec<Entry>,
     pub begin_ts: u64,
     pub end_ts: u64,
+    /// `covered` as the file's header on disk says.
+    pub disk_covered: u64,
 }
 
 impl OpenIndex {
@@ -210,23 +238,20 @@ impl OpenIndex {
             pending: Vec::new(),
             begin_ts: 0,
             end_ts: 0,
+            disk_covered: 0,
         }
     }
 
-    /// An open file rebuilt from the entries read back from it (all persisted).
-    pub fn rebuild(first_phys: u64, slots: u32, max_entries: u32, entries: &[Entry]) -> OpenIndex {
-        let mut ix = OpenIndex::new(first_phys, slots, max_entries);
-        for (i, e) in entries.iter().enumerate() {
-            let n = i as u32 + 1;
-            ix.slots[(e.hash % slots) as usize] = n;
-            if n == 1 {
-                ix.begin_ts = e.ts;
-            }
-            ix.end_ts = ix.end_ts.max(e.ts);
+    /// Takes back an entry read from the file (entries in order, all persisted).
+    fn push_loaded(&mut self, e: &Entry) {
+        self.count += 1;
+        self.persisted = self.count;
+        let slot = slot_of(e.hash, self.slot_count());
+        self.slots[slot] = self.count;
+        if self.count == 1 {
+            self.begin_ts = e.ts;
         }
-        ix.count = entries.len() as u32;
-        ix.persisted = ix.count;
-        ix
+        self.end_ts = self.end_ts.max(e.ts);
     }
 
     pub fn slot_count(&self) -> u32 {
@@ -242,7 +267,7 @@ impl OpenIndex {
             !self.is_full(),
             "an index file takes no entry past its maximum"
         );
-        let slot = (hash % self.slot_count()) as usize;
+        let slot = slot_of(hash, self.slot_count());
         let prev = self.slots[slot];
         self.count += 1;
         self.slots[slot] = self.count;
@@ -261,7 +286,7 @@ impl OpenIndex {
 
     /// The newest entry of `hash`'s slot (0: none).
     pub fn head(&self, hash: u32) -> u32 {
-        self.slots[(hash % self.slot_count()) as usize]
+        self.slots[slot_of(hash, self.slot_count())]
     }
 
     /// Entry `n` if it is still in memory.
@@ -323,6 +348,8 @@ impl OpenIndex {
 pub struct Sealed {
     pub first_phys: u64,
     pub covered: u64,
+    pub begin_ts: u64,
+    pub end_ts: u64,
 }
 
 /// A shard's key index as its store holds it: sealed files, and the open ones (all but the
@@ -378,9 +405,23 @@ impl KeyIndex {
         }
     }
 
+    /// Touches the slots `hashes` will update, all before any update: the loads are
+    /// independent, so their cache misses overlap instead of costing one each in turn (the
+    /// slot table is megabytes, and a miss per key was 5% of a busy shard's CPU).
+    pub fn prefetch(&self, hashes: &[u32]) {
+        if let Some(f) = self.open.back() {
+            let n = f.slot_count();
+            let mut x = 0u32;
+            for h in hashes {
+                x ^= f.slots[slot_of(*h, n)];
+            }
+            std::hint::black_box(x);
+        }
+    }
+
     /// Walks the entries held in memory, newest file first, and returns the file parts the
     /// walk must read on the blocking pool (open files from where memory ended, then the
-    /// sealed files, newest first).
+    /// sealed files in the time range, newest first).
     pub fn plan_query(&self, walk: &mut Walk, dir: &Path) -> Vec<FileWalk> {
         let mut files = Vec::new();
         for f in self.open.iter().rev() {
@@ -396,14 +437,20 @@ impl KeyIndex {
             if let Ok(Some(n)) = at {
                 files.push(FileWalk {
                     path: dir.join(file_name(f.first_phys)),
-                    from: Some(n),
+                    from: Some((n, f.slot_count())),
                 });
             }
         }
-        files.extend(self.sealed.iter().rev().map(|s| FileWalk {
-            path: dir.join(file_name(s.first_phys)),
-            from: None,
-        }));
+        files.extend(
+            self.sealed
+                .iter()
+                .rev()
+                .filter(|s| s.begin_ts <= walk.end_ms && s.end_ts >= walk.begin_ms)
+                .map(|s| FileWalk {
+                    path: dir.join(file_name(s.first_phys)),
+                    from: None,
+                }),
+        );
         files
     }
 
@@ -415,19 +462,87 @@ impl KeyIndex {
     }
 }
 
-/// Checks entries read back from a file and keeps the valid prefix: offsets never go back,
-/// each points to an earlier entry, and none lies at or past `end` (the log's end, or where
-/// the header says the file's records stop). A zeroed or torn tail ends it.
-pub fn valid_prefix(entries: &[Entry], first_phys: u64, end: u64) -> usize {
-    let mut last = first_phys;
-    for (i, e) in entries.iter().enumerate() {
-        let n = i as u32 + 1;
-        if e.size == 0 || e.phys < last || e.phys >= end || e.prev >= n {
-            return i;
+/// Checks entries read back from a file, in order: offsets never go back, each points to an
+/// earlier entry, none is zeroed. A torn or zeroed tail fails it.
+struct Validator {
+    last: u64,
+    n: u32,
+}
+
+impl Validator {
+    fn ok(&mut self, e: &Entry) -> bool {
+        let n = self.n + 1;
+        if e.size == 0 || e.phys < self.last || e.prev >= n {
+            return false;
         }
-        last = e.phys;
+        self.last = e.phys;
+        self.n = n;
+        true
     }
-    entries.len()
+}
+
+/// An open file loaded at recovery: rebuilt from its entries below `end`, read in chunks.
+pub struct Loaded {
+    pub file: OpenIndex,
+    /// An entry failed its check, or the file is shorter than its header says.
+    pub damaged: bool,
+    /// Offset of the last entry kept.
+    pub last_phys: Option<u64>,
+}
+
+/// Loads an unsealed file's entries below log offset `end` (its covered end, or the log's
+/// recovered end), stopping at the first damaged one.
+pub fn load_open(path: &Path, h: &Header, end: u64) -> std::io::Result<Loaded> {
+    let file = std::fs::File::open(path)?;
+    let mut ix = OpenIndex::new(h.first_phys, h.slots, h.max_entries);
+    let mut check = Validator {
+        last: h.first_phys,
+        n: 0,
+    };
+    let mut buf = vec![0u8; LOAD_CHUNK_ENTRIES * ENTRY_LEN as usize];
+    let mut next = 1u32;
+    let mut last_phys = None;
+    while next <= h.count {
+        let want = ((h.count - next + 1) as usize).min(LOAD_CHUNK_ENTRIES);
+        let got = read_at_most(
+            &file,
+            &mut buf[..want * ENTRY_LEN as usize],
+            h.entry_pos(next),
+        )?;
+        let whole = got / ENTRY_LEN as usize;
+        for b in buf[..whole * ENTRY_LEN as usize].chunks_exact(ENTRY_LEN as usize) {
+            let e = Entry::decode(b);
+            if e.phys >= end {
+                return Ok(Loaded {
+                    file: ix,
+                    damaged: false,
+                    last_phys,
+                });
+            }
+            if !check.ok(&e) {
+                return Ok(Loaded {
+                    file: ix,
+                    damaged: true,
+                    last_phys,
+                });
+            }
+            ix.push_loaded(&e);
+            last_phys = Some(e.phys);
+        }
+        if whole < want {
+            return Ok(Loaded {
+                file: ix,
+                damaged: true,
+                last_phys,
+            });
+        }
+        next += want as u32;
+    }
+    Ok(Loaded {
+        file: ix,
+        damaged: false,
+        last_phys,
+    })
 }
 
 /// A query's walk over slot chains: gathers (offset, size) of entries with the key's hash and
@@ -439,6 +554,8 @@ pub struct Walk {
     pub end_ms: u64,
     pub hops_left: usize,
     pub found: Vec<(u64, u32)>,
+    /// The walk reached its bounds with links left to follow: the answer may be incomplete.
+    pub truncated: bool,
 }
 
 impl Walk {
@@ -449,6 +566,7 @@ impl Walk {
             end_ms,
             hops_left: MAX_QUERY_HOPS,
             found: Vec::new(),
+            truncated: false,
         }
     }
 
@@ -481,16 +599,18 @@ impl Walk {
             }
             n = e.prev;
         }
+        self.truncated |= n > 0;
         Ok(None)
     }
 }
 
-/// One file a query reads on the blocking pool: from entry `from` (the open file, where its
-/// in-memory part ended), or from the slot of the walk's hash (a sealed file).
+/// One file a query reads on the blocking pool: an open file from entry `from` (where its
+/// in-memory part ended; with its slot count, as its header may be rewritten meanwhile), or a
+/// sealed file from the slot of the walk's hash.
 #[derive(Clone, Debug)]
 pub struct FileWalk {
     pub path: std::path::PathBuf,
-    pub from: Option<u32>,
+    pub from: Option<(u32, u32)>,
 }
 
 /// Walks the chains of `files` in order, reading with `pread` (the page cache serves most
@@ -504,45 +624,30 @@ pub fn walk_files(files: &[FileWalk], walk: &mut Walk) {
     }
 }
 
-fn walk_file(path: &Path, from: Option<u32>, walk: &mut Walk) -> std::io::Result<()> {
+fn walk_file(path: &Path, from: Option<(u32, u32)>, walk: &mut Walk) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
-    let mut hb = vec![0u8; HEADER_LEN as usize];
-    (&file).read_exact(&mut hb)?;
-    let Some(h) = Header::decode(&hb) else {
-        return Ok(());
-    };
-    let start = match from {
-        Some(n) => n,
+    let (start, slots, bound) = match from {
+        Some((n, slots)) => (n, slots, n),
         None => {
-            if h.begin_ts > walk.end_ms || h.end_ts < walk.begin_ms {
+            let mut hb = vec![0u8; HEADER_LEN as usize];
+            (&file).read_exact(&mut hb)?;
+            let Some(h) = Header::decode(&hb).filter(|h| h.sealed) else {
                 return Ok(());
-            }
+            };
             let mut s = [0u8; SLOT_LEN as usize];
             file.read_exact_at(&mut s, h.slot_pos(walk.hash))?;
-            u32::from_le_bytes(s)
+            (u32::from_le_bytes(s), h.slots, h.count)
         }
     };
     let mut eb = [0u8; ENTRY_LEN as usize];
     walk.follow(start, |n| {
-        if n > h.count.max(from.unwrap_or(0)) {
+        if n > bound {
             return Ok(None);
         }
-        file.read_exact_at(&mut eb, h.entry_pos(n))?;
+        file.read_exact_at(&mut eb, entry_pos(slots, n))?;
         Ok::<_, std::io::Error>(Some(Entry::decode(&eb)))
     })?;
     Ok(())
-}
-
-/// Reads a file's header and its first `count` entries (recovery of an unsealed file).
-pub fn read_entries(path: &Path, h: &Header) -> std::io::Result<Vec<Entry>> {
-    let file = std::fs::File::open(path)?;
-    let len = u64::from(h.count) * ENTRY_LEN;
-    let mut b = vec![0u8; len as usize];
-    let got = read_at_most(&file, &mut b, h.entry_pos(1))?;
-    Ok(b[..got - got % ENTRY_LEN as usize]
-        .chunks_exact(ENTRY_LEN as usize)
-        .map(Entry::decode)
-        .collect())
 }
 
 /// Reads up to `buf.len()` bytes at `pos`; fewer at the end of the file.
@@ -568,6 +673,7 @@ pub fn read_header(path: &Path) -> std::io::Result<Option<Header>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn walk_memory(ix: &OpenIndex, w: &mut Walk) -> Option<u32> {
         let start = ix.head(w.hash);
@@ -596,10 +702,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_of_a_record_are_its_keys_and_unique_key() {
-        let k: Vec<&str> = indexed_keys("order-1  order-2", Some("U1")).collect();
-        assert_eq!(k, ["order-1", "order-2", "U1"]);
-        assert_eq!(indexed_keys("", None).count(), 0);
+    fn keys_of_a_record_are_its_distinct_keys_and_unique_key() {
+        let keys = |k: &'static str, u: Option<&'static str>| {
+            let mut v = Vec::new();
+            indexed_keys(k, u, |x| v.push(x));
+            v
+        };
+        assert_eq!(
+            keys("order-1  order-2", Some("U1")),
+            ["order-1", "order-2", "U1"]
+        );
+        assert!(keys("", None).is_empty());
+        assert_eq!(keys("a a b a", Some("a")), ["a", "b"], "each key once");
+        let many: String = (0..100).map(|i| format!("k{i} ")).collect();
+        let many: &'static str = Box::leak(many.into_boxed_str());
+        assert_eq!(keys(many, Some("U")).len(), MAX_INDEXED_KEYS + 1);
         assert_ne!(
             key_hash("T", "a"),
             key_hash("U", "a"),
@@ -610,6 +727,11 @@ mod tests {
             key_hash("T", "ab"),
             "the separator keeps them apart"
         );
+        for slots in [1, 7, 1 << 20] {
+            for h in [0, 1, u32::MAX / 2, u32::MAX] {
+                assert!(slot_of(h, slots) < slots as usize);
+            }
+        }
     }
 
     #[test]
@@ -651,51 +773,81 @@ mod tests {
         assert_eq!(Header::decode(&over), None, "count past the maximum");
     }
 
+    fn write_file(dir: &Path, ix: &OpenIndex, covered: u64) -> std::path::PathBuf {
+        let path = dir.join(file_name(ix.first_phys));
+        let f = std::fs::File::create(&path).unwrap();
+        let (first, bytes, _) = ix.unpersisted_below(u64::MAX).unwrap();
+        f.write_all_at(&bytes, entry_pos(ix.slot_count(), first))
+            .unwrap();
+        let mut h = ix.header(covered, false);
+        h.count = ix.count;
+        f.write_all_at(&h.encode(), 0).unwrap();
+        path
+    }
+
     #[test]
-    fn rebuilt_slots_match_the_ones_built_by_adding() {
+    fn a_loaded_file_has_the_slots_built_by_adding() {
+        let dir = tempfile::tempdir().unwrap();
         let mut ix = OpenIndex::new(0, 5, 50);
         for i in 0..30u64 {
             ix.add(key_hash("T", &format!("k{}", i % 7)), 1, i, i);
         }
-        let (_, bytes, _) = ix.unpersisted_below(u64::MAX).unwrap();
-        let entries: Vec<Entry> = bytes
-            .chunks_exact(ENTRY_LEN as usize)
-            .map(Entry::decode)
-            .collect();
-        let re = OpenIndex::rebuild(0, 5, 50, &entries);
-        assert_eq!(re.slot_bytes(), ix.slot_bytes());
+        let path = write_file(dir.path(), &ix, 30);
+        let h = read_header(&path).unwrap().unwrap();
+        let l = load_open(&path, &h, 30).unwrap();
+        assert!(!l.damaged);
+        assert_eq!(l.file.slot_bytes(), ix.slot_bytes());
+        let f = &l.file;
         assert_eq!(
-            (re.count, re.persisted, re.begin_ts, re.end_ts),
+            (f.count, f.persisted, f.begin_ts, f.end_ts),
             (30, 30, 0, 29)
         );
+        assert_eq!(l.last_phys, Some(29));
+        // Below a lower end: the entries from it on are left out.
+        let l = load_open(&path, &h, 10).unwrap();
+        assert_eq!((l.file.count, l.damaged, l.last_phys), (10, false, Some(9)));
     }
 
     #[test]
     fn a_damaged_tail_of_entries_is_cut() {
-        let e = |phys, prev| Entry {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ix = OpenIndex::new(10, 4, 50);
+        for i in 0..6u64 {
+            ix.add(key_hash("T", "k"), 5, 10 + i * 5, 0);
+        }
+        let path = write_file(dir.path(), &ix, 40);
+        let h = read_header(&path).unwrap().unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        // Entry 5 zeroed, as a write that never reached the disk.
+        f.write_all_at(&[0u8; ENTRY_LEN as usize], entry_pos(4, 5))
+            .unwrap();
+        let l = load_open(&path, &h, 40).unwrap();
+        assert_eq!((l.file.count, l.damaged, l.last_phys), (4, true, Some(25)));
+        // Entry 3 going back in the log.
+        let mut bad = Entry {
             hash: 1,
             size: 5,
-            phys,
-            ts: 0,
-            prev,
-        };
-        let ok = [e(10, 0), e(15, 1), e(20, 2)];
-        assert_eq!(valid_prefix(&ok, 10, 100), 3);
-        assert_eq!(valid_prefix(&ok, 10, 20), 2, "past the end");
-        assert_eq!(valid_prefix(&[e(10, 0), e(5, 1)], 10, 100), 1, "going back");
-        assert_eq!(
-            valid_prefix(&[e(10, 0), e(15, 2)], 10, 100),
-            1,
-            "a forward link"
-        );
-        let zero = Entry {
-            hash: 0,
-            size: 0,
             phys: 0,
             ts: 0,
             prev: 0,
         };
-        assert_eq!(valid_prefix(&[e(10, 0), zero], 10, 100), 1, "zeros");
+        let mut b = Vec::new();
+        bad.encode_into(&mut b);
+        f.write_all_at(&b, entry_pos(4, 3)).unwrap();
+        let l = load_open(&path, &h, 40).unwrap();
+        assert_eq!((l.file.count, l.damaged), (2, true));
+        // Entry 2 linking forward.
+        bad.phys = 15;
+        bad.prev = 2;
+        let mut b = Vec::new();
+        bad.encode_into(&mut b);
+        f.write_all_at(&b, entry_pos(4, 2)).unwrap();
+        let l = load_open(&path, &h, 40).unwrap();
+        assert_eq!((l.file.count, l.damaged), (1, true));
+        // A file shorter than its header says.
+        f.set_len(entry_pos(4, 2) + 3).unwrap();
+        let l = load_open(&path, &h, 40).unwrap();
+        assert_eq!((l.file.count, l.damaged), (1, true));
     }
 
     #[test]
@@ -733,8 +885,15 @@ mod tests {
         ix.sealed.push(Sealed {
             first_phys: 0,
             covered: 30,
+            begin_ts: 1,
+            end_ts: 1,
         });
         ix.open.pop_front();
+        assert!(
+            ix.plan_query(&mut Walk::new(1, 2, u64::MAX), Path::new("/ix"))
+                .is_empty(),
+            "a sealed file out of the time range is not read"
+        );
         let files = ix.plan_query(&mut Walk::new(1, 0, u64::MAX), Path::new("/ix"));
         assert_eq!(files.len(), 1);
         assert_eq!(files[0].path, Path::new("/ix/00000000000000000000"));
@@ -752,10 +911,16 @@ mod tests {
         let mut w = Walk::new(h, 0, u64::MAX);
         walk_memory(&ix, &mut w);
         assert_eq!(w.found.len(), MAX_QUERY_CANDIDATES);
+        assert!(w.truncated, "links were left");
         let mut w = Walk::new(h ^ 1, 0, u64::MAX);
         w.hops_left = 100;
         walk_memory(&ix, &mut w);
         assert!(w.found.is_empty());
         assert_eq!(w.hops_left, 0, "other keys in the slot cost hops");
+        assert!(w.truncated);
+        let mut w = Walk::new(h, 0, u64::MAX);
+        w.hops_left = 5_000;
+        walk_memory(&OpenIndex::new(0, 1, 10), &mut w);
+        assert!(!w.truncated, "an empty chain is complete");
     }
 }

@@ -42,6 +42,7 @@ pub fn scan(
     buf_pos: u64,
     seg_end: u64,
     buf_reaches_eof: bool,
+    index: bool,
     out: &mut Vec<Scanned>,
 ) -> (u64, Stop) {
     let mut at = 0usize;
@@ -112,10 +113,15 @@ pub fn scan(
                     }),
                     store_timestamp: v.store_timestamp,
                     key_hashes: {
-                        let t = indexfile::topic_hash(v.topic);
-                        indexfile::indexed_keys(v.keys, v.property(orbitmq_proto::msgid::UNIQ_KEY))
-                            .map(|k| indexfile::key_hash_from(t, k))
-                            .collect()
+                        let mut h = Vec::new();
+                        if index {
+                            let t = indexfile::topic_hash(v.topic);
+                            let uniq = v.property(orbitmq_proto::msgid::UNIQ_KEY);
+                            indexfile::indexed_keys(v.keys, uniq, |k| {
+                                h.push(indexfile::key_hash_from(t, k))
+                            });
+                        }
+                        h
                     },
                 });
                 at += n as usize;
@@ -233,7 +239,7 @@ mod tests {
     fn finds_every_record_and_stops_at_zeros() {
         let (buf, starts) = log_of(5, 4096);
         let mut out = Vec::new();
-        let (at, stop) = scan(&buf, 0, 4096, true, &mut out);
+        let (at, stop) = scan(&buf, 0, 4096, true, true, &mut out);
         assert_eq!(stop, Stop::Empty);
         assert_eq!(out.len(), 5);
         assert_eq!(out.iter().map(|s| s.phys).collect::<Vec<_>>(), starts);
@@ -246,7 +252,7 @@ mod tests {
         let (mut buf, starts) = log_of(5, 4096);
         buf[starts[3] as usize + 40] ^= 1;
         let mut out = Vec::new();
-        let (at, stop) = scan(&buf, 0, 4096, true, &mut out);
+        let (at, stop) = scan(&buf, 0, 4096, true, true, &mut out);
         assert!(matches!(stop, Stop::Invalid(_)));
         assert_eq!(at, starts[3]);
         assert_eq!(out.len(), 3);
@@ -260,7 +266,7 @@ mod tests {
         let at = (starts[1] as usize) + rec(0, 0, b"body").len();
         buf[at..at + stale.len()].copy_from_slice(&stale);
         let mut out = Vec::new();
-        let (cut, stop) = scan(&buf, 0, 4096, true, &mut out);
+        let (cut, stop) = scan(&buf, 0, 4096, true, true, &mut out);
         assert!(matches!(stop, Stop::Invalid(ref s) if s.contains("stale")));
         assert_eq!((cut, out.len()), (at as u64, 2));
     }
@@ -272,7 +278,7 @@ mod tests {
         encode_blank(&mut buf[end..], (4096 - end) as u32);
         let mut out = Vec::new();
         assert_eq!(
-            scan(&buf, 0, 4096, true, &mut out),
+            scan(&buf, 0, 4096, true, true, &mut out),
             (4096, Stop::SegmentEnd)
         );
     }
@@ -282,10 +288,10 @@ mod tests {
         let (buf, starts) = log_of(3, 8192);
         let mut out = Vec::new();
         let cut_inside = starts[2] as usize + 10;
-        let (at, stop) = scan(&buf[..cut_inside], 0, 8192, false, &mut out);
+        let (at, stop) = scan(&buf[..cut_inside], 0, 8192, false, true, &mut out);
         assert_eq!((at, stop), (starts[2], Stop::NeedMore));
         // The same short bytes at the end of the file are a torn tail.
-        let (_, stop) = scan(&buf[..cut_inside], 0, 8192, true, &mut out);
+        let (_, stop) = scan(&buf[..cut_inside], 0, 8192, true, true, &mut out);
         assert!(matches!(stop, Stop::Invalid(_)));
     }
 

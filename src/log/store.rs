@@ -137,8 +137,8 @@ impl TailCache {
 
     fn get(&self, phys: u64, size: u32) -> Option<Bytes> {
         let (start, (b, _)) = self.chunks.range(..=phys).next_back()?;
-        let from = (phys - start) as usize;
-        let to = from + size as usize;
+        let from = usize::try_from(phys - start).ok()?;
+        let to = from.checked_add(size as usize)?;
         (to <= b.len()).then(|| b.slice(from..to))
     }
 
@@ -227,6 +227,8 @@ struct Inner {
     cq_unsynced: Cell<bool>,
     /// The open key index files, by first log offset, kept open until sealed.
     index_files: RefCell<HashMap<u64, BufferedFile>>,
+    /// One query by key at a time.
+    querying: Gate,
 }
 
 /// A shard's store. Cheap to clone; all clones share one state on one thread.
@@ -542,6 +544,7 @@ impl Store {
                 persist_round: Cell::new(0),
                 cq_unsynced: Cell::new(false),
                 index_files: RefCell::new(HashMap::new()),
+                querying: Gate::default(),
             }),
         };
         store.recover().await?;
@@ -873,8 +876,14 @@ impl Store {
             let skip = (pos - base - read_at) as usize;
             let eof = read_at + (r.len() as u64) >= seg_size || r.len() < RECOVERY_READ_BYTES;
             found.clear();
-            let (next, stop) =
-                recovery::scan(&r[skip.min(r.len())..], pos, seg_end, eof, &mut found);
+            let (next, stop) = recovery::scan(
+                &r[skip.min(r.len())..],
+                pos,
+                seg_end,
+                eof,
+                self.inner.cfg.index.is_some(),
+                &mut found,
+            );
             for s in found.drain(..) {
                 if let Err(at) = self.redispatch(s) {
                     return Ok(Err(at));
@@ -1314,10 +1323,10 @@ impl Store {
                     .iter()
                     .find(|(k, _)| k == orbitmq_proto::msgid::UNIQ_KEY)
                     .map(|(_, v)| v.as_str());
-                for k in indexfile::indexed_keys(&m.keys, uniq) {
+                indexfile::indexed_keys(&m.keys, uniq, |k| {
                     batch.key_hashes.push(indexfile::key_hash_from(t, k));
                     keys += 1;
-                }
+                });
             }
             batch.dispatch.push(DispatchEntry {
                 topic: topic.clone(),
@@ -1500,6 +1509,7 @@ impl Store {
             st.dirty.insert(batch.seg_base);
         }
         if let Some(ix) = st.index.as_mut() {
+            ix.prefetch(&batch.key_hashes);
             let mut at = 0;
             for d in &batch.dispatch {
                 let n = d.keys as usize;
@@ -1645,7 +1655,7 @@ impl Store {
             }
         }
         // Every record below `durable` is now in the persisted ConsumeQueues.
-        self.persist_key_index(durable).await?;
+        self.persist_key_index(durable).await;
         let cp = {
             let st = self.inner.st.borrow();
             let mut queues: Vec<(String, u32, u64)> = st
@@ -2293,14 +2303,32 @@ enum IndexStep {
         bytes: Vec<u8>,
         n: u32,
         header: Vec<u8>,
+        covered: u64,
     },
-    /// Write a full file's slots, sync it, then its sealed header.
+    /// Write a full file's slots, sync them, then its sealed header, synced too (a later
+    /// file's header must never be durable before an earlier file's seal).
     Seal {
         first_phys: u64,
         slots_bytes: Vec<u8>,
         header: Vec<u8>,
+        sealed: indexfile::Sealed,
+    },
+    /// Only the header: the log moved on with no new keys, and the next start need not
+    /// rescan what it covers.
+    Header {
+        first_phys: u64,
+        header: Vec<u8>,
         covered: u64,
     },
+}
+
+/// Writes `bytes` at `pos` of a key index file and syncs it, with std I/O (recovery, before
+/// the store serves).
+fn index_rewrite(path: &Path, pos: u64, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(bytes, pos)?;
+    f.sync_data()
 }
 
 impl Store {
@@ -2322,43 +2350,53 @@ impl Store {
             let header = indexfile::read_header(&path)
                 .map_err(io_err(format!("reading {}", path.display())))?
                 .filter(|h| h.first_phys == *first && h.first_phys >= covered);
-            let Some(h) = header else {
+            // Files are sealed in order, each synced before the next is written: a sealed
+            // file after an unsealed one means the earlier state was lost (a power loss);
+            // from the unsealed one on, all are rebuilt.
+            let out_of_order = header.is_some_and(|h| h.sealed) && !ix.open.is_empty();
+            let Some(h) = header.filter(|_| !out_of_order) else {
                 warn!(file = %path.display(), "damaged key index file: rebuilding it and later ones from the log");
-                doomed.extend_from_slice(&names[i..]);
+                let from = if out_of_order {
+                    let f = ix.open.front().expect("an open file").first_phys;
+                    covered = f;
+                    ix.open.clear();
+                    names.iter().position(|n| *n == f).expect("listed")
+                } else {
+                    i
+                };
+                doomed.extend_from_slice(&names[from..]);
                 break;
             };
             if h.sealed {
                 ix.sealed.push(indexfile::Sealed {
                     first_phys: h.first_phys,
                     covered: h.covered,
+                    begin_ts: h.begin_ts,
+                    end_ts: h.end_ts,
                 });
                 covered = h.covered;
                 continue;
             }
-            let entries = indexfile::read_entries(&path, &h)
+            let l = indexfile::load_open(&path, &h, h.covered)
                 .map_err(io_err(format!("reading {}", path.display())))?;
-            let mut keep = indexfile::valid_prefix(&entries, h.first_phys, h.covered);
-            let mut file_covered = h.covered;
-            if keep < entries.len() || entries.len() < h.count as usize {
-                // A torn tail: the last whole record's keys may be partly there, so it goes
-                // too, and the rescan adds it again.
-                file_covered = keep
-                    .checked_sub(1)
-                    .map_or(h.first_phys, |l| entries[l].phys);
-                keep = entries[..keep].partition_point(|e| e.phys < file_covered);
-                warn!(file = %path.display(), kept = keep, "key index file cut at a damaged entry");
-            }
-            ix.open.push_back(OpenIndex::rebuild(
-                h.first_phys,
-                h.slots,
-                h.max_entries,
-                &entries[..keep],
-            ));
-            covered = file_covered;
+            let mut f = l.file;
+            // A torn tail: the last whole record's keys may be partly there, so it is
+            // offered again by the rescan (a key entered twice is found once).
+            covered = if l.damaged {
+                warn!(file = %path.display(), kept = f.count, "key index file cut at a damaged entry");
+                l.last_phys.unwrap_or(h.first_phys)
+            } else {
+                h.covered
+            };
+            f.disk_covered = h.covered;
+            ix.open.push_back(f);
         }
-        for first in doomed {
-            let p = dir.join(indexfile::file_name(first));
-            std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
+        if !doomed.is_empty() {
+            for first in &doomed {
+                let p = dir.join(indexfile::file_name(*first));
+                std::fs::remove_file(&p).map_err(io_err(format!("removing {}", p.display())))?;
+            }
+            sync_dir(&dir)?;
         }
         ix.covered = covered;
         ix.indexed_upto = covered;
@@ -2371,7 +2409,8 @@ impl Store {
     /// After the recovery scan cut the log at `cut`: records from `cut` on are gone, so the
     /// index must not point at them. The files cover only synced log, so this happens only
     /// when synced log was lost: files from the cut on are removed, and the file holding the
-    /// cut is reloaded without its entries past it.
+    /// cut is reloaded without its entries past it, its header rewritten at once (a crash
+    /// before the next persist must not bring the old entries back).
     async fn cut_key_index(&self, cut: u64) -> Result<()> {
         let (over, gone) = {
             let mut st = self.inner.st.borrow_mut();
@@ -2399,7 +2438,6 @@ impl Store {
         };
         self.delete_index_files(gone).await?;
         if over {
-            // The newest file left holds the cut: reload it, open, without what lies past it.
             let last = {
                 let mut st = self.inner.st.borrow_mut();
                 let ix = st.index.as_mut().expect("index");
@@ -2410,28 +2448,21 @@ impl Store {
             };
             if let Some(first) = last {
                 let path = self.index_dir().join(indexfile::file_name(first));
-                let loaded = indexfile::read_header(&path)
-                    .and_then(|h| match h {
-                        Some(h) => indexfile::read_entries(&path, &h).map(|e| Some((h, e))),
-                        None => Ok(None),
-                    })
-                    .map_err(io_err(format!("reading {}", path.display())))?;
+                let reload = || -> std::io::Result<Option<OpenIndex>> {
+                    let Some(h) = indexfile::read_header(&path)? else {
+                        return Ok(None);
+                    };
+                    let mut f = indexfile::load_open(&path, &h, cut)?.file;
+                    f.disk_covered = cut;
+                    index_rewrite(&path, 0, &f.header(cut, false).encode())?;
+                    Ok(Some(f))
+                };
+                let f = reload().map_err(io_err(format!("cutting {}", path.display())))?;
                 let mut st = self.inner.st.borrow_mut();
                 let ix = st.index.as_mut().expect("index");
-                match loaded {
-                    Some((h, entries)) => {
-                        let keep = entries.partition_point(|e| e.phys < cut);
-                        ix.open.push_back(OpenIndex::rebuild(
-                            first,
-                            h.slots,
-                            h.max_entries,
-                            &entries[..keep],
-                        ));
-                    }
-                    None => ix
-                        .open
-                        .push_back(OpenIndex::new(first, ix.slots, ix.max_entries)),
-                }
+                ix.open.push_back(
+                    f.unwrap_or_else(|| OpenIndex::new(first, ix.slots, ix.max_entries)),
+                );
             }
         }
         let mut st = self.inner.st.borrow_mut();
@@ -2482,14 +2513,32 @@ impl Store {
     }
 
     /// Writes the key index entries of records below `durable`, and seals full files; then
-    /// every record below `durable` is in the files (the checkpoint may vouch for it).
-    async fn persist_key_index(&self, durable: u64) -> Result<()> {
+    /// every record below `durable` is in the files (the checkpoint may vouch for it). The
+    /// index is derived data: a failure (a full disk) is logged, the checkpoint stays at
+    /// what the files cover, and the ConsumeQueues, the checkpoint and retention go on.
+    async fn persist_key_index(&self, durable: u64) {
+        if let Err(e) = self.persist_key_index_steps(durable).await {
+            warn!(error = %e, "key index not persisted; the next start rebuilds it from the log");
+        }
+    }
+
+    async fn persist_key_index_steps(&self, durable: u64) -> Result<()> {
+        {
+            let mut st = self.inner.st.borrow_mut();
+            let Some(ix) = st.index.as_mut() else {
+                return Ok(());
+            };
+            // Keys or not, the next start should rescan only past `durable`: an empty file
+            // carries that in its header.
+            if ix.open.is_empty() && durable > ix.covered {
+                ix.open
+                    .push_back(OpenIndex::new(durable, ix.slots, ix.max_entries));
+            }
+        }
         loop {
             let step = {
                 let st = self.inner.st.borrow();
-                let Some(ix) = st.index.as_ref() else {
-                    return Ok(());
-                };
+                let ix = st.index.as_ref().expect("index");
                 let len = ix.open.len();
                 let mut step = None;
                 for (i, f) in ix.open.iter().enumerate() {
@@ -2504,6 +2553,7 @@ impl Store {
                             bytes,
                             n,
                             header: h.encode(),
+                            covered,
                         });
                         break;
                     }
@@ -2512,9 +2562,21 @@ impl Store {
                             first_phys: f.first_phys,
                             slots_bytes: f.slot_bytes(),
                             header: f.header(covered, true).encode(),
-                            covered,
+                            sealed: indexfile::Sealed {
+                                first_phys: f.first_phys,
+                                covered,
+                                begin_ts: f.begin_ts,
+                                end_ts: f.end_ts,
+                            },
                         });
                         break;
+                    }
+                    if i + 1 == len && f.disk_covered < covered {
+                        step = Some(IndexStep::Header {
+                            first_phys: f.first_phys,
+                            header: f.header(covered, false).encode(),
+                            covered,
+                        });
                     }
                 }
                 step
@@ -2530,6 +2592,7 @@ impl Store {
                     bytes,
                     n,
                     header,
+                    covered,
                 } => {
                     let f = self.index_file(first_phys).await?;
                     let r = match index_write(&f, bytes, pos).await {
@@ -2542,22 +2605,38 @@ impl Store {
                     let ix = st.index.as_mut().expect("index");
                     if let Some(o) = ix.open.iter_mut().find(|o| o.first_phys == first_phys) {
                         o.mark_persisted(n);
+                        o.disk_covered = covered;
+                    }
+                }
+                IndexStep::Header {
+                    first_phys,
+                    header,
+                    covered,
+                } => {
+                    let f = self.index_file(first_phys).await?;
+                    let r = index_write(&f, header, 0).await;
+                    self.inner.index_files.borrow_mut().insert(first_phys, f);
+                    r?;
+                    let mut st = self.inner.st.borrow_mut();
+                    let ix = st.index.as_mut().expect("index");
+                    if let Some(o) = ix.open.iter_mut().find(|o| o.first_phys == first_phys) {
+                        o.disk_covered = covered;
                     }
                 }
                 IndexStep::Seal {
                     first_phys,
                     slots_bytes,
                     header,
-                    covered,
+                    sealed,
                 } => {
                     let f = self.index_file(first_phys).await?;
                     let r = async {
+                        let sync = |e| gio("syncing a key index file", e);
                         index_write(&f, slots_bytes, indexfile::HEADER_LEN).await?;
                         // The slots are durable before the header says they are there.
-                        f.fdatasync()
-                            .await
-                            .map_err(|e| gio("syncing a key index file", e))?;
-                        index_write(&f, header, 0).await
+                        f.fdatasync().await.map_err(sync)?;
+                        index_write(&f, header, 0).await?;
+                        f.fdatasync().await.map_err(sync)
                     }
                     .await;
                     let _ = f.close().await;
@@ -2565,10 +2644,7 @@ impl Store {
                     let mut st = self.inner.st.borrow_mut();
                     let ix = st.index.as_mut().expect("index");
                     ix.open.retain(|o| o.first_phys != first_phys);
-                    ix.sealed.push(indexfile::Sealed {
-                        first_phys,
-                        covered,
-                    });
+                    ix.sealed.push(sealed);
                     debug!(first_phys, "sealed a key index file");
                 }
             }
@@ -2589,9 +2665,12 @@ impl Store {
     }
 
     /// Messages of `topic` whose keys (or, with `unique`, whose unique key) include `key`,
-    /// stored between `begin_ms` and `end_ms`: at most `max` (and about
-    /// [`indexfile::MAX_QUERY_BYTES`]), in log order. Each record is read back and compared,
-    /// so a hash shared with another key returns nothing wrong.
+    /// stored between `begin_ms` and `end_ms`: the newest `max` (and about
+    /// [`indexfile::MAX_QUERY_BYTES`]), in log order, and whether the answer may be
+    /// incomplete (the query reached its bounds). Each record is read back and compared, so
+    /// a hash shared with another key returns nothing wrong. One query runs at a time per
+    /// shard, and every candidate read counts against [`indexfile::MAX_QUERY_READ_BYTES`]:
+    /// keys made to collide can slow their own queries, not the shard.
     pub async fn query_key(
         &self,
         topic: &str,
@@ -2600,8 +2679,9 @@ impl Store {
         begin_ms: u64,
         end_ms: u64,
         max: usize,
-    ) -> Result<Vec<Bytes>> {
+    ) -> Result<(Vec<Bytes>, bool)> {
         let max = max.clamp(1, indexfile::MAX_QUERY_RESULTS);
+        let _one = self.inner.querying.enter().await;
         let (mut walk, files) = {
             let st = self.inner.st.borrow();
             let Some(ix) = st.index.as_ref() else {
@@ -2618,18 +2698,26 @@ impl Store {
             })
             .await;
         }
+        let mut truncated = walk.truncated;
         let mut found = walk.found;
         found.sort_unstable();
-        found.dedup();
+        found.dedup_by_key(|(phys, _)| *phys);
         // The newest `max` matches, returned oldest first.
         let mut out = Vec::new();
-        let mut bytes = 0;
+        let (mut bytes, mut read) = (0, 0);
         for (phys, size) in found.into_iter().rev() {
-            if out.len() >= max || bytes + size as usize > indexfile::MAX_QUERY_BYTES {
+            if out.len() >= max {
+                break;
+            }
+            read += size as usize;
+            if read > indexfile::MAX_QUERY_READ_BYTES
+                || bytes + size as usize > indexfile::MAX_QUERY_BYTES
+            {
+                truncated = true;
                 break;
             }
             // Deleted by retention since, or damaged: not served.
-            let b = match self.record_at(phys, size).await {
+            let b = match self.record_exact(phys, size).await {
                 Ok(b) => b,
                 Err(e) => {
                     debug!(phys, error = %e, "a key index entry's record cannot be read");
@@ -2642,7 +2730,7 @@ impl Store {
                 && if unique {
                     v.property(orbitmq_proto::msgid::UNIQ_KEY) == Some(key)
                 } else {
-                    indexfile::indexed_keys(v.keys, None).any(|k| k == key)
+                    v.keys.split(indexfile::KEY_SEPARATOR).any(|k| k == key)
                 };
             if hit {
                 bytes += b.len();
@@ -2650,7 +2738,34 @@ impl Store {
             }
         }
         out.reverse();
-        Ok(out)
+        Ok((out, truncated))
+    }
+
+    /// The CRC-checked record at `phys`, reading exactly its bytes (no read-ahead: a query's
+    /// records are scattered).
+    async fn record_exact(&self, phys: u64, size: u32) -> Result<Bytes> {
+        let seg_size = self.inner.cfg.segment_size;
+        let (cached, file) = {
+            let st = self.inner.st.borrow();
+            (
+                st.cache.get(phys, size),
+                st.segments.get(&(phys - phys % seg_size)).cloned(),
+            )
+        };
+        if let Some(b) = cached {
+            return Self::checked(b, phys);
+        }
+        let f = file.ok_or_else(|| {
+            StoreError::io(
+                format!("reading log offset {phys}"),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })?;
+        let r = f
+            .read_at(phys % seg_size, size as usize)
+            .await
+            .map_err(|e| gio("reading the CommitLog", e))?;
+        Self::checked(Bytes::copy_from_slice(&r), phys)
     }
 
     /// The record that starts at log offset `phys` (an offset message id's position);
@@ -2660,6 +2775,9 @@ impl Store {
         let seg_size = self.inner.cfg.segment_size;
         let (file, written, cached_len) = {
             let st = self.inner.st.borrow();
+            if phys >= st.written {
+                return Ok(None);
+            }
             let base = phys - phys % seg_size;
             (
                 st.segments.get(&base).cloned(),
@@ -2667,7 +2785,7 @@ impl Store {
                 st.cache.get(phys, 4),
             )
         };
-        let Some(file) = file.filter(|_| phys < written) else {
+        let Some(file) = file else {
             return Ok(None);
         };
         let len_bytes = match cached_len {
@@ -2689,7 +2807,7 @@ impl Store {
         if !fits {
             return Ok(None);
         }
-        match self.record_at(phys, size).await {
+        match self.record_exact(phys, size).await {
             Ok(b) => Ok(Some(b)),
             Err(StoreError::Corrupt { .. }) => Ok(None),
             Err(e) => Err(e),

@@ -70,7 +70,7 @@ impl ShardHandler {
             )
             .await;
         match found {
-            Ok(records) => {
+            Ok((records, truncated)) => {
                 let mut body = BytesMut::with_capacity(records.iter().map(|r| r.len()).sum());
                 for r in &records {
                     body.extend_from_slice(r);
@@ -79,6 +79,7 @@ impl ShardHandler {
                     id,
                     header::encode(&QueryMessageResponse {
                         count: records.len() as u32,
+                        truncated,
                     }),
                     body.freeze(),
                 )
