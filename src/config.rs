@@ -88,6 +88,8 @@ pub struct BrokerConfig {
     pub schedule: crate::schedule::ScheduleConfig,
     /// `messageIndexEnable`, `maxHashSlotNum`, `maxIndexNum`: the key index (`None`: off).
     pub index: Option<crate::log::config::IndexConfig>,
+    /// `transactionCheckInterval` (ms), `transactionTimeOut` (ms), `transactionCheckMax`.
+    pub txn: crate::txn::TxConfig,
     /// Warnings to log at start (keys known but not acted on).
     pub warnings: Vec<String>,
 }
@@ -119,6 +121,7 @@ impl Default for BrokerConfig {
             tls_ca_file: None,
             schedule: crate::schedule::ScheduleConfig::default(),
             index: Some(crate::log::config::IndexConfig::default()),
+            txn: crate::txn::TxConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -239,6 +242,22 @@ impl BrokerConfig {
                 }
                 "autoCreateTopicEnable" => c.auto_create_topic = parse_bool(v).map_err(bad)?,
                 "messageIndexEnable" => index_enable = Some(parse_bool(v).map_err(bad)?),
+                "transactionCheckInterval" => {
+                    let ms: u64 = parse_num(v).map_err(bad)?;
+                    let min = crate::txn::MIN_CHECK_INTERVAL.as_millis() as u64;
+                    if ms < min {
+                        return Err(bad(format!("must be at least {min} ms")));
+                    }
+                    c.txn.check_interval = Duration::from_millis(ms);
+                }
+                "transactionTimeOut" => c.txn.timeout_ms = parse_num(v).map_err(bad)?,
+                "transactionCheckMax" => {
+                    let n: u32 = parse_num(v).map_err(bad)?;
+                    if n > crate::txn::MAX_CHECK_MAX {
+                        return Err(bad(format!("must be at most {}", crate::txn::MAX_CHECK_MAX)));
+                    }
+                    c.txn.check_max = n;
+                }
                 "maxHashSlotNum" | "maxIndexNum" => {
                     use crate::log::indexfile::{MAX_HASH_SLOTS, MAX_INDEX_NUM};
                     let n: u32 = parse_num(v).map_err(bad)?;
@@ -406,6 +425,24 @@ mod tests {
         assert_eq!(c.flush_disk_type, FlushMode::Sync);
         assert_eq!(c.namesrv_addr, vec!["a:1", "b:2"]);
         assert!(BrokerConfig::parse("b", "shards = 0\n").is_err());
+    }
+
+    #[test]
+    fn transaction_keys() {
+        let c = BrokerConfig::parse(
+            "b",
+            "transactionCheckInterval = 500\ntransactionTimeOut = 1000\ntransactionCheckMax = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.txn.check_interval, Duration::from_millis(500));
+        assert_eq!((c.txn.timeout_ms, c.txn.check_max), (1000, 3));
+        for bad in [
+            "transactionCheckInterval = 5\n",
+            "transactionCheckMax = 5000\n",
+        ] {
+            let e = BrokerConfig::parse("b", bad).unwrap_err().to_string();
+            assert!(e.contains("b:1"), "{bad}: {e}");
+        }
     }
 
     #[test]

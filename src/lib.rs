@@ -15,5 +15,6 @@ pub mod schedule;
 pub mod shard;
 pub mod sync;
 pub mod tuning;
+pub mod txn;
 
 pub use orbitmq_proto as proto;

@@ -309,6 +309,7 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     let mut net = NetConfig::new(listen, server.clone(), topics.clone());
     net.advertise = Some(advertise_ip(listen, conf.broker_ip1, &namesrv));
     net.client_expiry = conf.client_expiry;
+    net.txn = conf.txn;
     let sigs = block_stop_signals();
     let set = ShardSet::start(ShardSetConfig {
         data_dir: data_dir.clone(),

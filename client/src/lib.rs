@@ -40,6 +40,7 @@ pub mod rebalance;
 pub mod remoting;
 pub mod route;
 pub mod tls;
+pub mod transaction;
 
 pub use allocate::Strategy;
 pub use client::{Client, PullTarget};
@@ -57,3 +58,6 @@ pub use push::PushConsumer;
 pub use query::Query;
 pub use remoting::Push;
 pub use route::{MessageQueue, QueueInfo, TopicRoute};
+pub use transaction::{
+    LocalTransactionState, TransactionListener, TransactionProducer, TransactionSendResult,
+};

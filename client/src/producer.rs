@@ -203,6 +203,20 @@ impl Producer {
         Ok(r.remove(0))
     }
 
+    /// Sends a half message of a transaction (see `TransactionProducer`): marked `TRAN_MSG`
+    /// and prepared, it waits on the broker until committed or rolled back.
+    pub(crate) async fn send_half(&self, msg: &Message) -> Result<SendResult> {
+        let mut p = self.prepare(std::slice::from_ref(msg))?;
+        let meta = &mut p.req.messages[0];
+        meta.properties.push((
+            orbitmq_proto::sys::property::TRAN_MSG.to_owned(),
+            "true".to_owned(),
+        ));
+        meta.sys_flag |= orbitmq_proto::record::sys_flag::TRANSACTION_PREPARED;
+        let mut r = self.send_prepared(&mut p, Target::Any).await?;
+        Ok(r.remove(0))
+    }
+
     /// Sends to one queue (no retry on another queue: ordered messages stay in their queue).
     pub async fn send_to_queue(&self, msg: Message, mq: &MessageQueue) -> Result<SendResult> {
         let mut p = self.prepare(std::slice::from_ref(&msg))?;

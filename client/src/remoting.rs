@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use orbitmq_proto::codes::{push as push_code, quic as quic_code};
 use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
-use orbitmq_proto::header::{self, Notice, ResetOffsetNotice};
+use orbitmq_proto::header::{self, CheckTransactionNotice, Notice, ResetOffsetNotice};
 use orbitmq_proto::limits::{MAX_GROUP_LEN, MAX_QUEUES_PER_TOPIC, MAX_TOPIC_LEN};
 use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -52,6 +52,8 @@ pub struct Push {
     /// RESET_CONSUMER_CLIENT_OFFSET: the group's new offsets (that push's header is a
     /// `ResetOffsetNotice` rather than a `Notice`).
     pub reset: Option<ResetOffsetNotice>,
+    /// CHECK_TRANSACTION_STATE: which half message, and its record (the push's body).
+    pub check: Option<(CheckTransactionNotice, Bytes)>,
 }
 
 /// Splits `host:port` (IPv6 hosts in brackets) and checks the port.
@@ -367,6 +369,21 @@ fn decode_reset(h: &[u8]) -> std::result::Result<ResetOffsetNotice, String> {
 }
 
 fn dispatch_push(endpoint: &str, f: Frame, pushes: &broadcast::Sender<Push>) {
+    if f.code == push_code::CHECK_TRANSACTION_STATE {
+        match header::decode::<CheckTransactionNotice>(&f.header) {
+            Ok(n) if !n.producer_group.is_empty() && n.producer_group.len() <= MAX_GROUP_LEN => {
+                let _ = pushes.send(Push {
+                    endpoint: endpoint.to_owned(),
+                    code: f.code,
+                    message: n.producer_group.clone(),
+                    reset: None,
+                    check: Some((n, f.body)),
+                });
+            }
+            _ => tracing::warn!(%endpoint, "transaction check with an invalid header"),
+        }
+        return;
+    }
     let decoded = if f.code == push_code::RESET_CONSUMER_CLIENT_OFFSET {
         decode_reset(&f.header).map(|n| (n.group.clone(), Some(n)))
     } else {
@@ -392,6 +409,7 @@ fn dispatch_push(endpoint: &str, f: Frame, pushes: &broadcast::Sender<Push>) {
         code: f.code,
         message,
         reset,
+        check: None,
     });
 }
 

@@ -19,6 +19,8 @@ pub mod request {
     pub const UNREGISTER_CLIENT: u16 = 35;
     /// A consumer hands back a message it failed to consume (retry topic or DLQ).
     pub const CONSUMER_SEND_MSG_BACK: u16 = 36;
+    /// A transactional producer commits or rolls back a half message.
+    pub const END_TRANSACTION: u16 = 37;
     /// Orderly consumers lock and unlock the queues they process (broker-wide lock table).
     pub const LOCK_BATCH_MQ: u16 = 41;
     pub const UNLOCK_BATCH_MQ: u16 = 42;
@@ -55,6 +57,7 @@ pub mod request {
             GET_ALL_TOPIC_CONFIG => "GET_ALL_TOPIC_CONFIG",
             UNREGISTER_CLIENT => "UNREGISTER_CLIENT",
             CONSUMER_SEND_MSG_BACK => "CONSUMER_SEND_MSG_BACK",
+            END_TRANSACTION => "END_TRANSACTION",
             LOCK_BATCH_MQ => "LOCK_BATCH_MQ",
             UNLOCK_BATCH_MQ => "UNLOCK_BATCH_MQ",
             INVOKE_BROKER_TO_RESET_OFFSET => "INVOKE_BROKER_TO_RESET_OFFSET",
@@ -129,6 +132,10 @@ pub mod push {
     /// A group's offsets were reset while it runs (RocketMQ's RESET_CONSUMER_CLIENT_OFFSET):
     /// the push carries a [`crate::header::ResetOffsetNotice`].
     pub const RESET_CONSUMER_CLIENT_OFFSET: u16 = 220;
+    /// The broker asks a transactional producer how a half message's local transaction
+    /// ended (RocketMQ's CHECK_TRANSACTION_STATE = 39): the push carries a
+    /// [`crate::header::CheckTransactionNotice`] and the half message's record as its body.
+    pub const CHECK_TRANSACTION_STATE: u16 = 39;
 }
 
 /// QUIC application error codes used to close a stream or connection.

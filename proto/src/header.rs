@@ -354,6 +354,30 @@ pub struct ViewMessageRequest {
     pub offset: u64,
 }
 
+/// END_TRANSACTION: the outcome of a half message's local transaction, sent to the shard that
+/// stored it. `half_offset` is its CommitLog offset (its message id's), `half_queue_offset` its
+/// offset in the half queue (the send's queue offset).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct EndTransactionRequest {
+    pub producer_group: String,
+    pub half_offset: u64,
+    pub half_queue_offset: u64,
+    /// True: commit; false: roll back.
+    pub commit: bool,
+    /// Sent in answer to a CHECK_TRANSACTION_STATE.
+    pub from_check: bool,
+}
+
+/// CHECK_TRANSACTION_STATE's header; the push body is the half message's record.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct CheckTransactionNotice {
+    pub producer_group: String,
+    pub half_offset: u64,
+    pub half_queue_offset: u64,
+    /// The half message's offset message id.
+    pub msg_id: String,
+}
+
 /// GET_CONSUMER_LIST_BY_GROUP (and UNREGISTER_CLIENT's group list is in the heartbeat form).
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct GroupRequest {

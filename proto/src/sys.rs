@@ -12,6 +12,13 @@ pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
 /// target queue; the ConsumeQueue entry's tag field holds the delivery time.
 pub const TIMER_TOPIC: &str = "rmq_sys_wheel_timer";
 /// A consumer group's retry topic is this prefix and the group name.
+/// Half (prepared) transactional messages wait here, queue 0 of each shard (RocketMQ's name).
+pub const TRANS_HALF_TOPIC: &str = "RMQ_SYS_TRANS_HALF_TOPIC";
+/// Outcomes of half messages (commit or rollback), queue 0 of each shard (RocketMQ's name).
+pub const TRANS_OP_TOPIC: &str = "RMQ_SYS_TRANS_OP_HALF_TOPIC";
+/// The internal group whose committed offsets on the half and op queues say where a shard's
+/// transaction state is read from at a restart.
+pub const TRANS_GROUP: &str = "CID_RMQ_SYS_TRANS";
 pub const RETRY_GROUP_TOPIC_PREFIX: &str = "%RETRY%";
 /// A consumer group's dead-letter topic is this prefix and the group name.
 pub const DLQ_GROUP_TOPIC_PREFIX: &str = "%DLQ%";
@@ -45,8 +52,14 @@ pub mod property {
     pub const RETRY_TOPIC: &str = "RETRY_TOPIC";
     /// On a retry or dead-letter message: the message id of the first delivery.
     pub const ORIGIN_MESSAGE_ID: &str = "ORIGIN_MESSAGE_ID";
+    /// Set by a transactional producer on a half message (RocketMQ's `TRAN_MSG`, "true").
+    pub const TRAN_MSG: &str = "TRAN_MSG";
+    /// On a half message: its producer group, whose producers are checked back.
+    pub const PGROUP: &str = "PGROUP";
     /// Properties no user may set: the broker or client owns them.
     pub const RESERVED: &[&str] = &[
+        TRAN_MSG,
+        PGROUP,
         crate::msgid::UNIQ_KEY,
         DELAY,
         TIMER_DELIVER_MS,
@@ -62,6 +75,7 @@ pub mod property {
 /// origin (`RETRY_TOPIC`, `ORIGIN_MESSAGE_ID`) or hold is always the broker's word. The client
 /// sets `UNIQ_KEY`, `DELAY` and `TIMER_DELIVER_MS` from its own fields, so those pass.
 pub const BROKER_SET_PROPERTIES: &[&str] = &[
+    property::PGROUP,
     property::REAL_TOPIC,
     property::REAL_QID,
     property::DELAY_APPLIED_MS,
@@ -117,7 +131,10 @@ pub fn group_of(topic: &str) -> Option<&str> {
 
 /// Topics only the broker writes: a client may not send to or create them.
 pub fn is_internal_topic(topic: &str) -> bool {
-    topic == SCHEDULE_TOPIC || topic == TIMER_TOPIC
+    topic == SCHEDULE_TOPIC
+        || topic == TIMER_TOPIC
+        || topic == TRANS_HALF_TOPIC
+        || topic == TRANS_OP_TOPIC
 }
 
 #[cfg(test)]
@@ -135,6 +152,11 @@ mod tests {
             + entry(property::ORIGIN_MESSAGE_ID, 32)
             + entry(property::DELAY_APPLIED_MS, 20);
         assert!(added <= BROKER_PROPERTIES_RESERVE, "{added}");
+        // A half message: its real topic and queue, and its producer group.
+        let half = entry(property::REAL_TOPIC, MAX_TOPIC_LEN)
+            + entry(property::REAL_QID, 10)
+            + entry(property::PGROUP, crate::limits::MAX_GROUP_LEN);
+        assert!(half <= BROKER_PROPERTIES_RESERVE, "{half}");
     }
 
     #[test]

@@ -81,6 +81,17 @@ impl Peer {
         self.push_frame(code, header).await.map(drop)
     }
 
+    /// Pushes a frame with a header and a body (CHECK_TRANSACTION_STATE: the half message);
+    /// queued, not yet sent.
+    pub async fn push_with_body(
+        &self,
+        code: u16,
+        header: Bytes,
+        body: Bytes,
+    ) -> Result<(), String> {
+        self.push_frame_with(code, header, body).await.map(drop)
+    }
+
     async fn push_stream(&self, code: u16, message: &str) -> Result<quinn::SendStream, String> {
         let h = header::encode(&Notice {
             message: message.to_owned(),
@@ -89,7 +100,16 @@ impl Peer {
     }
 
     async fn push_frame(&self, code: u16, h: Bytes) -> Result<quinn::SendStream, String> {
-        let f = Frame::new(Kind::Push, code, 0, h, Bytes::new());
+        self.push_frame_with(code, h, Bytes::new()).await
+    }
+
+    async fn push_frame_with(
+        &self,
+        code: u16,
+        h: Bytes,
+        body: Bytes,
+    ) -> Result<quinn::SendStream, String> {
+        let f = Frame::new(Kind::Push, code, 0, h, body);
         let mut s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
         s.write_all(&f.to_bytes())
             .await

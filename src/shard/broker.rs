@@ -51,6 +51,8 @@ pub struct BrokerShared {
     pub locks: Mutex<crate::shard::locks::LockTable>,
     /// Delay levels and the timer limit (`messageDelayLevel`, `timerMaxDelaySec`).
     pub schedule: crate::schedule::ScheduleConfig,
+    /// `transactionCheckInterval`, `transactionTimeOut`, `transactionCheckMax`.
+    pub txn: crate::txn::TxConfig,
 }
 
 /// Groups one heartbeat may name.
@@ -66,6 +68,8 @@ const PREPARE_QUEUES_PER_JOB: usize = 64;
 pub struct ShardHandler {
     pub shard: u32,
     pub store: Store,
+    /// This shard's transactions (half messages waiting for their outcome).
+    pub txn: RefCell<crate::txn::TxState>,
     pub shared: Arc<BrokerShared>,
     pub view: RefCell<TopicView>,
     /// The connection each client last heartbeat on at this shard, to push it notices
@@ -269,6 +273,11 @@ impl ShardHandler {
                 }
             })
             .collect();
+        if msgs.iter().any(|m| crate::txn::is_half(&m.properties)) {
+            return self
+                .send_half(id, msgs, &h.producer_group, h.queue_id)
+                .await;
+        }
         match self.divert_delayed(&mut msgs) {
             // A batch is one append to one queue: all or nothing (RocketMQ refuses delays in
             // batches too).
@@ -323,6 +332,43 @@ impl ShardHandler {
                 ok_frame(id, header::encode(&resp), Bytes::new())
             }
             Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
+        }
+    }
+
+    /// A half message of a transaction: stored in this shard's half queue, not delayed (a
+    /// delay applies when it is committed). A batch cannot be transactional (as RocketMQ).
+    async fn send_half(
+        &self,
+        id: u64,
+        mut msgs: Vec<Message>,
+        group: &str,
+        queue_id: u32,
+    ) -> Frame {
+        if msgs.len() != 1 {
+            return error_frame(
+                id,
+                response::MESSAGE_ILLEGAL,
+                "a batch cannot be transactional: send half messages one by one",
+            );
+        }
+        let m = msgs.pop().expect("one message");
+        match self.append_half(m, group).await {
+            Ok(r) => {
+                let resp = SendResponse {
+                    queue_id,
+                    results: vec![SendResult {
+                        msg_id: OffsetId::new(
+                            self.my_endpoint(),
+                            self.shard as u16,
+                            r.physical_offset,
+                        )
+                        .encode(),
+                        queue_offset: r.queue_offset,
+                    }],
+                };
+                ok_frame(id, header::encode(&resp), Bytes::new())
+            }
+            Err((code, why)) => error_frame(id, code, why),
         }
     }
 
@@ -608,6 +654,7 @@ impl ShardHandler {
             }
             request::HEART_BEAT | request::UNREGISTER_CLIENT => self.heartbeat(&req, peer),
             request::CONSUMER_SEND_MSG_BACK => self.send_back(&req).await,
+            request::END_TRANSACTION => self.end_transaction(&req).await,
             request::LOCK_BATCH_MQ => self.lock_batch(&req, false),
             request::UNLOCK_BATCH_MQ => self.lock_batch(&req, true),
             request::INVOKE_BROKER_TO_RESET_OFFSET => self.reset_offset(&req),

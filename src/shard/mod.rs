@@ -9,6 +9,7 @@ pub mod clients;
 pub mod locks;
 pub mod query;
 pub mod sendback;
+pub mod txn;
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -188,6 +189,8 @@ pub struct NetConfig {
     pub topics: Arc<Topics>,
     /// Clients silent this long are dropped from the group lists.
     pub client_expiry: Duration,
+    /// Transaction check-back settings.
+    pub txn: crate::txn::TxConfig,
 }
 
 impl NetConfig {
@@ -198,6 +201,7 @@ impl NetConfig {
             server,
             topics,
             client_expiry: clients::DEFAULT_CLIENT_EXPIRY,
+            txn: crate::txn::TxConfig::default(),
         }
     }
 }
@@ -293,16 +297,28 @@ async fn run_shard(
                 return Err(why);
             }
         };
+    let txn = match txn::rebuild(&store, &shared.txn).await {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("transactions: {e}");
+            let _ = ready.send((k, Err(why.clone())));
+            let _ = scheduler.stop().await;
+            let _ = store.close().await;
+            return Err(why);
+        }
+    };
     let _ = ready.send((k, Ok(Some(bound))));
     let handler = Rc::new(broker::ShardHandler {
         shard: k,
         store: store.clone(),
+        txn: RefCell::new(txn),
         view: RefCell::new(TopicView::new(&shared.topics)),
         peers: RefCell::new(std::collections::HashMap::new()),
         conn_clients: RefCell::new(std::collections::HashMap::new()),
         shared,
     });
     let conns = Rc::new(Connections::default());
+    let checks = glommio::spawn_local(txn::check_loop(handler.clone()));
     let server = glommio::spawn_local(crate::net::server::serve(
         endpoint.clone(),
         handler,
@@ -314,6 +330,8 @@ async fn run_shard(
     // Let the CONNECTION_CLOSE frames go out, within bounds.
     futures_lite::future::or(endpoint.wait_idle(), glommio::timer::sleep(SHUTDOWN_GRACE)).await;
     server.await;
+    // Check-backs end before the store closes (a rollback it writes would fail).
+    checks.cancel().await;
     let progress = scheduler.stop().await;
     store.close().await.map_err(|e| e.to_string())?;
     // Closed: every delivery is synced, so the final progress may say so.
@@ -336,6 +354,7 @@ impl ShardSet {
                 topics: n.topics.clone(),
                 endpoints: OnceLock::new(),
                 schedule: cfg.schedule.clone(),
+                txn: n.txn,
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
                 locks: Mutex::new(locks::LockTable::default()),
             })

@@ -1,0 +1,375 @@
+//! Transactional messages on a shard (see `crate::txn` for the model): half messages stored
+//! by SEND_MESSAGE, END_TRANSACTION, the check-back loop, and the state read back at a start.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use orbitmq_proto::codes::{push, response};
+use orbitmq_proto::frame::Frame;
+use orbitmq_proto::header::{self, CheckTransactionNotice, EndTransactionRequest};
+use orbitmq_proto::limits::MAX_GROUP_LEN;
+use orbitmq_proto::msgid::OffsetId;
+use orbitmq_proto::now_ms;
+use orbitmq_proto::record::{self, Message};
+use orbitmq_proto::sys::{TRANS_GROUP, TRANS_HALF_TOPIC, TRANS_OP_TOPIC};
+use tracing::{debug, info, warn};
+
+use crate::log::{ReadStatus, Store, StoreError};
+use crate::nameserver::topics::PERM_WRITE;
+use crate::net::server::{error_frame, ok_frame};
+use crate::shard::broker::{store_error_code, ShardHandler};
+use crate::txn::{self, Due, Outcome, Pending, Status, TxConfig, TxState};
+
+/// Records one read of the half or op queue returns at a start.
+const REBUILD_READ_MESSAGES: usize = 1024;
+/// Bytes one such read returns at most.
+const REBUILD_READ_BYTES: usize = 8 << 20;
+
+/// Reads a shard's transactions back at a start: the half queue from where every earlier
+/// half message had its outcome, and the op queue from where its records start to matter.
+pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreError> {
+    let start = |topic: &str| {
+        let min = store.queue_bounds(topic, 0).map_or(0, |b| b.0);
+        store
+            .query_offset(TRANS_GROUP, topic, 0)
+            .unwrap_or(0)
+            .max(min)
+    };
+    let (half_from, op_from) = (start(TRANS_HALF_TOPIC), start(TRANS_OP_TOPIC));
+    let mut s = TxState::starting_at(half_from, op_from);
+    let mut off = half_from;
+    loop {
+        let r = store
+            .read(
+                TRANS_HALF_TOPIC,
+                0,
+                off,
+                REBUILD_READ_MESSAGES,
+                REBUILD_READ_BYTES,
+                None,
+            )
+            .await?;
+        if r.status != ReadStatus::Found {
+            break;
+        }
+        for b in &r.records {
+            let v = record::decode(b).map_err(|e| StoreError::Corrupt {
+                offset: off,
+                source: e,
+            })?;
+            match txn::half_info(&v) {
+                Ok(info) => s.prepared(
+                    v.queue_offset,
+                    Pending {
+                        phys: v.physical_offset,
+                        group: info.group.to_owned(),
+                        next_check_ms: v.store_timestamp + cfg.timeout_ms,
+                        checks: 0,
+                        ending: false,
+                    },
+                ),
+                Err(e) => {
+                    warn!(offset = v.queue_offset, error = %e, "skipping a damaged half message")
+                }
+            }
+        }
+        off = r.next_offset;
+    }
+    let mut off = op_from;
+    loop {
+        let r = store
+            .read(
+                TRANS_OP_TOPIC,
+                0,
+                off,
+                REBUILD_READ_MESSAGES,
+                REBUILD_READ_BYTES,
+                None,
+            )
+            .await?;
+        if r.status != ReadStatus::Found {
+            break;
+        }
+        for b in &r.records {
+            if let Ok(v) = record::decode(b) {
+                if let Some((half, outcome)) = txn::parse_op(&v) {
+                    s.ended(half, v.queue_offset, outcome);
+                }
+            }
+        }
+        off = r.next_offset;
+    }
+    s.settle();
+    if s.pending() > 0 {
+        info!(
+            pending = s.pending(),
+            "half messages wait for their transactions' outcome"
+        );
+    }
+    Ok(s)
+}
+
+impl ShardHandler {
+    /// Stores a sent half message in the half queue of this shard (which owns its real
+    /// queue). Returns the append's result like any send.
+    pub(crate) async fn append_half(
+        &self,
+        mut m: Message,
+        group: &str,
+    ) -> Result<crate::log::AppendResult, (u16, String)> {
+        txn::to_half(&mut m, group).map_err(|e| (response::MESSAGE_ILLEGAL, e.to_string()))?;
+        let r = self
+            .store
+            .append(&m)
+            .await
+            .map_err(|e| (store_error_code(&e), e.to_string()))?;
+        let timeout = self.shared.txn.timeout_ms;
+        self.txn.borrow_mut().prepared(
+            r.queue_offset,
+            Pending {
+                phys: r.physical_offset,
+                group: group.to_owned(),
+                next_check_ms: r.store_timestamp + timeout,
+                checks: 0,
+                ending: false,
+            },
+        );
+        Ok(r)
+    }
+
+    pub(crate) async fn end_transaction(&self, req: &Frame) -> Frame {
+        let id = req.request_id;
+        let e: EndTransactionRequest = match header::decode(&req.header) {
+            Ok(e) => e,
+            Err(err) => return error_frame(id, response::BAD_REQUEST, err.to_string()),
+        };
+        if e.producer_group.is_empty() || e.producer_group.len() > MAX_GROUP_LEN {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                "a producer group of 1..=255 bytes",
+            );
+        }
+        let outcome = if e.commit {
+            Outcome::Commit
+        } else {
+            Outcome::Rollback
+        };
+        let at = e.half_queue_offset;
+        match self.txn.borrow().status(at) {
+            Status::Pending => {}
+            Status::Ended(o) if o == outcome => return ok_frame(id, Bytes::new(), Bytes::new()),
+            Status::Ended(o) => {
+                return error_frame(
+                    id,
+                    response::BAD_REQUEST,
+                    format!("the transaction of half message {at} already ended: {o:?}"),
+                )
+            }
+            Status::Ending => {
+                return error_frame(
+                    id,
+                    response::SYSTEM_BUSY,
+                    format!("the transaction of half message {at} is being ended"),
+                )
+            }
+            Status::Old => {
+                return error_frame(
+                    id,
+                    response::BAD_REQUEST,
+                    format!(
+                        "no half message waits at {at} on this shard (ended, or never sent here)"
+                    ),
+                )
+            }
+        }
+        // The record must be the half message the request names, of its group.
+        let record = match self.store.record_by_offset(e.half_offset).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return error_frame(
+                    id,
+                    response::BAD_REQUEST,
+                    format!("no message starts at CommitLog offset {}", e.half_offset),
+                )
+            }
+            Err(err) => return error_frame(id, store_error_code(&err), err.to_string()),
+        };
+        let v = match record::decode(&record) {
+            Ok(v) => v,
+            Err(err) => return error_frame(id, response::SYSTEM_ERROR, err.to_string()),
+        };
+        let info =
+            match txn::half_info(&v) {
+                Ok(i) if v.queue_offset == at && i.group == e.producer_group => i,
+                Ok(_) => return error_frame(
+                    id,
+                    response::BAD_REQUEST,
+                    "the half message at that offset is another one, or of another producer group",
+                ),
+                Err(err) => return error_frame(id, response::BAD_REQUEST, err.to_string()),
+            };
+        if !self.txn.borrow_mut().begin_end(at) {
+            return error_frame(id, response::SYSTEM_BUSY, "the transaction is being ended");
+        }
+        let r = async {
+            if outcome == Outcome::Commit {
+                self.check_queue(id, info.real_topic, info.real_queue, PERM_WRITE)?;
+                let mut m = txn::committed(&v)
+                    .map_err(|err| error_frame(id, response::SYSTEM_ERROR, err.to_string()))?;
+                self.divert_delayed(std::slice::from_mut(&mut m))
+                    .map_err(|err| error_frame(id, response::MESSAGE_ILLEGAL, err.to_string()))?;
+                self.store
+                    .append(&m)
+                    .await
+                    .map_err(|err| error_frame(id, store_error_code(&err), err.to_string()))?;
+            }
+            self.write_outcome(at, outcome)
+                .await
+                .map_err(|err| error_frame(id, store_error_code(&err), err.to_string()))
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                debug!(
+                    half = at,
+                    ?outcome,
+                    from_check = e.from_check,
+                    "transaction ended"
+                );
+                ok_frame(id, Bytes::new(), Bytes::new())
+            }
+            Err(f) => {
+                self.txn.borrow_mut().end_failed(at);
+                f
+            }
+        }
+    }
+
+    /// Appends the op record of an outcome and records it; the progress a restart reads
+    /// from moves on.
+    async fn write_outcome(
+        &self,
+        half_queue_offset: u64,
+        outcome: Outcome,
+    ) -> Result<(), StoreError> {
+        let op = self
+            .store
+            .append(&txn::op_message(half_queue_offset, outcome))
+            .await?;
+        let (half, ops) = {
+            let mut s = self.txn.borrow_mut();
+            s.ended(half_queue_offset, op.queue_offset, outcome);
+            (s.half_progress(), s.op_progress())
+        };
+        // Committed offsets are bounded per shard; the two internal ones always fit once set.
+        for (topic, at) in [(TRANS_HALF_TOPIC, half), (TRANS_OP_TOPIC, ops)] {
+            if let Err(e) = self.store.commit_offset(TRANS_GROUP, topic, 0, at) {
+                warn!(error = %e, "transaction progress not recorded; a restart reads more");
+            }
+        }
+        Ok(())
+    }
+
+    /// One round of checks: half messages past their timeout are checked back with a live
+    /// producer of their group on this shard; those checked `transactionCheckMax` times are
+    /// rolled back.
+    async fn check_round(&self, cfg: &TxConfig) {
+        let due = self.txn.borrow_mut().due(now_ms(), cfg);
+        for d in due {
+            match d {
+                Due::Discard { half_queue_offset } => {
+                    if !self.txn.borrow_mut().begin_end(half_queue_offset) {
+                        continue;
+                    }
+                    warn!(
+                        half = half_queue_offset,
+                        checks = cfg.check_max,
+                        "no outcome after the last check-back: rolling the half message back"
+                    );
+                    if let Err(e) = self
+                        .write_outcome(half_queue_offset, Outcome::Rollback)
+                        .await
+                    {
+                        warn!(error = %e, "rollback of an unanswered half message not written");
+                        self.txn.borrow_mut().end_failed(half_queue_offset);
+                    }
+                }
+                Due::Check {
+                    half_queue_offset,
+                    phys,
+                    group,
+                    n,
+                } => self.check_back(half_queue_offset, phys, &group, n).await,
+            }
+        }
+    }
+
+    async fn check_back(&self, half_queue_offset: u64, phys: u64, group: &str, n: u32) {
+        let record = match self.store.record_by_offset(phys).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                // Gone (retention): it can never be committed.
+                if self.txn.borrow_mut().begin_end(half_queue_offset) {
+                    if let Err(e) = self
+                        .write_outcome(half_queue_offset, Outcome::Rollback)
+                        .await
+                    {
+                        warn!(error = %e, "rollback of a lost half message not written");
+                        self.txn.borrow_mut().end_failed(half_queue_offset);
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, half = half_queue_offset, "half message unreadable for its check-back");
+                return;
+            }
+        };
+        let producers = self
+            .shared
+            .clients
+            .lock()
+            .expect("clients lock")
+            .producers(group, Instant::now());
+        let peer = {
+            let peers = self.peers.borrow();
+            producers.iter().find_map(|p| peers.get(p).cloned())
+        };
+        let Some(peer) = peer else {
+            debug!(
+                group,
+                half = half_queue_offset,
+                check = n,
+                "no producer of the group is connected to this shard for a check-back"
+            );
+            return;
+        };
+        let notice = CheckTransactionNotice {
+            producer_group: group.to_owned(),
+            half_offset: phys,
+            half_queue_offset,
+            msg_id: OffsetId::new(self.my_endpoint(), self.shard as u16, phys).encode(),
+        };
+        if let Err(e) = peer
+            .push_with_body(
+                push::CHECK_TRANSACTION_STATE,
+                header::encode(&notice),
+                record,
+            )
+            .await
+        {
+            debug!(group, error = %e, "check-back not sent");
+        }
+    }
+}
+
+/// The shard's check-back loop, until the shard stops (the task is dropped).
+pub async fn check_loop(handler: Rc<ShardHandler>) {
+    let cfg = handler.shared.txn;
+    loop {
+        glommio::timer::sleep(cfg.check_interval.max(Duration::from_millis(1))).await;
+        handler.check_round(&cfg).await;
+    }
+}
