@@ -363,3 +363,33 @@ async fn a_transactional_batch_is_refused() {
     client.shutdown().await;
     b.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_applies_from_the_commit() {
+    let conf = format!("{TX_CONF}messageDelayLevel = 2s\n");
+    let (b, _dir) = broker_with_topics(&[(TOPIC, 2)], &conf);
+    let ledger = Arc::new(Ledger::default());
+    ledger.set("later", CommitMessage, Unknown);
+    let p = TransactionProducer::new("tx-pg", b.config(), ledger.clone())
+        .await
+        .unwrap();
+    let c = LitePullConsumer::with_options("tx-cg", b.config(), from_first())
+        .await
+        .unwrap();
+    c.subscribe(TOPIC, "*").await.unwrap();
+    let sent = std::time::Instant::now();
+    p.send_message_in_transaction(Message::new(TOPIC, "later").with_delay_level(1))
+        .await
+        .unwrap();
+    let got = poll_n(&c, 1).await;
+    assert_eq!(bodies(&got), ["later"]);
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(got[0].delay_applied_ms(), Some(2000));
+    c.shutdown().await.unwrap();
+    p.shutdown().await;
+    b.stop();
+}
