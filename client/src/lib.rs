@@ -5,8 +5,10 @@
 //! - [`LitePullConsumer`]: subscribe or assign, `poll`, `commit`, `seek`.
 //! - [`PushConsumer`]: a concurrent listener fed by long-polling pulls, offsets committed
 //!   every 5 s and on shutdown.
-//! - [`Client`]: the shared instance (connections, routes, heartbeats) and the low-level
-//!   requests (offsets, pulls).
+//! - [`TransactionProducer`]: transactional messages (half message, local transaction, commit
+//!   or rollback, the broker's check-back answered by a [`TransactionListener`]).
+//! - [`Client`]: the shared instance (connections, routes, heartbeats), the low-level
+//!   requests (offsets, pulls) and message queries (by key, unique key or message id).
 //!
 //! ```no_run
 //! # async fn demo() -> orbitmq_client::Result<()> {
