@@ -33,8 +33,9 @@ pub const OUTBOUND_FRAMES_MAX: usize = 4096;
 pub const WRITE_BATCH_FRAMES_MAX: usize = 64;
 /// Largest chunk the reader asks quinn for at once.
 pub const READ_CHUNK_MAX: usize = 256 * 1024;
-/// Pushes kept for slow observers of `Client::pushes` before the oldest are dropped.
-pub const PUSH_CHANNEL_CAPACITY: usize = 256;
+/// Pushes kept for slow observers of `Client::pushes` before the oldest are dropped (a
+/// broker shard sends up to 1,000 transaction check-backs a round).
+pub const PUSH_CHANNEL_CAPACITY: usize = 4096;
 /// Unidirectional streams the broker may have open to us at once (push notices).
 pub const PUSH_STREAMS_MAX: u32 = 16;
 /// How long closing waits for the peer to acknowledge.

@@ -84,19 +84,30 @@ impl TransactionProducer {
     pub async fn send_message_in_transaction(&self, msg: Message) -> Result<TransactionSendResult> {
         let send = self.producer.send_half(&msg).await?;
         let client = self.producer.client();
-        let endpoint = match client.topic_route(&send.queue.topic).await {
-            Ok(r) => r.find(&send.queue).map(|q| q.endpoint.clone()),
-            Err(_) => None,
+        // The shard that stored it: its endpoint is in the message id (IPv4), else the route's.
+        let endpoint = match OffsetId::decode(&send.msg_id) {
+            Some(id) if id.ip != [0, 0, 0, 0] => {
+                let [a, b, c, d] = id.ip;
+                Some(format!("{a}.{b}.{c}.{d}:{}", id.port))
+            }
+            _ => match client.topic_route(&send.queue.topic).await {
+                Ok(r) => r.find(&send.queue).map(|q| q.endpoint.clone()),
+                Err(_) => None,
+            },
         };
         if let Some(e) = &endpoint {
-            let new = self
-                .announced
-                .lock()
-                .expect("announced lock")
-                .insert(e.clone());
+            let new = !self.announced.lock().expect("announced lock").contains(e);
             if new {
-                if let Err(err) = client.heartbeat().await {
-                    tracing::debug!(error = %err, "heartbeat after the first half message failed");
+                match client.heartbeat().await {
+                    Ok(()) => {
+                        self.announced
+                            .lock()
+                            .expect("announced lock")
+                            .insert(e.clone());
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "heartbeat after a half message failed")
+                    }
                 }
             }
         }
@@ -134,6 +145,13 @@ impl TransactionProducer {
     pub async fn shutdown(&self) {
         self.checks.abort();
         self.producer.shutdown().await;
+    }
+}
+
+impl Drop for TransactionProducer {
+    fn drop(&mut self) {
+        // The check-back task holds the client: it ends with the producer.
+        self.checks.abort();
     }
 }
 

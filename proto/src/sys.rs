@@ -11,7 +11,6 @@ pub const SCHEDULE_TOPIC: &str = "SCHEDULE_TOPIC_XXXX";
 /// Where a message with a delivery time (`TIMER_DELIVER_MS`) waits: queue 0 on the shard of its
 /// target queue; the ConsumeQueue entry's tag field holds the delivery time.
 pub const TIMER_TOPIC: &str = "rmq_sys_wheel_timer";
-/// A consumer group's retry topic is this prefix and the group name.
 /// Half (prepared) transactional messages wait here, queue 0 of each shard (RocketMQ's name).
 pub const TRANS_HALF_TOPIC: &str = "RMQ_SYS_TRANS_HALF_TOPIC";
 /// Outcomes of half messages (commit or rollback), queue 0 of each shard (RocketMQ's name).
@@ -19,6 +18,7 @@ pub const TRANS_OP_TOPIC: &str = "RMQ_SYS_TRANS_OP_HALF_TOPIC";
 /// The internal group whose committed offsets on the half and op queues say where a shard's
 /// transaction state is read from at a restart.
 pub const TRANS_GROUP: &str = "CID_RMQ_SYS_TRANS";
+/// A consumer group's retry topic is this prefix and the group name.
 pub const RETRY_GROUP_TOPIC_PREFIX: &str = "%RETRY%";
 /// A consumer group's dead-letter topic is this prefix and the group name.
 pub const DLQ_GROUP_TOPIC_PREFIX: &str = "%DLQ%";

@@ -21,6 +21,10 @@ use crate::net::server::{error_frame, ok_frame};
 use crate::shard::broker::{store_error_code, ShardHandler};
 use crate::txn::{self, Due, Outcome, Pending, Status, TxConfig, TxState};
 
+/// Copies of one unique key looked at to tell whether a commit is stored already.
+const COMMITTED_LOOKUP_MAX: usize = 16;
+/// How long one check-back push may take to be queued to its producer.
+const CHECK_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records one read of the half or op queue returns at a start.
 const REBUILD_READ_MESSAGES: usize = 1024;
 /// Bytes one such read returns at most.
@@ -38,44 +42,7 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
     };
     let (half_from, op_from) = (start(TRANS_HALF_TOPIC), start(TRANS_OP_TOPIC));
     let mut s = TxState::starting_at(half_from, op_from);
-    let mut off = half_from;
-    loop {
-        let r = store
-            .read(
-                TRANS_HALF_TOPIC,
-                0,
-                off,
-                REBUILD_READ_MESSAGES,
-                REBUILD_READ_BYTES,
-                None,
-            )
-            .await?;
-        if r.status != ReadStatus::Found {
-            break;
-        }
-        for b in &r.records {
-            let v = record::decode(b).map_err(|e| StoreError::Corrupt {
-                offset: off,
-                source: e,
-            })?;
-            match txn::half_info(&v) {
-                Ok(info) => s.prepared(
-                    v.queue_offset,
-                    Pending {
-                        phys: v.physical_offset,
-                        group: info.group.to_owned(),
-                        next_check_ms: v.store_timestamp + cfg.timeout_ms,
-                        checks: 0,
-                        ending: false,
-                    },
-                ),
-                Err(e) => {
-                    warn!(offset = v.queue_offset, error = %e, "skipping a damaged half message")
-                }
-            }
-        }
-        off = r.next_offset;
-    }
+    // Outcomes first, so a half message that ended is never taken for pending.
     let mut off = op_from;
     loop {
         let r = store
@@ -100,6 +67,51 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
         }
         off = r.next_offset;
     }
+    let mut off = half_from;
+    loop {
+        let r = store
+            .read(
+                TRANS_HALF_TOPIC,
+                0,
+                off,
+                REBUILD_READ_MESSAGES,
+                REBUILD_READ_BYTES,
+                None,
+            )
+            .await?;
+        if r.status != ReadStatus::Found {
+            break;
+        }
+        for b in &r.records {
+            let half = record::decode(b).map_err(|e| e.to_string()).and_then(|v| {
+                txn::half_info(&v)
+                    .map(|i| {
+                        (
+                            i.group.to_owned(),
+                            v.queue_offset,
+                            v.physical_offset,
+                            v.store_timestamp,
+                        )
+                    })
+                    .map_err(|e| e.to_string())
+            });
+            match half {
+                Ok((group, at, phys, stored)) if !s.has_outcome(at) => s.prepared(
+                    at,
+                    Pending {
+                        phys,
+                        group,
+                        next_check_ms: stored.saturating_add(cfg.timeout_ms),
+                        checks: 0,
+                        ending: false,
+                    },
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "skipping a damaged half message"),
+            }
+        }
+        off = r.next_offset;
+    }
     s.settle();
     if s.pending() > 0 {
         info!(
@@ -119,6 +131,15 @@ impl ShardHandler {
         group: &str,
     ) -> Result<crate::log::AppendResult, (u16, String)> {
         txn::to_half(&mut m, group).map_err(|e| (response::MESSAGE_ILLEGAL, e.to_string()))?;
+        if self.txn.borrow().pending() >= txn::MAX_PENDING {
+            return Err((
+                response::SYSTEM_BUSY,
+                format!(
+                    "{} half messages wait for their outcome on this shard: end some first",
+                    txn::MAX_PENDING
+                ),
+            ));
+        }
         let r = self
             .store
             .append(&m)
@@ -130,7 +151,7 @@ impl ShardHandler {
             Pending {
                 phys: r.physical_offset,
                 group: group.to_owned(),
-                next_check_ms: r.store_timestamp + timeout,
+                next_check_ms: r.store_timestamp.saturating_add(timeout),
                 checks: 0,
                 ending: false,
             },
@@ -184,7 +205,22 @@ impl ShardHandler {
                 )
             }
         }
-        // The record must be the half message the request names, of its group.
+        // The request must name the pending half message itself (its log offset and group),
+        // not some other record that starts at a chosen offset.
+        let matches = self
+            .txn
+            .borrow()
+            .pending_at(at)
+            .is_some_and(|p| p.phys == e.half_offset && p.group == e.producer_group);
+        if !matches {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "half message {at} is another one, or of another producer group, than the request names"
+                ),
+            );
+        }
         let record = match self.store.record_by_offset(e.half_offset).await {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -218,12 +254,21 @@ impl ShardHandler {
                 self.check_queue(id, info.real_topic, info.real_queue, PERM_WRITE)?;
                 let mut m = txn::committed(&v)
                     .map_err(|err| error_frame(id, response::SYSTEM_ERROR, err.to_string()))?;
-                self.divert_delayed(std::slice::from_mut(&mut m))
-                    .map_err(|err| error_frame(id, response::MESSAGE_ILLEGAL, err.to_string()))?;
-                self.store
-                    .append(&m)
+                // A commit whose op record was not written (a failed append, a crash) is
+                // not stored twice: its copy in the real topic names the half's offset.
+                if !self
+                    .already_committed(&m, e.half_offset, v.store_timestamp)
                     .await
-                    .map_err(|err| error_frame(id, store_error_code(&err), err.to_string()))?;
+                {
+                    self.divert_delayed(std::slice::from_mut(&mut m))
+                        .map_err(|err| {
+                            error_frame(id, response::MESSAGE_ILLEGAL, err.to_string())
+                        })?;
+                    self.store
+                        .append(&m)
+                        .await
+                        .map_err(|err| error_frame(id, store_error_code(&err), err.to_string()))?;
+                }
             }
             self.write_outcome(at, outcome)
                 .await
@@ -245,6 +290,43 @@ impl ShardHandler {
                 f
             }
         }
+    }
+
+    /// Whether the committed copy of the half message at `half_offset` is stored already,
+    /// found by its unique key in the key index (without the index, or without a unique key,
+    /// this cannot be told, and a commit whose op record was lost may be stored twice, as
+    /// RocketMQ's). A delayed commit waits in the schedule or timer topic under its key.
+    async fn already_committed(&self, m: &Message, half_offset: u64, stored_ms: u64) -> bool {
+        let Some((_, uniq)) = m
+            .properties
+            .iter()
+            .find(|(k, _)| k == orbitmq_proto::msgid::UNIQ_KEY)
+        else {
+            return false;
+        };
+        for topic in [
+            m.topic.as_str(),
+            orbitmq_proto::sys::SCHEDULE_TOPIC,
+            orbitmq_proto::sys::TIMER_TOPIC,
+        ] {
+            let found = self
+                .store
+                .query_key(topic, uniq, true, stored_ms, u64::MAX, COMMITTED_LOOKUP_MAX)
+                .await;
+            if let Ok((records, _)) = found {
+                let committed = records
+                    .iter()
+                    .any(|b| record::decode(b).is_ok_and(|v| v.prepared_tx_offset == half_offset));
+                if committed {
+                    info!(
+                        half_offset,
+                        "a commit was stored already: writing only its op record"
+                    );
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     /// Appends the op record of an outcome and records it; the progress a restart reads
@@ -333,9 +415,14 @@ impl ShardHandler {
             .lock()
             .expect("clients lock")
             .producers(group, Instant::now());
+        // Producers in turn, check by check: one that stopped answering does not get all.
         let peer = {
             let peers = self.peers.borrow();
-            producers.iter().find_map(|p| peers.get(p).cloned())
+            let live: Vec<_> = producers
+                .iter()
+                .filter_map(|p| peers.get(p).cloned())
+                .collect();
+            (!live.is_empty()).then(|| live[n as usize % live.len()].clone())
         };
         let Some(peer) = peer else {
             debug!(
@@ -352,16 +439,24 @@ impl ShardHandler {
             half_queue_offset,
             msg_id: OffsetId::new(self.my_endpoint(), self.shard as u16, phys).encode(),
         };
-        if let Err(e) = peer
-            .push_with_body(
+        // Not awaited by the round: a producer that does not take its pushes holds up only
+        // its own, for at most the timeout.
+        let group = group.to_owned();
+        glommio::spawn_local(async move {
+            let send = peer.push_with_body(
                 push::CHECK_TRANSACTION_STATE,
                 header::encode(&notice),
                 record,
-            )
-            .await
-        {
-            debug!(group, error = %e, "check-back not sent");
-        }
+            );
+            let timeout = async {
+                glommio::timer::sleep(CHECK_PUSH_TIMEOUT).await;
+                Err("timed out".to_owned())
+            };
+            if let Err(e) = futures_lite::future::or(send, timeout).await {
+                debug!(group, error = %e, "check-back not sent");
+            }
+        })
+        .detach();
     }
 }
 

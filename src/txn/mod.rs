@@ -26,8 +26,14 @@ pub const DEFAULT_CHECK_MAX: u32 = 15;
 /// Bounds of the settings.
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_CHECK_MAX: u32 = 1000;
-/// Most half messages checked back in one round of a shard (the rest wait for the next).
-pub const MAX_CHECKS_PER_ROUND: usize = 10_000;
+/// Most half messages checked back in one round of a shard (the rest wait for the next): a
+/// client takes pushes into a channel of 4,096.
+pub const MAX_CHECKS_PER_ROUND: usize = 1_000;
+/// Most half messages rolled back in one round of a shard after their last check.
+pub const MAX_DISCARDS_PER_ROUND: usize = 10_000;
+/// Most half messages a shard keeps waiting for their outcome; past it a new one is refused
+/// (SYSTEM_BUSY) until some end or are rolled back.
+pub const MAX_PENDING: usize = 1_000_000;
 /// Outcomes remembered for a repeated END_TRANSACTION (a check-back's answer crossing the
 /// producer's own): the newest ones, by half queue offset.
 pub const MAX_REMEMBERED_OUTCOMES: usize = 65_536;
@@ -140,8 +146,12 @@ pub fn committed(rec: &RecordView<'_>) -> Result<Message, TxError> {
     let mut m = rec.to_message();
     m.topic = info.real_topic.to_owned();
     m.queue_id = info.real_queue;
+    // TRAN_MSG goes too (as RocketMQ's commit clears it): the stored message is no half.
     m.properties.retain(|(k, _)| {
-        k != property::REAL_TOPIC && k != property::REAL_QID && k != property::PGROUP
+        k != property::REAL_TOPIC
+            && k != property::REAL_QID
+            && k != property::PGROUP
+            && k != property::TRAN_MSG
     });
     m.sys_flag = (m.sys_flag & !sys_flag::TRANSACTION_MASK) | sys_flag::TRANSACTION_COMMIT;
     m.prepared_tx_offset = rec.physical_offset;
@@ -217,6 +227,11 @@ pub struct TxState {
     op_refs: BTreeMap<u64, u64>,
     next_half: u64,
     next_op: u64,
+    /// A restart is reading the queues: every outcome read is kept until [`Self::settle`]
+    /// (none may be forgotten before its half message is read).
+    rebuilding: bool,
+    /// The half progress at the last pruning of `op_refs`.
+    pruned_at: u64,
 }
 
 impl TxState {
@@ -279,25 +294,44 @@ impl TxState {
         self.pending.len()
     }
 
+    /// The pending half message at a queue offset (its log offset and group).
+    pub fn pending_at(&self, half_queue_offset: u64) -> Option<&Pending> {
+        self.pending.get(&half_queue_offset)
+    }
+
+    /// Whether an op record for this half message was read (a restart reads the op queue
+    /// before the half queue, so a half message that ended is not taken for pending).
+    pub fn has_outcome(&self, half_queue_offset: u64) -> bool {
+        self.ended.contains_key(&half_queue_offset)
+    }
+
     /// The half messages due at `now_ms`, at most [`MAX_CHECKS_PER_ROUND`]; each checked
     /// one is due again a check interval later.
     pub fn due(&mut self, now_ms: u64, cfg: &TxConfig) -> Vec<Due> {
         let mut out = Vec::new();
+        let (mut checks, mut discards) = (0, 0);
         for (off, p) in self.pending.iter_mut() {
-            if out.len() >= MAX_CHECKS_PER_ROUND {
+            if checks >= MAX_CHECKS_PER_ROUND && discards >= MAX_DISCARDS_PER_ROUND {
                 break;
             }
             if p.ending || p.next_check_ms > now_ms {
                 continue;
             }
             if p.checks >= cfg.check_max {
-                out.push(Due::Discard {
-                    half_queue_offset: *off,
-                });
+                if discards < MAX_DISCARDS_PER_ROUND {
+                    discards += 1;
+                    out.push(Due::Discard {
+                        half_queue_offset: *off,
+                    });
+                }
                 continue;
             }
+            if checks >= MAX_CHECKS_PER_ROUND {
+                continue;
+            }
+            checks += 1;
             p.checks += 1;
-            p.next_check_ms = now_ms + cfg.check_interval.as_millis() as u64;
+            p.next_check_ms = now_ms.saturating_add(cfg.check_interval.as_millis() as u64);
             out.push(Due::Check {
                 half_queue_offset: *off,
                 phys: p.phys,
@@ -327,10 +361,17 @@ impl TxState {
     /// Forgets op records below the half progress (a restart need not read them again) and
     /// the oldest outcomes past [`MAX_REMEMBERED_OUTCOMES`].
     fn prune(&mut self) {
+        // Only when the progress moved: a retain per outcome would make ending many
+        // transactions quadratic.
         let p = self.half_progress();
-        self.op_refs.retain(|_, h| *h >= p);
-        while self.ended.len() > MAX_REMEMBERED_OUTCOMES {
-            self.ended.pop_first();
+        if p > self.pruned_at {
+            self.pruned_at = p;
+            self.op_refs.retain(|_, h| *h >= p);
+        }
+        if !self.rebuilding {
+            while self.ended.len() > MAX_REMEMBERED_OUTCOMES {
+                self.ended.pop_first();
+            }
         }
     }
 
@@ -339,12 +380,15 @@ impl TxState {
         TxState {
             next_half: half,
             next_op: op,
+            rebuilding: true,
             ..TxState::default()
         }
     }
 
-    /// After a restart's reads: outcomes of half messages below the progress go.
+    /// After a restart's reads: the remembered outcomes are capped again.
     pub fn settle(&mut self) {
+        self.rebuilding = false;
+        self.pruned_at = 0;
         self.prune();
     }
 }
@@ -409,10 +453,9 @@ mod tests {
         let c = committed(&v).unwrap();
         assert_eq!((c.topic.as_str(), c.queue_id), ("Orders", 3));
         assert_eq!((c.tags.as_str(), c.keys.as_str()), ("TagA", "k1"));
-        assert_eq!(
-            c.properties, sent.properties,
-            "the sent properties, no more"
-        );
+        let mut want = sent.properties.clone();
+        want.retain(|(k, _)| k != property::TRAN_MSG);
+        assert_eq!(c.properties, want, "the sent properties, not TRAN_MSG");
         assert_eq!(c.body, sent.body);
         assert_eq!(c.sys_flag, sys_flag::TRANSACTION_COMMIT);
         assert_eq!(c.prepared_tx_offset, 4096);
@@ -511,13 +554,14 @@ mod tests {
 
     #[test]
     fn a_restart_reads_halves_and_ops_from_the_progress() {
-        // Halves 5..8 after the progress; ops for 6 (at op 10) and for 3 (old, ignored).
+        // Ops first (as a restart reads them): for 6 (at op 10) and for 3 (below the
+        // progress); then halves 5..8 after the progress.
         let mut s = TxState::starting_at(5, 10);
+        s.ended(6, 10, Outcome::Commit);
+        s.ended(3, 11, Outcome::Commit);
         for off in 5..8 {
             s.prepared(off, pending(off, 0));
         }
-        s.ended(6, 10, Outcome::Commit);
-        s.ended(3, 11, Outcome::Commit);
         s.settle();
         assert_eq!(s.status(6), Status::Ended(Outcome::Commit));
         assert_eq!(s.status(5), Status::Pending);
@@ -528,10 +572,19 @@ mod tests {
         );
         assert_eq!(s.status(2), Status::Old);
         assert_eq!((s.half_progress(), s.op_progress()), (5, 10));
-        // An op read before its half (ops of a later half can come first in the op queue).
+        // More outcomes than are remembered live: while rebuilding, none is forgotten, so
+        // no ended half message is taken for pending.
         let mut s = TxState::starting_at(0, 0);
-        s.ended(2, 0, Outcome::Rollback);
-        s.prepared(2, pending(2, 0));
-        assert_eq!(s.status(2), Status::Ended(Outcome::Rollback));
+        let n = MAX_REMEMBERED_OUTCOMES as u64 + 10;
+        for h in 1..=n {
+            s.ended(h, h, Outcome::Commit);
+        }
+        for h in 0..=n {
+            s.prepared(h, pending(h, 0));
+        }
+        s.settle();
+        assert_eq!(s.pending(), 1, "only half 0 waits");
+        assert_eq!(s.status(1), Status::Old, "capped again after the rebuild");
+        assert_eq!(s.half_progress(), 0);
     }
 }
