@@ -483,3 +483,32 @@ fn a_clean_close_without_keys_leaves_an_index_covering_the_whole_log() {
         assert_eq!((h.count, h.covered), (0, end));
     });
 }
+
+#[test]
+fn a_committed_half_message_is_found_by_its_unique_key_with_the_half_offset() {
+    // What a commit looks for before it stores a half message's copy (src/shard/txn.rs).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&path)).await.unwrap();
+        let mut half = msg(TOPIC, 7);
+        orbitmq::txn::to_half(&mut half, "pg").unwrap();
+        let h = store.append(&half).await.unwrap();
+        let b = store
+            .record_by_offset(h.physical_offset)
+            .await
+            .unwrap()
+            .unwrap();
+        let committed = orbitmq::txn::committed(&record::decode(&b).unwrap()).unwrap();
+        store.append(&committed).await.unwrap();
+        let (found, _) = store
+            .query_key(TOPIC, "u7", true, h.store_timestamp, u64::MAX, 16)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        let v = record::decode(&found[0]).unwrap();
+        assert_eq!(v.prepared_tx_offset, h.physical_offset);
+        assert_eq!(v.body, &msg(TOPIC, 7).body[..]);
+        store.close().await.unwrap();
+    });
+}
