@@ -1935,6 +1935,18 @@ impl Store {
         size: u32,
         window: &mut Option<(u64, Bytes)>,
     ) -> Result<Bytes> {
+        self.record_reading(phys, size, READ_AHEAD_BYTES, window)
+            .await
+    }
+
+    /// [`Self::record_in`] reading `ahead` bytes at least (0: the record's own bytes).
+    async fn record_reading(
+        &self,
+        phys: u64,
+        size: u32,
+        ahead: u64,
+        window: &mut Option<(u64, Bytes)>,
+    ) -> Result<Bytes> {
         if let Some((start, w)) = window.as_ref() {
             if phys >= *start && phys + size as u64 <= *start + w.len() as u64 {
                 let at = (phys - start) as usize;
@@ -1961,7 +1973,7 @@ impl Store {
             )
         })?;
         // Never past the segment or the published written offset.
-        let end = (phys + (size as u64).max(READ_AHEAD_BYTES))
+        let end = (phys + (size as u64).max(ahead))
             .min(base + self.inner.cfg.segment_size)
             .min(written.max(phys + size as u64));
         let r = f
@@ -2744,28 +2756,7 @@ impl Store {
     /// The CRC-checked record at `phys`, reading exactly its bytes (no read-ahead: a query's
     /// records are scattered).
     async fn record_exact(&self, phys: u64, size: u32) -> Result<Bytes> {
-        let seg_size = self.inner.cfg.segment_size;
-        let (cached, file) = {
-            let st = self.inner.st.borrow();
-            (
-                st.cache.get(phys, size),
-                st.segments.get(&(phys - phys % seg_size)).cloned(),
-            )
-        };
-        if let Some(b) = cached {
-            return Self::checked(b, phys);
-        }
-        let f = file.ok_or_else(|| {
-            StoreError::io(
-                format!("reading log offset {phys}"),
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            )
-        })?;
-        let r = f
-            .read_at(phys % seg_size, size as usize)
-            .await
-            .map_err(|e| gio("reading the CommitLog", e))?;
-        Self::checked(Bytes::copy_from_slice(&r), phys)
+        self.record_reading(phys, size, 0, &mut None).await
     }
 
     /// The record that starts at log offset `phys` (an offset message id's position);

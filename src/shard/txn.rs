@@ -43,75 +43,32 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
     let (half_from, op_from) = (start(TRANS_HALF_TOPIC), start(TRANS_OP_TOPIC));
     let mut s = TxState::starting_at(half_from, op_from);
     // Outcomes first, so a half message that ended is never taken for pending.
-    let mut off = op_from;
-    loop {
-        let r = store
-            .read(
-                TRANS_OP_TOPIC,
-                0,
-                off,
-                REBUILD_READ_MESSAGES,
-                REBUILD_READ_BYTES,
-                None,
-            )
-            .await?;
-        if r.status != ReadStatus::Found {
-            break;
+    read_queue(store, TRANS_OP_TOPIC, op_from, |v| {
+        if let Some((half, outcome)) = txn::parse_op(v) {
+            s.ended(half, v.queue_offset, outcome);
         }
-        for b in &r.records {
-            if let Ok(v) = record::decode(b) {
-                if let Some((half, outcome)) = txn::parse_op(&v) {
-                    s.ended(half, v.queue_offset, outcome);
-                }
-            }
-        }
-        off = r.next_offset;
-    }
-    let mut off = half_from;
-    loop {
-        let r = store
-            .read(
-                TRANS_HALF_TOPIC,
-                0,
-                off,
-                REBUILD_READ_MESSAGES,
-                REBUILD_READ_BYTES,
-                None,
-            )
-            .await?;
-        if r.status != ReadStatus::Found {
-            break;
-        }
-        for b in &r.records {
-            let half = record::decode(b).map_err(|e| e.to_string()).and_then(|v| {
-                txn::half_info(&v)
-                    .map(|i| {
-                        (
-                            i.group.to_owned(),
-                            v.queue_offset,
-                            v.physical_offset,
-                            v.store_timestamp,
-                        )
-                    })
-                    .map_err(|e| e.to_string())
-            });
-            match half {
-                Ok((group, at, phys, stored)) if !s.has_outcome(at) => s.prepared(
-                    at,
-                    Pending {
-                        phys,
-                        group,
-                        next_check_ms: stored.saturating_add(cfg.timeout_ms),
-                        checks: 0,
-                        ending: false,
-                    },
-                ),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "skipping a damaged half message"),
-            }
-        }
-        off = r.next_offset;
-    }
+    })
+    .await?;
+    read_queue(
+        store,
+        TRANS_HALF_TOPIC,
+        half_from,
+        |v| match txn::half_info(v) {
+            Ok(_) if s.has_outcome(v.queue_offset) => {}
+            Ok(info) => s.prepared(
+                v.queue_offset,
+                Pending {
+                    phys: v.physical_offset,
+                    group: info.group.to_owned(),
+                    next_check_ms: v.store_timestamp.saturating_add(cfg.timeout_ms),
+                    checks: 0,
+                    ending: false,
+                },
+            ),
+            Err(e) => warn!(offset = v.queue_offset, error = %e, "skipping a damaged half message"),
+        },
+    )
+    .await?;
     s.settle();
     if s.pending() > 0 {
         info!(
@@ -120,6 +77,39 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
         );
     }
     Ok(s)
+}
+
+/// Calls `f` with each record of queue 0 of an internal topic from `from` to its end; a record
+/// that fails to decode is skipped.
+async fn read_queue(
+    store: &Store,
+    topic: &str,
+    from: u64,
+    mut f: impl FnMut(&record::RecordView<'_>),
+) -> Result<(), StoreError> {
+    let mut off = from;
+    loop {
+        let r = store
+            .read(
+                topic,
+                0,
+                off,
+                REBUILD_READ_MESSAGES,
+                REBUILD_READ_BYTES,
+                None,
+            )
+            .await?;
+        if r.status != ReadStatus::Found {
+            return Ok(());
+        }
+        for b in &r.records {
+            match record::decode(b) {
+                Ok(v) => f(&v),
+                Err(e) => warn!(topic, error = %e, "skipping a damaged record"),
+            }
+        }
+        off = r.next_offset;
+    }
 }
 
 impl ShardHandler {
