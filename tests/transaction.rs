@@ -389,6 +389,31 @@ async fn a_transactional_batch_is_refused() {
         .await
         .unwrap();
     assert_eq!(f.code, response::MESSAGE_ILLEGAL, "{}", error_of(&f));
+    // A delay its commit would refuse is refused when the half message is sent.
+    let h = header::encode(&SendRequest {
+        producer_group: "tx-pg".into(),
+        topic: TOPIC.into(),
+        queue_id: 0,
+        messages: vec![MessageMeta {
+            properties: vec![
+                ("TRAN_MSG".into(), "true".into()),
+                ("DELAY".into(), "soon".into()),
+            ],
+            body_len: 1,
+            ..Default::default()
+        }],
+    });
+    let f = client
+        .request(
+            &endpoint,
+            request::SEND_MESSAGE,
+            h,
+            Bytes::from_static(b"a"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.code, response::MESSAGE_ILLEGAL, "{}", error_of(&f));
+    assert!(error_of(&f).contains("DELAY"), "{}", error_of(&f));
     client.shutdown().await;
     b.stop();
 }

@@ -84,30 +84,21 @@ impl TransactionProducer {
     pub async fn send_message_in_transaction(&self, msg: Message) -> Result<TransactionSendResult> {
         let send = self.producer.send_half(&msg).await?;
         let client = self.producer.client();
-        // The shard that stored it: its endpoint is in the message id (IPv4), else the route's.
-        let endpoint = match OffsetId::decode(&send.msg_id) {
-            Some(id) if id.ip != [0, 0, 0, 0] => {
-                let [a, b, c, d] = id.ip;
-                Some(format!("{a}.{b}.{c}.{d}:{}", id.port))
-            }
-            _ => match client.topic_route(&send.queue.topic).await {
-                Ok(r) => r.find(&send.queue).map(|q| q.endpoint.clone()),
-                Err(_) => None,
-            },
+        // The shard that stored it: the one that owns its queue.
+        let endpoint = match client.topic_route(&send.queue.topic).await {
+            Ok(r) => r.find(&send.queue).map(|q| q.endpoint.clone()),
+            Err(_) => None,
         };
         if let Some(e) = &endpoint {
-            let new = !self.announced.lock().expect("announced lock").contains(e);
+            // Announced once; the periodic heartbeat covers a round that failed.
+            let new = self
+                .announced
+                .lock()
+                .expect("announced lock")
+                .insert(e.clone());
             if new {
-                match client.heartbeat().await {
-                    Ok(()) => {
-                        self.announced
-                            .lock()
-                            .expect("announced lock")
-                            .insert(e.clone());
-                    }
-                    Err(err) => {
-                        tracing::debug!(error = %err, "heartbeat after a half message failed")
-                    }
+                if let Err(err) = client.heartbeat().await {
+                    tracing::debug!(error = %err, "heartbeat after a half message failed");
                 }
             }
         }

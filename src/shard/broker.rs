@@ -70,6 +70,8 @@ pub struct ShardHandler {
     pub store: Store,
     /// This shard's transactions (half messages waiting for their outcome).
     pub txn: RefCell<crate::txn::TxState>,
+    /// Check-back pushes under way.
+    pub check_pushes: Rc<std::cell::Cell<usize>>,
     pub shared: Arc<BrokerShared>,
     pub view: RefCell<TopicView>,
     /// The connection each client last heartbeat on at this shard, to push it notices

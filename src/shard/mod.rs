@@ -312,6 +312,7 @@ async fn run_shard(
         shard: k,
         store: store.clone(),
         txn: RefCell::new(txn),
+        check_pushes: Rc::default(),
         view: RefCell::new(TopicView::new(&shared.topics)),
         peers: RefCell::new(std::collections::HashMap::new()),
         conn_clients: RefCell::new(std::collections::HashMap::new()),

@@ -23,6 +23,8 @@ use crate::txn::{self, Due, Outcome, Pending, Status, TxConfig, TxState};
 
 /// Copies of one unique key looked at to tell whether a commit is stored already.
 const COMMITTED_LOOKUP_MAX: usize = 16;
+/// Check-back pushes of a shard under way at once (each holds its half message's record).
+const MAX_CHECK_PUSHES_IN_FLIGHT: usize = 1_000;
 /// How long one check-back push may take to be queued to its producer.
 const CHECK_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Records one read of the half or op queue returns at a start.
@@ -54,7 +56,6 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
         TRANS_HALF_TOPIC,
         half_from,
         |v| match txn::half_info(v) {
-            Ok(_) if s.has_outcome(v.queue_offset) => {}
             Ok(info) => s.prepared(
                 v.queue_offset,
                 Pending {
@@ -120,6 +121,9 @@ impl ShardHandler {
         mut m: Message,
         group: &str,
     ) -> Result<crate::log::AppendResult, (u16, String)> {
+        // A delay is applied at the commit: refuse now one the commit would refuse.
+        self.divert_delayed(std::slice::from_mut(&mut m.clone()))
+            .map_err(|e| (response::MESSAGE_ILLEGAL, e.to_string()))?;
         txn::to_half(&mut m, group).map_err(|e| (response::MESSAGE_ILLEGAL, e.to_string()))?;
         if self.txn.borrow().pending() >= txn::MAX_PENDING {
             return Err((
@@ -241,7 +245,6 @@ impl ShardHandler {
         }
         let r = async {
             if outcome == Outcome::Commit {
-                self.check_queue(id, info.real_topic, info.real_queue, PERM_WRITE)?;
                 let mut m = txn::committed(&v)
                     .map_err(|err| error_frame(id, response::SYSTEM_ERROR, err.to_string()))?;
                 // A commit whose op record was not written (a failed append, a crash) is
@@ -250,6 +253,7 @@ impl ShardHandler {
                     .already_committed(&m, e.half_offset, v.store_timestamp)
                     .await
                 {
+                    self.check_queue(id, info.real_topic, info.real_queue, PERM_WRITE)?;
                     self.divert_delayed(std::slice::from_mut(&mut m))
                         .map_err(|err| {
                             error_frame(id, response::MESSAGE_ILLEGAL, err.to_string())
@@ -294,11 +298,14 @@ impl ShardHandler {
         else {
             return false;
         };
-        for topic in [
-            m.topic.as_str(),
-            orbitmq_proto::sys::SCHEDULE_TOPIC,
-            orbitmq_proto::sys::TIMER_TOPIC,
-        ] {
+        use orbitmq_proto::sys::{property, SCHEDULE_TOPIC, TIMER_TOPIC};
+        let has = |p: &str| m.properties.iter().any(|(k, _)| k == p);
+        let waits_in = [
+            Some(m.topic.as_str()),
+            has(property::DELAY).then_some(SCHEDULE_TOPIC),
+            has(property::TIMER_DELIVER_MS).then_some(TIMER_TOPIC),
+        ];
+        for topic in waits_in.into_iter().flatten() {
             let found = self
                 .store
                 .query_key(topic, uniq, true, stored_ms, u64::MAX, COMMITTED_LOOKUP_MAX)
@@ -351,19 +358,35 @@ impl ShardHandler {
         let due = self.txn.borrow_mut().due(now_ms(), cfg);
         for d in due {
             match d {
-                Due::Discard { half_queue_offset } => {
+                Due::Discard {
+                    half_queue_offset,
+                    phys,
+                } => {
                     if !self.txn.borrow_mut().begin_end(half_queue_offset) {
                         continue;
                     }
-                    warn!(
-                        half = half_queue_offset,
-                        checks = cfg.check_max,
-                        "no outcome after the last check-back: rolling the half message back"
-                    );
-                    if let Err(e) = self
-                        .write_outcome(half_queue_offset, Outcome::Rollback)
-                        .await
-                    {
+                    // A commit stored before its op record was lost is not rolled back.
+                    let committed = match self.store.record_by_offset(phys).await {
+                        Ok(Some(b)) => match record::decode(&b) {
+                            Ok(v) => match txn::committed(&v) {
+                                Ok(m) => self.already_committed(&m, phys, v.store_timestamp).await,
+                                Err(_) => false,
+                            },
+                            Err(_) => false,
+                        },
+                        _ => false,
+                    };
+                    let outcome = if committed {
+                        Outcome::Commit
+                    } else {
+                        warn!(
+                            half = half_queue_offset,
+                            checks = cfg.check_max,
+                            "no outcome after the last check-back: rolling the half message back"
+                        );
+                        Outcome::Rollback
+                    };
+                    if let Err(e) = self.write_outcome(half_queue_offset, outcome).await {
                         warn!(error = %e, "rollback of an unanswered half message not written");
                         self.txn.borrow_mut().end_failed(half_queue_offset);
                     }
@@ -414,6 +437,14 @@ impl ShardHandler {
                 .collect();
             (!live.is_empty()).then(|| live[n as usize % live.len()].clone())
         };
+        if self.check_pushes.get() >= MAX_CHECK_PUSHES_IN_FLIGHT {
+            debug!(
+                group,
+                half = half_queue_offset,
+                "check-back pushes at their bound: asking next round"
+            );
+            return;
+        }
         let Some(peer) = peer else {
             debug!(
                 group,
@@ -432,6 +463,8 @@ impl ShardHandler {
         // Not awaited by the round: a producer that does not take its pushes holds up only
         // its own, for at most the timeout.
         let group = group.to_owned();
+        let in_flight = self.check_pushes.clone();
+        in_flight.set(in_flight.get() + 1);
         glommio::spawn_local(async move {
             let send = peer.push_with_body(
                 push::CHECK_TRANSACTION_STATE,
@@ -445,6 +478,7 @@ impl ShardHandler {
             if let Err(e) = futures_lite::future::or(send, timeout).await {
                 debug!(group, error = %e, "check-back not sent");
             }
+            in_flight.set(in_flight.get() - 1);
         })
         .detach();
     }

@@ -214,7 +214,7 @@ pub enum Due {
         n: u32,
     },
     /// Checked `transactionCheckMax` times without an answer: roll it back.
-    Discard { half_queue_offset: u64 },
+    Discard { half_queue_offset: u64, phys: u64 },
 }
 
 /// A shard's transactions: the half messages without an outcome, the outcomes of those above
@@ -237,10 +237,7 @@ pub struct TxState {
 impl TxState {
     /// A half message stored at `half_queue_offset` (sent now, or found at a restart).
     pub fn prepared(&mut self, half_queue_offset: u64, p: Pending) {
-        if half_queue_offset < self.next_half {
-            return; // seen already
-        }
-        self.next_half = half_queue_offset + 1;
+        self.next_half = self.next_half.max(half_queue_offset + 1);
         if !self.ended.contains_key(&half_queue_offset) {
             self.pending.insert(half_queue_offset, p);
         }
@@ -299,12 +296,6 @@ impl TxState {
         self.pending.get(&half_queue_offset)
     }
 
-    /// Whether an op record for this half message was read (a restart reads the op queue
-    /// before the half queue, so a half message that ended is not taken for pending).
-    pub fn has_outcome(&self, half_queue_offset: u64) -> bool {
-        self.ended.contains_key(&half_queue_offset)
-    }
-
     /// The half messages due at `now_ms`, at most [`MAX_CHECKS_PER_ROUND`]; each checked
     /// one is due again a check interval later.
     pub fn due(&mut self, now_ms: u64, cfg: &TxConfig) -> Vec<Due> {
@@ -322,6 +313,7 @@ impl TxState {
                     discards += 1;
                     out.push(Due::Discard {
                         half_queue_offset: *off,
+                        phys: p.phys,
                     });
                 }
                 continue;
@@ -538,6 +530,7 @@ mod tests {
         assert_eq!(
             s.due(200, &cfg),
             vec![Due::Discard {
+                phys: 0,
                 half_queue_offset: 0
             }]
         );
