@@ -64,6 +64,7 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
                     next_check_ms: v.store_timestamp.saturating_add(cfg.timeout_ms),
                     checks: 0,
                     ending: false,
+                    op_floor: 0,
                 },
             ),
             Err(e) => warn!(offset = v.queue_offset, error = %e, "skipping a damaged half message"),
@@ -148,6 +149,7 @@ impl ShardHandler {
                 next_check_ms: r.store_timestamp.saturating_add(timeout),
                 checks: 0,
                 ending: false,
+                op_floor: 0,
             },
         );
         Ok(r)

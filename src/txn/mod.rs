@@ -190,6 +190,9 @@ pub struct Pending {
     pub checks: u32,
     /// An END_TRANSACTION for it is being carried out.
     pub ending: bool,
+    /// Set by [`TxState::prepared`]: no op record of this or a later half message lies below
+    /// this op queue offset (a restart reads the op queue from the lowest pending one's).
+    pub op_floor: u64,
 }
 
 /// Where a half message stands.
@@ -223,21 +226,27 @@ pub enum Due {
 pub struct TxState {
     pending: BTreeMap<u64, Pending>,
     ended: BTreeMap<u64, Outcome>,
-    /// Op records (by op queue offset) of half messages at or above the half progress.
-    op_refs: BTreeMap<u64, u64>,
     next_half: u64,
     next_op: u64,
     /// A restart is reading the queues: every outcome read is kept until [`Self::settle`]
     /// (none may be forgotten before its half message is read).
     rebuilding: bool,
-    /// The half progress at the last pruning of `op_refs`.
-    pruned_at: u64,
+    /// Where the restart read the op queue from: the op floor of the half messages it finds
+    /// pending (op records of later half messages that ended may lie anywhere after it).
+    rebuild_op_floor: u64,
 }
 
 impl TxState {
     /// A half message stored at `half_queue_offset` (sent now, or found at a restart).
-    pub fn prepared(&mut self, half_queue_offset: u64, p: Pending) {
+    pub fn prepared(&mut self, half_queue_offset: u64, mut p: Pending) {
         self.next_half = self.next_half.max(half_queue_offset + 1);
+        // Live, the op record of this or any later half message is written after this call,
+        // so at or past every op recorded so far; at a restart, past where the reads began.
+        p.op_floor = if self.rebuilding {
+            self.rebuild_op_floor
+        } else {
+            self.next_op
+        };
         if !self.ended.contains_key(&half_queue_offset) {
             self.pending.insert(half_queue_offset, p);
         }
@@ -248,9 +257,6 @@ impl TxState {
         self.next_op = self.next_op.max(op_queue_offset + 1);
         self.pending.remove(&half_queue_offset);
         self.ended.entry(half_queue_offset).or_insert(outcome);
-        if half_queue_offset >= self.half_progress() || half_queue_offset >= self.next_half {
-            self.op_refs.insert(op_queue_offset, half_queue_offset);
-        }
         self.prune();
     }
 
@@ -345,21 +351,18 @@ impl TxState {
     }
 
     /// Op records below this op queue offset are of half messages below the half progress:
-    /// a restart reads the op queue from here.
+    /// a restart reads the op queue from here. The lowest pending half message's floor, so
+    /// nothing per ended transaction is kept for it.
     pub fn op_progress(&self) -> u64 {
-        self.op_refs.keys().next().copied().unwrap_or(self.next_op)
+        self.pending
+            .values()
+            .next()
+            .map_or(self.next_op, |p| p.op_floor)
     }
 
-    /// Forgets op records below the half progress (a restart need not read them again) and
-    /// the oldest outcomes past [`MAX_REMEMBERED_OUTCOMES`].
+    /// Forgets the oldest outcomes past [`MAX_REMEMBERED_OUTCOMES`] (never while a restart
+    /// reads: every outcome read must be known when its half message is read).
     fn prune(&mut self) {
-        // Only when the progress moved: a retain per outcome would make ending many
-        // transactions quadratic.
-        let p = self.half_progress();
-        if p > self.pruned_at {
-            self.pruned_at = p;
-            self.op_refs.retain(|_, h| *h >= p);
-        }
         if !self.rebuilding {
             while self.ended.len() > MAX_REMEMBERED_OUTCOMES {
                 self.ended.pop_first();
@@ -373,6 +376,7 @@ impl TxState {
             next_half: half,
             next_op: op,
             rebuilding: true,
+            rebuild_op_floor: op,
             ..TxState::default()
         }
     }
@@ -380,7 +384,6 @@ impl TxState {
     /// After a restart's reads: the remembered outcomes are capped again.
     pub fn settle(&mut self) {
         self.rebuilding = false;
-        self.pruned_at = 0;
         self.prune();
     }
 }
@@ -397,6 +400,7 @@ mod tests {
             next_check_ms: at,
             checks: 0,
             ending: false,
+            op_floor: 0,
         }
     }
 
@@ -475,6 +479,7 @@ mod tests {
     #[test]
     fn outcomes_end_pending_half_messages_and_move_the_progress() {
         let mut s = TxState::starting_at(0, 0);
+        s.settle(); // live from here
         for off in 0..4 {
             s.prepared(off, pending(off * 100, 1000));
         }
@@ -493,13 +498,17 @@ mod tests {
             Status::Ended(Outcome::Commit),
             "remembered past the progress"
         );
-        assert_eq!(s.op_progress(), 2);
+        assert_eq!(s.op_progress(), 0, "half 2 was sent before ops 0 and 1");
+        // A half message sent after ops 0 and 1: their records are of earlier ones.
+        s.prepared(4, pending(400, 1000));
         assert!(s.begin_end(2));
         s.end_failed(2);
         assert_eq!(s.status(2), Status::Pending);
         s.ended(3, 2, Outcome::Commit);
         s.ended(2, 3, Outcome::Commit);
-        assert_eq!((s.half_progress(), s.op_progress(), s.pending()), (4, 4, 0));
+        assert_eq!((s.half_progress(), s.op_progress()), (4, 2));
+        s.ended(4, 4, Outcome::Rollback);
+        assert_eq!((s.half_progress(), s.op_progress(), s.pending()), (5, 5, 0));
     }
 
     #[test]
