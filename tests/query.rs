@@ -58,7 +58,8 @@ fn indexes(topic: &str, ms: &[MessageExt]) -> Vec<usize> {
     v
 }
 
-async fn check_queries(c: &Client, sent: &[SendResult]) {
+/// Every message of Orders with key order-3, from both shards (returned).
+async fn all_of_order_3(c: &Client) -> Vec<MessageExt> {
     let found = c
         .query_messages(TOPIC, "order-3", 0, u64::MAX, 64)
         .await
@@ -68,6 +69,11 @@ async fn check_queries(c: &Client, sent: &[SendResult]) {
         (0..N).filter(|i| i % 10 == 3).collect::<Vec<_>>(),
         "every message of Orders with the key, from both shards"
     );
+    found
+}
+
+async fn check_queries(c: &Client, sent: &[SendResult]) {
+    let found = all_of_order_3(c).await;
     assert!(
         found
             .windows(2)
@@ -285,14 +291,7 @@ async fn messages_are_found_by_key_unique_key_and_id_before_and_after_a_restart(
     });
     assert_eq!(by_shard.len(), 2, "messages on both shards: {by_shard:?}");
     // Ports are new after the restart: ids name the old ones, so look up by key only.
-    let found = c
-        .query_messages(TOPIC, "order-3", 0, u64::MAX, 64)
-        .await
-        .unwrap();
-    assert_eq!(
-        indexes(TOPIC, &found),
-        (0..N).filter(|i| i % 10 == 3).collect::<Vec<_>>()
-    );
+    all_of_order_3(&c).await;
     for i in [0, 7, N - 1] {
         let by_uniq = c
             .query_by_unique_key(TOPIC, &sent[i].uniq_key)

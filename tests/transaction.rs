@@ -78,6 +78,28 @@ async fn visible(c: &LitePullConsumer, want: usize, quiet: Duration) -> Vec<Mess
     got
 }
 
+/// An END_TRANSACTION sent by hand; the answer whatever its code.
+async fn end_request(
+    client: &Client,
+    endpoint: &str,
+    group: &str,
+    half_offset: u64,
+    half_queue_offset: u64,
+    commit: bool,
+) -> orbitmq_proto::frame::Frame {
+    let h = header::encode(&EndTransactionRequest {
+        producer_group: group.to_owned(),
+        half_offset,
+        half_queue_offset,
+        commit,
+        from_check: false,
+    });
+    client
+        .request(endpoint, request::END_TRANSACTION, h, Bytes::new())
+        .await
+        .unwrap()
+}
+
 fn error_of(f: &orbitmq_proto::frame::Frame) -> String {
     header::decode::<ErrorResponse>(&f.header).unwrap().message
 }
@@ -158,22 +180,15 @@ async fn commit_rollback_and_check_back_decide_what_consumers_see() {
     let s = &sent["commit-1"];
     let route = client.topic_route(TOPIC).await.unwrap();
     let endpoint = route.find(&s.queue).unwrap().endpoint.clone();
-    let end = |commit: bool, group: &str, half_offset: u64, half_queue_offset: u64| {
-        let client = client.clone();
-        let endpoint = endpoint.clone();
-        let h = header::encode(&EndTransactionRequest {
-            producer_group: group.to_owned(),
+    let end = |commit: bool, group: &'static str, half_offset: u64, half_queue_offset: u64| {
+        end_request(
+            &client,
+            &endpoint,
+            group,
             half_offset,
             half_queue_offset,
             commit,
-            from_check: false,
-        });
-        async move {
-            client
-                .request(&endpoint, request::END_TRANSACTION, h, Bytes::new())
-                .await
-                .unwrap()
-        }
+        )
     };
     let half = OffsetId::decode(&s.msg_id).unwrap().offset;
     let f = end(true, "tx-pg", half, s.queue_offset).await;
@@ -184,17 +199,16 @@ async fn commit_rollback_and_check_back_decide_what_consumers_see() {
     // The one never known was rolled back after its last check: a late commit is refused.
     let nk = &sent["never-known"];
     let nk_endpoint = route.find(&nk.queue).unwrap().endpoint.clone();
-    let h = header::encode(&EndTransactionRequest {
-        producer_group: "tx-pg".into(),
-        half_offset: OffsetId::decode(&nk.msg_id).unwrap().offset,
-        half_queue_offset: nk.queue_offset,
-        commit: true,
-        from_check: false,
-    });
-    let f = client
-        .request(&nk_endpoint, request::END_TRANSACTION, h, Bytes::new())
-        .await
-        .unwrap();
+    let nk_half = OffsetId::decode(&nk.msg_id).unwrap().offset;
+    let f = end_request(
+        &client,
+        &nk_endpoint,
+        "tx-pg",
+        nk_half,
+        nk.queue_offset,
+        true,
+    )
+    .await;
     assert_eq!(f.code, response::BAD_REQUEST);
     assert!(error_of(&f).contains("Rollback"), "{}", error_of(&f));
     // A pending one (sent by hand below) with a wrong group or offset.
@@ -206,22 +220,15 @@ async fn commit_rollback_and_check_back_decide_what_consumers_see() {
         .send;
     let held_endpoint = route.find(&held.queue).unwrap().endpoint.clone();
     let held_half = OffsetId::decode(&held.msg_id).unwrap().offset;
-    let end_held = |commit: bool, group: &str, half_offset: u64| {
-        let client = client.clone();
-        let endpoint = held_endpoint.clone();
-        let h = header::encode(&EndTransactionRequest {
-            producer_group: group.to_owned(),
+    let end_held = |commit: bool, group: &'static str, half_offset: u64| {
+        end_request(
+            &client,
+            &held_endpoint,
+            group,
             half_offset,
-            half_queue_offset: held.queue_offset,
+            held.queue_offset,
             commit,
-            from_check: false,
-        });
-        async move {
-            client
-                .request(&endpoint, request::END_TRANSACTION, h, Bytes::new())
-                .await
-                .unwrap()
-        }
+        )
     };
     let f = end_held(true, "other-pg", held_half).await;
     assert_eq!(f.code, response::BAD_REQUEST);
@@ -336,15 +343,23 @@ async fn an_open_transaction_is_checked_back_after_a_crash() {
     b.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transactional_batch_is_refused() {
+/// Sends `n` raw half messages (one byte each) with `properties` besides `TRAN_MSG` in one
+/// request, as a client that does not use `TransactionProducer` might.
+async fn raw_half_send(
+    client: &Client,
+    endpoint: &str,
+    properties: &[(&str, &str)],
+    n: usize,
+) -> orbitmq_proto::frame::Frame {
     use orbitmq_proto::header::{MessageMeta, SendRequest};
-    let (b, _dir) = broker_with_topics(&[(TOPIC, 1)], "");
-    let client = Client::new(b.config()).await.unwrap();
-    let route = client.topic_route(TOPIC).await.unwrap();
-    let endpoint = route.queues[0].endpoint.clone();
+    let mut props = vec![("TRAN_MSG".to_owned(), "true".to_owned())];
+    props.extend(
+        properties
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let meta = MessageMeta {
-        properties: vec![("TRAN_MSG".into(), "true".into())],
+        properties: props,
         body_len: 1,
         ..Default::default()
     };
@@ -352,68 +367,38 @@ async fn a_transactional_batch_is_refused() {
         producer_group: "tx-pg".into(),
         topic: TOPIC.into(),
         queue_id: 0,
-        messages: vec![meta.clone(), meta],
+        messages: vec![meta; n],
     });
-    let f = client
+    client
         .request(
-            &endpoint,
+            endpoint,
             request::SEND_MESSAGE,
             h,
-            Bytes::from_static(b"ab"),
+            Bytes::from(vec![b'a'; n]),
         )
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactional_batch_is_refused() {
+    let (b, _dir) = broker_with_topics(&[(TOPIC, 1)], "");
+    let client = Client::new(b.config()).await.unwrap();
+    let route = client.topic_route(TOPIC).await.unwrap();
+    let endpoint = route.queues[0].endpoint.clone();
+    let f = raw_half_send(&client, &endpoint, &[], 2).await;
     assert_eq!(f.code, response::MESSAGE_ILLEGAL);
     assert!(error_of(&f).contains("batch"), "{}", error_of(&f));
     // A half message may not name the broker's own properties either.
-    let h = header::encode(&SendRequest {
-        producer_group: "tx-pg".into(),
-        topic: TOPIC.into(),
-        queue_id: 0,
-        messages: vec![MessageMeta {
-            properties: vec![
-                ("TRAN_MSG".into(), "true".into()),
-                ("PGROUP".into(), "someone-else".into()),
-            ],
-            body_len: 1,
-            ..Default::default()
-        }],
-    });
-    let f = client
-        .request(
-            &endpoint,
-            request::SEND_MESSAGE,
-            h,
-            Bytes::from_static(b"a"),
-        )
-        .await
-        .unwrap();
+    let f = raw_half_send(&client, &endpoint, &[("PGROUP", "someone-else")], 1).await;
     assert_eq!(f.code, response::MESSAGE_ILLEGAL, "{}", error_of(&f));
     // A delay its commit would refuse is refused when the half message is sent.
-    let h = header::encode(&SendRequest {
-        producer_group: "tx-pg".into(),
-        topic: TOPIC.into(),
-        queue_id: 0,
-        messages: vec![MessageMeta {
-            properties: vec![
-                ("TRAN_MSG".into(), "true".into()),
-                ("DELAY".into(), "soon".into()),
-            ],
-            body_len: 1,
-            ..Default::default()
-        }],
-    });
-    let f = client
-        .request(
-            &endpoint,
-            request::SEND_MESSAGE,
-            h,
-            Bytes::from_static(b"a"),
-        )
-        .await
-        .unwrap();
+    let f = raw_half_send(&client, &endpoint, &[("DELAY", "soon")], 1).await;
     assert_eq!(f.code, response::MESSAGE_ILLEGAL, "{}", error_of(&f));
     assert!(error_of(&f).contains("DELAY"), "{}", error_of(&f));
+    // The same request without the bad property is a half message like any other.
+    let f = raw_half_send(&client, &endpoint, &[], 1).await;
+    assert_eq!(f.code, response::SUCCESS, "{}", error_of(&f));
     client.shutdown().await;
     b.stop();
 }
