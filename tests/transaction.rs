@@ -71,6 +71,22 @@ fn bodies(ms: &[MessageExt]) -> Vec<String> {
     v
 }
 
+/// A transactional producer of group `tx-pg` answering from `ledger`, and a consumer of the
+/// topic from its first message.
+async fn producer_and_consumer(
+    b: &common::Broker,
+    ledger: &Arc<Ledger>,
+) -> (TransactionProducer, LitePullConsumer) {
+    let p = TransactionProducer::new("tx-pg", b.config(), ledger.clone())
+        .await
+        .unwrap();
+    let c = LitePullConsumer::with_options("tx-cg", b.config(), from_first())
+        .await
+        .unwrap();
+    c.subscribe(TOPIC, "*").await.unwrap();
+    (p, c)
+}
+
 /// Everything the topic holds now (waits up to `quiet` for more).
 async fn visible(c: &LitePullConsumer, want: usize, quiet: Duration) -> Vec<MessageExt> {
     let mut got = poll_n(c, want).await;
@@ -108,13 +124,7 @@ fn error_of(f: &orbitmq_proto::frame::Frame) -> String {
 async fn commit_rollback_and_check_back_decide_what_consumers_see() {
     let (b, _dir) = broker_with_topics(&[(TOPIC, 4)], TX_CONF);
     let ledger = Arc::new(Ledger::default());
-    let p = TransactionProducer::new("tx-pg", b.config(), ledger.clone())
-        .await
-        .unwrap();
-    let c = LitePullConsumer::with_options("tx-cg", b.config(), from_first())
-        .await
-        .unwrap();
-    c.subscribe(TOPIC, "*").await.unwrap();
+    let (p, c) = producer_and_consumer(&b, &ledger).await;
 
     ledger.set("commit-1", CommitMessage, Unknown);
     ledger.set("rollback-1", RollbackMessage, Unknown);
@@ -409,13 +419,7 @@ async fn a_delay_applies_from_the_commit() {
     let (b, _dir) = broker_with_topics(&[(TOPIC, 2)], &conf);
     let ledger = Arc::new(Ledger::default());
     ledger.set("slow-later", CommitMessage, Unknown);
-    let p = TransactionProducer::new("tx-pg", b.config(), ledger.clone())
-        .await
-        .unwrap();
-    let c = LitePullConsumer::with_options("tx-cg", b.config(), from_first())
-        .await
-        .unwrap();
-    c.subscribe(TOPIC, "*").await.unwrap();
+    let (p, c) = producer_and_consumer(&b, &ledger).await;
     let sent = std::time::Instant::now();
     // The local transaction takes 1 s; the 2 s delay runs from its commit.
     p.send_message_in_transaction(Message::new(TOPIC, "slow-later").with_delay_level(1))

@@ -27,7 +27,7 @@ pub const MAX_DELAY_LEVEL: u32 = 18;
 /// Longest property name or value: the record stores each with a 16-bit length.
 pub const MAX_PROPERTY_FIELD_LEN: usize = u16::MAX as usize;
 /// Separator of keys in the stored KEYS field (RocketMQ's).
-pub const KEY_SEPARATOR: char = ' ';
+pub use orbitmq_proto::record::KEY_SEPARATOR;
 /// Property names the client or broker sets; a user property may not use them.
 pub const RESERVED_PROPERTIES: &[&str] = orbitmq_proto::sys::property::RESERVED;
 

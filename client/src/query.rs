@@ -8,12 +8,11 @@ use bytes::Bytes;
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, QueryMessageRequest, QueryMessageResponse, ViewMessageRequest};
 use orbitmq_proto::limits::MAX_QUERY_MESSAGES;
-use orbitmq_proto::msgid::{OffsetId, UNIQ_KEY};
+use orbitmq_proto::msgid::OffsetId;
 use orbitmq_proto::record;
 use tokio::task::JoinSet;
 
 use crate::error::bad_header;
-use crate::message::KEY_SEPARATOR;
 use crate::{Client, ClientError, MessageExt, Result};
 
 /// Messages a query by unique key asks each shard for: a producer's retries store one
@@ -35,13 +34,13 @@ pub struct Query {
 
 impl Query {
     fn matches(&self, v: &record::RecordView<'_>) -> bool {
-        v.topic == self.topic
-            && (self.begin_ms..=self.end_ms).contains(&v.store_timestamp)
-            && if self.unique_key {
-                v.property(UNIQ_KEY) == Some(self.key.as_str())
-            } else {
-                v.keys.split(KEY_SEPARATOR).any(|k| k == self.key)
-            }
+        record::matches_key_query(
+            v,
+            &self.topic,
+            &self.key,
+            self.unique_key,
+            self.begin_ms..=self.end_ms,
+        )
     }
 }
 
@@ -284,7 +283,7 @@ mod tests {
         let m = Message {
             topic: topic.into(),
             keys: keys.into(),
-            properties: vec![(UNIQ_KEY.into(), uniq.into())],
+            properties: vec![(orbitmq_proto::msgid::UNIQ_KEY.into(), uniq.into())],
             body: Bytes::from_static(b"hello"),
             born_host: Some("127.0.0.1:1".parse().unwrap()),
             ..Default::default()

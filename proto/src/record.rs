@@ -66,6 +66,28 @@ const OFF_PREPARED_TX: usize = 78;
 const CRC_START: usize = 12;
 
 /// System flags carried by every record.
+/// Separator of keys in a record's keys field (RocketMQ's).
+pub const KEY_SEPARATOR: char = ' ';
+
+/// Whether a record answers a query by key (QUERY_MESSAGE): of `topic`, stored within `time`,
+/// with `key` among its keys, or as its unique key when `unique`. The broker filters what its
+/// index finds with it, and the client checks each answer with it.
+pub fn matches_key_query(
+    v: &RecordView<'_>,
+    topic: &str,
+    key: &str,
+    unique: bool,
+    time: std::ops::RangeInclusive<u64>,
+) -> bool {
+    v.topic == topic
+        && time.contains(&v.store_timestamp)
+        && if unique {
+            v.property(crate::msgid::UNIQ_KEY) == Some(key)
+        } else {
+            v.keys.split(KEY_SEPARATOR).any(|k| k == key)
+        }
+}
+
 pub mod sys_flag {
     /// The body is compressed (reserved: the client compresses, the broker stores as is).
     pub const COMPRESSED: u32 = 0x1;

@@ -41,8 +41,7 @@ pub const DEFAULT_MAX_INDEX_NUM: u32 = 4_000_000;
 /// Bounds of the two settings: a file stays under 4 GiB and its slots under 64 MiB.
 pub const MAX_HASH_SLOTS: u32 = 16 << 20;
 pub const MAX_INDEX_NUM: u32 = 100_000_000;
-/// Separator of keys in a record's KEYS field (RocketMQ's).
-pub const KEY_SEPARATOR: char = ' ';
+pub use orbitmq_proto::record::KEY_SEPARATOR;
 /// Most results a query returns from one shard.
 pub const MAX_QUERY_RESULTS: usize = orbitmq_proto::limits::MAX_QUERY_MESSAGES as usize;
 /// Most record bytes a query answer carries (under the 16 MiB frame limit).

@@ -2737,14 +2737,7 @@ impl Store {
                 }
             };
             let Ok(v) = record::decode(&b) else { continue };
-            let hit = v.topic == topic
-                && (begin_ms..=end_ms).contains(&v.store_timestamp)
-                && if unique {
-                    v.property(orbitmq_proto::msgid::UNIQ_KEY) == Some(key)
-                } else {
-                    v.keys.split(indexfile::KEY_SEPARATOR).any(|k| k == key)
-                };
-            if hit {
+            if record::matches_key_query(&v, topic, key, unique, begin_ms..=end_ms) {
                 bytes += b.len();
                 out.push(b);
             }

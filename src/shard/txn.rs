@@ -65,6 +65,7 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
                     checks: 0,
                     ending: false,
                     op_floor: 0,
+                    copy_possible: false,
                 },
             ),
             Err(e) => warn!(offset = v.queue_offset, error = %e, "skipping a damaged half message"),
@@ -150,6 +151,7 @@ impl ShardHandler {
                 checks: 0,
                 ending: false,
                 op_floor: 0,
+                copy_possible: false,
             },
         );
         Ok(r)
@@ -242,19 +244,26 @@ impl ShardHandler {
                 ),
                 Err(err) => return error_frame(id, response::BAD_REQUEST, err.to_string()),
             };
+        let copy_possible = self
+            .txn
+            .borrow()
+            .pending_at(at)
+            .is_some_and(|p| p.copy_possible);
         if !self.txn.borrow_mut().begin_end(at) {
             return error_frame(id, response::SYSTEM_BUSY, "the transaction is being ended");
         }
+        let mut stored = false;
         let r = async {
             if outcome == Outcome::Commit {
                 let mut m = txn::committed(&v)
                     .map_err(|err| error_frame(id, response::SYSTEM_ERROR, err.to_string()))?;
                 // A commit whose op record was not written (a failed append, a crash) is
                 // not stored twice: its copy in the real topic names the half's offset.
-                if !self
-                    .already_committed(&m, e.half_offset, v.store_timestamp)
-                    .await
-                {
+                let found = copy_possible
+                    && self
+                        .already_committed(&m, e.half_offset, v.store_timestamp)
+                        .await;
+                if !found {
                     self.check_queue(id, info.real_topic, info.real_queue, PERM_WRITE)?;
                     self.divert_delayed(std::slice::from_mut(&mut m))
                         .map_err(|err| {
@@ -264,6 +273,7 @@ impl ShardHandler {
                         .append(&m)
                         .await
                         .map_err(|err| error_frame(id, store_error_code(&err), err.to_string()))?;
+                    stored = true;
                 }
             }
             self.write_outcome(at, outcome)
@@ -282,7 +292,7 @@ impl ShardHandler {
                 ok_frame(id, Bytes::new(), Bytes::new())
             }
             Err(f) => {
-                self.txn.borrow_mut().end_failed(at);
+                self.txn.borrow_mut().end_failed(at, stored);
                 f
             }
         }
@@ -363,21 +373,25 @@ impl ShardHandler {
                 Due::Discard {
                     half_queue_offset,
                     phys,
+                    copy_possible,
                 } => {
                     if !self.txn.borrow_mut().begin_end(half_queue_offset) {
                         continue;
                     }
                     // A commit stored before its op record was lost is not rolled back.
-                    let committed = match self.store.record_by_offset(phys).await {
-                        Ok(Some(b)) => match record::decode(&b) {
-                            Ok(v) => match txn::committed(&v) {
-                                Ok(m) => self.already_committed(&m, phys, v.store_timestamp).await,
+                    let committed = copy_possible
+                        && match self.store.record_by_offset(phys).await {
+                            Ok(Some(b)) => match record::decode(&b) {
+                                Ok(v) => match txn::committed(&v) {
+                                    Ok(m) => {
+                                        self.already_committed(&m, phys, v.store_timestamp).await
+                                    }
+                                    Err(_) => false,
+                                },
                                 Err(_) => false,
                             },
-                            Err(_) => false,
-                        },
-                        _ => false,
-                    };
+                            _ => false,
+                        };
                     let outcome = if committed {
                         Outcome::Commit
                     } else {
@@ -390,7 +404,7 @@ impl ShardHandler {
                     };
                     if let Err(e) = self.write_outcome(half_queue_offset, outcome).await {
                         warn!(error = %e, "rollback of an unanswered half message not written");
-                        self.txn.borrow_mut().end_failed(half_queue_offset);
+                        self.txn.borrow_mut().end_failed(half_queue_offset, false);
                     }
                 }
                 Due::Check {
@@ -414,7 +428,7 @@ impl ShardHandler {
                         .await
                     {
                         warn!(error = %e, "rollback of a lost half message not written");
-                        self.txn.borrow_mut().end_failed(half_queue_offset);
+                        self.txn.borrow_mut().end_failed(half_queue_offset, false);
                     }
                 }
                 return;

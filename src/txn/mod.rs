@@ -193,6 +193,10 @@ pub struct Pending {
     /// Set by [`TxState::prepared`]: no op record of this or a later half message lies below
     /// this op queue offset (a restart reads the op queue from the lowest pending one's).
     pub op_floor: u64,
+    /// A committed copy of it may be stored already: it was found at a restart (a crash may
+    /// have come between a commit's two appends), or a commit stored it and then failed to
+    /// write the op record. Only then does an outcome look for the copy first.
+    pub copy_possible: bool,
 }
 
 /// Where a half message stands.
@@ -216,8 +220,13 @@ pub enum Due {
         group: String,
         n: u32,
     },
-    /// Checked `transactionCheckMax` times without an answer: roll it back.
-    Discard { half_queue_offset: u64, phys: u64 },
+    /// Checked `transactionCheckMax` times without an answer: roll it back (unless a
+    /// committed copy is found, when `copy_possible`).
+    Discard {
+        half_queue_offset: u64,
+        phys: u64,
+        copy_possible: bool,
+    },
 }
 
 /// A shard's transactions: the half messages without an outcome, the outcomes of those above
@@ -247,6 +256,7 @@ impl TxState {
         } else {
             self.next_op
         };
+        p.copy_possible |= self.rebuilding;
         if !self.ended.contains_key(&half_queue_offset) {
             self.pending.insert(half_queue_offset, p);
         }
@@ -286,10 +296,12 @@ impl TxState {
         }
     }
 
-    /// The outcome could not be written: the half message waits again.
-    pub fn end_failed(&mut self, half_queue_offset: u64) {
+    /// The outcome could not be written: the half message waits again (`copy_stored`: its
+    /// committed copy was stored before the failure).
+    pub fn end_failed(&mut self, half_queue_offset: u64, copy_stored: bool) {
         if let Some(p) = self.pending.get_mut(&half_queue_offset) {
             p.ending = false;
+            p.copy_possible |= copy_stored;
         }
     }
 
@@ -320,6 +332,7 @@ impl TxState {
                     out.push(Due::Discard {
                         half_queue_offset: *off,
                         phys: p.phys,
+                        copy_possible: p.copy_possible,
                     });
                 }
                 continue;
@@ -401,6 +414,7 @@ mod tests {
             checks: 0,
             ending: false,
             op_floor: 0,
+            copy_possible: false,
         }
     }
 
@@ -502,8 +516,18 @@ mod tests {
         // A half message sent after ops 0 and 1: their records are of earlier ones.
         s.prepared(4, pending(400, 1000));
         assert!(s.begin_end(2));
-        s.end_failed(2);
+        s.end_failed(2, false);
         assert_eq!(s.status(2), Status::Pending);
+        assert!(
+            !s.pending_at(2).unwrap().copy_possible,
+            "sent here, nothing stored"
+        );
+        assert!(s.begin_end(2));
+        s.end_failed(2, true);
+        assert!(
+            s.pending_at(2).unwrap().copy_possible,
+            "stored before the op failed"
+        );
         s.ended(3, 2, Outcome::Commit);
         s.ended(2, 3, Outcome::Commit);
         assert_eq!((s.half_progress(), s.op_progress()), (4, 2));
@@ -519,6 +543,7 @@ mod tests {
             check_max: 2,
         };
         let mut s = TxState::starting_at(0, 0);
+        s.settle(); // live: sent here
         s.prepared(0, pending(0, 100));
         s.prepared(1, pending(10, 500));
         assert!(s.due(99, &cfg).is_empty(), "younger than the timeout");
@@ -540,6 +565,7 @@ mod tests {
             s.due(200, &cfg),
             vec![Due::Discard {
                 phys: 0,
+                copy_possible: false,
                 half_queue_offset: 0
             }]
         );
@@ -567,6 +593,10 @@ mod tests {
         s.settle();
         assert_eq!(s.status(6), Status::Ended(Outcome::Commit));
         assert_eq!(s.status(5), Status::Pending);
+        assert!(
+            s.pending_at(5).unwrap().copy_possible,
+            "found at a restart: a crash may have stored its copy"
+        );
         assert_eq!(
             s.status(3),
             Status::Ended(Outcome::Commit),
