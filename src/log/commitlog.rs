@@ -213,32 +213,7 @@ impl Staging {
         assert!(len <= self.max_reservation(), "reservation over the bound");
         let pos = self.active.file_pos + self.active.buf.len() as u64;
         if pos + len as u64 + BLANK_RECORD_MIN_LEN as u64 > self.seg_size {
-            let next_base = self.active.seg_base + self.seg_size;
-            if next_base > self.prepared_upto {
-                return Err(Need::Segment(next_base));
-            }
-            // Close the segment with a blank record over its whole remainder. The padding is
-            // shorter than the run that did not fit, but with the active batch it may exceed
-            // one write: then the active batch is sealed first and the padding starts the next.
-            let pad = (self.seg_size - pos) as usize;
-            let split =
-                self.active.has_new_bytes() && self.active.buf.len() + pad > MAX_WRITE_BYTES;
-            if self.sealed.len() + usize::from(split) >= MAX_SEALED_BATCHES {
-                return Err(Need::Space);
-            }
-            if split {
-                self.seal_active();
-            }
-            let start = self.active.buf.len();
-            // Sized by the records, not the padding that closes the segment.
-            let room = self.room_after(start);
-            self.active.buf.resize(start + pad, 0);
-            record::encode_blank(&mut self.active.buf[start..], pad as u32);
-            self.active.ends_segment = true;
-            self.active.blank_len = pad;
-            let fresh = Batch::new(next_base, 0, Vec::new(), room);
-            let full = std::mem::replace(&mut self.active, fresh);
-            self.sealed.push_back(full);
+            self.roll()?;
         } else if self.active.buf.len() + len > MAX_WRITE_BYTES {
             if self.sealed.len() >= MAX_SEALED_BATCHES {
                 return Err(Need::Space);
@@ -246,6 +221,55 @@ impl Staging {
             self.seal_active();
         }
         Ok(&mut self.active)
+    }
+
+    /// Closes the active segment with a blank record over its remainder and moves to the
+    /// next one, as an append that does not fit does: a slave closes its segments where its
+    /// master did. Returns the completion of the batch that closes it.
+    pub fn close_segment(&mut self) -> Result<BatchDone, Need> {
+        self.roll()?;
+        Ok(self
+            .sealed
+            .back()
+            .expect("the closed segment's batch")
+            .done
+            .clone())
+    }
+
+    fn roll(&mut self) -> Result<(), Need> {
+        let pos = self.active.file_pos + self.active.buf.len() as u64;
+        let next_base = self.active.seg_base + self.seg_size;
+        if next_base > self.prepared_upto {
+            return Err(Need::Segment(next_base));
+        }
+        // Close the segment with a blank record over its whole remainder. The padding is
+        // shorter than the run that did not fit, but with the active batch it may exceed
+        // one write: then the active batch is sealed first and the padding starts the next.
+        let pad = (self.seg_size - pos) as usize;
+        let split = self.active.has_new_bytes() && self.active.buf.len() + pad > MAX_WRITE_BYTES;
+        if self.sealed.len() + usize::from(split) >= MAX_SEALED_BATCHES {
+            return Err(Need::Space);
+        }
+        if split {
+            self.seal_active();
+        }
+        let start = self.active.buf.len();
+        // Sized by the records, not the padding that closes the segment.
+        let room = self.room_after(start);
+        self.active.buf.resize(start + pad, 0);
+        record::encode_blank(&mut self.active.buf[start..], pad as u32);
+        self.active.ends_segment = true;
+        self.active.blank_len = pad;
+        let fresh = Batch::new(next_base, 0, Vec::new(), room);
+        let full = std::mem::replace(&mut self.active, fresh);
+        self.sealed.push_back(full);
+        Ok(())
+    }
+
+    /// Bytes left in the active segment before its closing blank record must start.
+    pub fn segment_room(&self) -> u64 {
+        let pos = self.active.file_pos + self.active.buf.len() as u64;
+        self.seg_size - pos
     }
 
     /// The capacity of the batch after one of `len` bytes.

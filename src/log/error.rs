@@ -38,6 +38,9 @@ pub enum StoreError {
     Config(String),
     #[error("the store is closed")]
     Closed,
+    /// Bytes copied from a master do not continue this log (replication).
+    #[error("replication: {0}")]
+    Replica(String),
     /// Queries by key need the key index (`messageIndexEnable`).
     #[error("the message key index is off on this broker (messageIndexEnable=false)")]
     IndexDisabled,

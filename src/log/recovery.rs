@@ -19,6 +19,30 @@ pub struct Scanned {
     pub key_hashes: Vec<u32>,
 }
 
+/// What dispatching the record `v`, of `n` bytes at log offset `pos`, needs.
+pub fn scanned(v: &record::RecordView<'_>, pos: u64, n: u32, index: bool) -> Scanned {
+    Scanned {
+        phys: pos,
+        size: n,
+        topic: v.topic.to_owned(),
+        queue_id: v.queue_id,
+        queue_offset: v.queue_offset,
+        tag_hash: crate::schedule::cq_tag(v.topic, v.tags, || {
+            v.property(orbitmq_proto::sys::property::TIMER_DELIVER_MS)
+        }),
+        store_timestamp: v.store_timestamp,
+        key_hashes: {
+            let mut h = Vec::new();
+            if index {
+                let t = indexfile::topic_hash(v.topic);
+                let uniq = v.property(orbitmq_proto::msgid::UNIQ_KEY);
+                indexfile::indexed_keys(v.keys, uniq, |k| h.push(indexfile::key_hash_from(t, k)));
+            }
+            h
+        },
+    }
+}
+
 /// Why a scan of a buffer stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Stop {
@@ -102,28 +126,7 @@ pub fn scan(
                         )),
                     );
                 }
-                out.push(Scanned {
-                    phys: pos,
-                    size: n,
-                    topic: v.topic.to_owned(),
-                    queue_id: v.queue_id,
-                    queue_offset: v.queue_offset,
-                    tag_hash: crate::schedule::cq_tag(v.topic, v.tags, || {
-                        v.property(orbitmq_proto::sys::property::TIMER_DELIVER_MS)
-                    }),
-                    store_timestamp: v.store_timestamp,
-                    key_hashes: {
-                        let mut h = Vec::new();
-                        if index {
-                            let t = indexfile::topic_hash(v.topic);
-                            let uniq = v.property(orbitmq_proto::msgid::UNIQ_KEY);
-                            indexfile::indexed_keys(v.keys, uniq, |k| {
-                                h.push(indexfile::key_hash_from(t, k))
-                            });
-                        }
-                        h
-                    },
-                });
+                out.push(scanned(&v, pos, n, index));
                 at += n as usize;
             }
         }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use glommio::io::{BufferedFile, DmaFile, OpenOptions};
-use orbitmq_proto::record::{self, Message, Placement};
+use orbitmq_proto::record::{self, Message, Placement, BLANK_RECORD_MIN_LEN};
 use tracing::{debug, error, info, warn};
 
 use super::commitlog::{align_down, align_up, Batch, DispatchEntry, Need, Staging};
@@ -140,6 +140,37 @@ impl TailCache {
         let from = usize::try_from(phys - start).ok()?;
         let to = from.checked_add(size as usize)?;
         (to <= b.len()).then(|| b.slice(from..to))
+    }
+
+    /// Cached bytes from `phys` on, at most `max` (more only if the first chunk is larger),
+    /// over consecutive chunks; `None` unless a chunk holds `phys`.
+    fn tail_from(&self, phys: u64, max: usize) -> Option<Bytes> {
+        let (start, (b, _)) = self.chunks.range(..=phys).next_back()?;
+        let from = usize::try_from(phys - start).ok()?;
+        if from >= b.len() {
+            return None;
+        }
+        let first = b.slice(from..);
+        let mut end = phys + first.len() as u64;
+        let mut more = Vec::new();
+        let mut len = first.len();
+        for (at, (c, _)) in self.chunks.range(end..) {
+            if *at != end || len + c.len() > max {
+                break;
+            }
+            more.push(c.clone());
+            len += c.len();
+            end += c.len() as u64;
+        }
+        if more.is_empty() {
+            return Some(first);
+        }
+        let mut out = bytes::BytesMut::with_capacity(len);
+        out.extend_from_slice(&first);
+        for c in more {
+            out.extend_from_slice(&c);
+        }
+        Some(out.freeze())
     }
 
     fn drop_below(&mut self, phys: u64) {
@@ -1353,6 +1384,242 @@ impl Store {
         let done = batch.done.clone();
         st.last_store_ts = ts;
         Ok((done, results))
+    }
+
+    // ---------------------------------------------------------------- replication
+
+    /// A slave's append: `data` holds whole records exactly as the master stored them from
+    /// log offset `at`, which must be this log's end, and may end with the header of the
+    /// blank record that closes the segment. Each record is checked (CRC, its own offset, the
+    /// next offset of its queue) and dispatched as if appended here; a segment closes where
+    /// the master's did. Resolves with the new end once written per the flush mode.
+    pub async fn append_replica(&self, at: u64, data: &[u8]) -> Result<u64> {
+        let seg_size = self.inner.cfg.segment_size;
+        let index = self.inner.cfg.index.is_some();
+        let mut pos = 0usize;
+        let mut last_done = None;
+        while pos < data.len() {
+            let here = at + pos as u64;
+            let bad = |why: String| StoreError::Replica(format!("at log offset {here}: {why}"));
+            let item = match record::peek(&data[pos..]) {
+                Ok(record::Peek::Record(n)) if pos + n as usize <= data.len() => {
+                    let v = record::decode(&data[pos..pos + n as usize])
+                        .map_err(|e| bad(e.to_string()))?;
+                    if v.physical_offset != here {
+                        return Err(bad(format!(
+                            "the record says it is at {}",
+                            v.physical_offset
+                        )));
+                    }
+                    Some(recovery::scanned(&v, here, n, index))
+                }
+                Ok(record::Peek::Blank(n)) if pos + BLANK_RECORD_MIN_LEN == data.len() => {
+                    if here % seg_size + u64::from(n) != seg_size {
+                        return Err(bad(format!(
+                            "a blank record of {n} bytes does not close the segment (segment \
+                             size {seg_size}: is mappedFileSizeCommitLog the master's?)"
+                        )));
+                    }
+                    None
+                }
+                Ok(p) => return Err(bad(format!("not a whole record: {p:?}"))),
+                Err(e) => return Err(bad(e.to_string())),
+            };
+            let done = loop {
+                let wait = {
+                    let mut st = self.inner.st.borrow_mut();
+                    if let Some(f) = &st.fenced {
+                        return Err(StoreError::Fenced(f.clone()));
+                    }
+                    if st.closing {
+                        return Err(StoreError::Closed);
+                    }
+                    let next = st.staging.next_offset();
+                    if next != here {
+                        return Err(bad(format!("this log ends at {next}")));
+                    }
+                    let listener = self.inner.room.listen();
+                    let room = st.staging.segment_room();
+                    if let Some(s) = item
+                        .as_ref()
+                        .filter(|s| u64::from(s.size) + BLANK_RECORD_MIN_LEN as u64 > room)
+                    {
+                        return Err(bad(format!(
+                            "a record of {} bytes does not fit the {room} left in the segment \
+                             (is mappedFileSizeCommitLog the master's?)",
+                            s.size
+                        )));
+                    }
+                    if let Some(s) = &item {
+                        let next_in_queue = st
+                            .topics
+                            .get(s.topic.as_str())
+                            .and_then(|m| m.get(&s.queue_id))
+                            .map(|cq| (cq.next_assign, cq.max_offset()));
+                        // A queue new here may start past 0 (the master's retention removed
+                        // its first entries before this slave started copying).
+                        if let Some((assign, _)) = next_in_queue.filter(|(a, m)| *a != 0 || *m != 0)
+                        {
+                            if s.queue_offset != assign {
+                                return Err(bad(format!(
+                                    "{}:{} offset {} does not follow the queue's end {assign}",
+                                    s.topic, s.queue_id, s.queue_offset
+                                )));
+                            }
+                        }
+                    }
+                    let placed = match &item {
+                        Some(s) => {
+                            self.place_replica(&mut st, s, &data[pos..pos + s.size as usize])
+                        }
+                        None => st.staging.close_segment(),
+                    };
+                    match placed {
+                        Ok(done) => break done,
+                        Err(Need::Space) => listener,
+                        Err(Need::Segment(base)) => {
+                            if let Some((when, err)) = &st.prepare_failed {
+                                if when.elapsed() < PREPARE_RETRY_BACKOFF {
+                                    return Err(err.clone());
+                                }
+                            }
+                            drop(st);
+                            self.start_prepare(base);
+                            listener
+                        }
+                    }
+                };
+                wait.await;
+            };
+            self.inner.staged.notify();
+            last_done = Some(done);
+            pos += match &item {
+                Some(s) => s.size as usize,
+                None => BLANK_RECORD_MIN_LEN,
+            };
+        }
+        if let Some(done) = last_done {
+            done.wait().await?;
+        }
+        Ok(self.inner.st.borrow().written)
+    }
+
+    /// Places one copied record (`bytes`, described by `s`) in the active batch.
+    fn place_replica(
+        &self,
+        st: &mut State,
+        s: &Scanned,
+        bytes: &[u8],
+    ) -> std::result::Result<super::commitlog::BatchDone, Need> {
+        let root = self.cq_root();
+        let per_file = self.inner.cfg.cq_entries_per_file;
+        let State {
+            staging, topics, ..
+        } = st;
+        let topic: Rc<str> = match topics.get_key_value(s.topic.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => s.topic.as_str().into(),
+        };
+        let cq = topics
+            .entry(topic.clone())
+            .or_default()
+            .entry(s.queue_id)
+            .or_insert_with(|| ConsumeQueue::new(&root, topic.clone(), s.queue_id, per_file));
+        let batch = staging.reserve(bytes.len())?;
+        if cq.next_assign == 0 && cq.max_offset() == 0 && s.queue_offset > 0 {
+            cq.min_offset = s.queue_offset;
+            cq.persisted = s.queue_offset;
+            cq.mem_base = s.queue_offset;
+        }
+        batch.buf.extend_from_slice(bytes);
+        batch.key_hashes.extend_from_slice(&s.key_hashes);
+        batch.dispatch.push(DispatchEntry {
+            topic,
+            queue_id: s.queue_id,
+            queue_offset: s.queue_offset,
+            physical_offset: s.phys,
+            size: s.size,
+            tag_hash: s.tag_hash,
+            store_timestamp: s.store_timestamp,
+            keys: s.key_hashes.len() as u32,
+        });
+        cq.next_assign = s.queue_offset + 1;
+        let done = batch.done.clone();
+        st.last_store_ts = st.last_store_ts.max(s.store_timestamp);
+        Ok(done)
+    }
+
+    /// The log's first offset and its written end: the range a slave may copy.
+    pub fn log_range(&self) -> (u64, u64) {
+        let st = self.inner.st.borrow();
+        (st.segments.keys().next().copied().unwrap_or(0), st.written)
+    }
+
+    /// What a slave copies next from `from` (a record boundary in the written log): whole
+    /// records of one segment, at most `max` bytes unless the first record is larger, then
+    /// the 8-byte header of the blank record that closes the segment if it follows. Empty at
+    /// the written end.
+    pub async fn read_log(&self, from: u64, max: usize) -> Result<Bytes> {
+        let seg_size = self.inner.cfg.segment_size;
+        let base = from - from % seg_size;
+        let (cached, file, end) = {
+            let st = self.inner.st.borrow();
+            let end = st.written.min(base + seg_size);
+            if from >= end {
+                return Ok(Bytes::new());
+            }
+            (
+                st.cache.tail_from(from, max),
+                st.segments.get(&base).cloned(),
+                end,
+            )
+        };
+        let read = |len: u64| {
+            let file = file.clone();
+            async move {
+                let f = file.ok_or_else(|| {
+                    StoreError::io(
+                        format!("reading log offset {from}"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                })?;
+                let r = f
+                    .read_at(from - base, len as usize)
+                    .await
+                    .map_err(|e| gio("reading the CommitLog", e))?;
+                Ok::<_, StoreError>(Bytes::copy_from_slice(&r))
+            }
+        };
+        let want = (end - from).min(max as u64);
+        let buf = match cached {
+            Some(b) => b.slice(..b.len().min(want as usize)),
+            None => read(want).await?,
+        };
+        let mut n = 0usize;
+        loop {
+            match record::peek(&buf[n..]) {
+                Ok(record::Peek::Record(len)) if n + len as usize <= buf.len() => n += len as usize,
+                Ok(record::Peek::Record(len)) if n == 0 && from + u64::from(len) <= end => {
+                    // One record larger than `max` (or than the cached chunk): all of it.
+                    return read(u64::from(len)).await;
+                }
+                Ok(record::Peek::Blank(_)) => {
+                    n += BLANK_RECORD_MIN_LEN;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if n == 0 {
+            return Err(StoreError::Corrupt {
+                offset: from,
+                source: record::DecodeError::Truncated {
+                    need: BLANK_RECORD_MIN_LEN,
+                    have: buf.len(),
+                },
+            });
+        }
+        Ok(buf.slice(..n))
     }
 
     // ---------------------------------------------------------------- tasks

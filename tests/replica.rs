@@ -1,0 +1,235 @@
+//! A slave's store copying a master's log (`Store::read_log` on the master, `append_replica`
+//! on the slave), against real files: a byte copy across segment rolls and a restart, the
+//! same queues, offsets and key lookups, and copies that do not continue the log refused with
+//! nothing written.
+
+use std::path::Path;
+use std::time::Duration;
+
+use orbitmq::log::config::IndexConfig;
+use orbitmq::log::{FlushMode, Store, StoreConfig, StoreError};
+use orbitmq::proto::record::{self, Message};
+
+mod store_support;
+use store_support::{read_all, run};
+
+const SEGMENT: u64 = 64 * 1024;
+const TOPICS: [&str; 2] = ["Orders", "Audit"];
+const QUEUES: u32 = 3;
+
+fn cfg(dir: &Path) -> StoreConfig {
+    let mut c = StoreConfig::new(dir, FlushMode::Async);
+    c.segment_size = SEGMENT;
+    c.cq_entries_per_file = 50;
+    c.flush_interval = Duration::from_millis(20);
+    c.cq_flush_interval = Duration::from_millis(20);
+    c.index = Some(IndexConfig {
+        hash_slots: 64,
+        max_entries: 1000,
+    });
+    c
+}
+
+fn msg(i: usize) -> Message {
+    Message {
+        topic: TOPICS[i % 2].into(),
+        queue_id: (i % QUEUES as usize) as u32,
+        tags: format!("t{}", i % 4),
+        keys: format!("k{i}"),
+        body: format!("body-{i}-").repeat(1 + i % 60).into_bytes().into(),
+        ..Default::default()
+    }
+}
+
+/// Appends messages `range` to the master: singles, and every tenth a batch of three.
+async fn produce(master: &Store, range: std::ops::Range<usize>) {
+    let mut i = range.start;
+    while i < range.end {
+        if i % 10 == 0 && i + 3 <= range.end {
+            let batch: Vec<Message> = (0..3)
+                .map(|_| Message {
+                    queue_id: 0,
+                    topic: TOPICS[0].into(),
+                    ..msg(i)
+                })
+                .collect();
+            master.append_batch(&batch).await.unwrap();
+            i += 3;
+        } else {
+            master.append(&msg(i)).await.unwrap();
+            i += 1;
+        }
+    }
+}
+
+/// Copies the master's log into the slave until the slave reaches the master's end, in
+/// chunks of at most `max` bytes; returns the number of chunks.
+async fn copy(master: &Store, slave: &Store, max: usize) -> usize {
+    let mut chunks = 0;
+    loop {
+        let from = slave.log_range().1;
+        let chunk = master.read_log(from, max).await.unwrap();
+        if chunk.is_empty() {
+            assert_eq!(
+                from,
+                master.log_range().1,
+                "stopped before the master's end"
+            );
+            return chunks;
+        }
+        let end = slave.append_replica(from, &chunk).await.unwrap();
+        assert!(end > from);
+        chunks += 1;
+    }
+}
+
+/// Every segment file of both stores, byte for byte, up to the master's written end.
+fn same_log(master_dir: &Path, slave_dir: &Path, end: u64) {
+    let names = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d.join("commitlog"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let segs = names(master_dir);
+    assert!(segs.len() >= 3, "the test rolls segments: {segs:?}");
+    for name in &segs {
+        let base: u64 = name.parse().unwrap();
+        if base >= end {
+            continue;
+        }
+        let len = (end - base).min(SEGMENT) as usize;
+        let m = std::fs::read(master_dir.join("commitlog").join(name)).unwrap();
+        let s = std::fs::read(slave_dir.join("commitlog").join(name))
+            .unwrap_or_else(|e| panic!("slave segment {name}: {e}"));
+        assert!(m[..len] == s[..len], "segment {name} differs");
+    }
+}
+
+async fn same_queues(master: &Store, slave: &Store) {
+    assert_eq!(master.queues(), slave.queues());
+    for t in TOPICS {
+        for q in 0..QUEUES {
+            let (m, s) = (read_all(master, t, q).await, read_all(slave, t, q).await);
+            assert!(!m.is_empty());
+            assert_eq!(m, s, "{t}:{q}");
+        }
+    }
+}
+
+#[test]
+fn a_slave_copies_the_log_byte_for_byte_across_rolls_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (md, sd) = (dir.path().join("m"), dir.path().join("s"));
+    run(move || async move {
+        let master = Store::open(cfg(&md)).await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        produce(&master, 0..1000).await;
+        // Small chunks: many copies, several of them a single record larger than asked for.
+        let chunks = copy(&master, &slave, 300).await;
+        assert!(chunks > 100, "{chunks} chunks");
+        same_queues(&master, &slave).await;
+        let end = master.log_range().1;
+        assert!(end > 3 * SEGMENT);
+        assert_eq!(slave.log_range().1, end);
+
+        // A key lookup on the slave finds the master's record, at the master's offset.
+        let (m, _) = master
+            .query_key(TOPICS[1], "k7", false, 0, u64::MAX, 8)
+            .await
+            .unwrap();
+        let (s, _) = slave
+            .query_key(TOPICS[1], "k7", false, 0, u64::MAX, 8)
+            .await
+            .unwrap();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m, s);
+
+        // The slave restarts and goes on from its end; large chunks this time.
+        slave.close().await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        assert_eq!(slave.log_range().1, end);
+        produce(&master, 1000..1300).await;
+        copy(&master, &slave, 1 << 20).await;
+        same_queues(&master, &slave).await;
+        let end = master.log_range().1;
+        master.close().await.unwrap();
+        slave.close().await.unwrap();
+        same_log(&md, &sd, end);
+
+        // Appends to the slave's own copy go on at the same offsets as the master's.
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        let r = slave.append(&msg(1300)).await.unwrap();
+        assert_eq!(r.physical_offset, end);
+        slave.close().await.unwrap();
+    });
+}
+
+#[test]
+fn copies_that_do_not_continue_the_log_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (md, sd) = (dir.path().join("m"), dir.path().join("s"));
+    run(move || async move {
+        let master = Store::open(cfg(&md)).await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        produce(&master, 0..40).await;
+        let first = master.read_log(0, 1 << 20).await.unwrap();
+        let one = match record::peek(&first).unwrap() {
+            record::Peek::Record(n) => n as usize,
+            other => panic!("{other:?}"),
+        };
+        let refused = |r: Result<u64, StoreError>, what: &str| match r {
+            Err(StoreError::Replica(why)) => why,
+            other => panic!("{what}: {other:?}"),
+        };
+        // Not at the slave's end.
+        let why = refused(
+            slave.append_replica(one as u64, &first[one..]).await,
+            "past the end",
+        );
+        assert!(why.contains("ends at 0"), "{why}");
+        // A damaged byte fails the record's CRC.
+        let mut bad = first.to_vec();
+        bad[one / 2] ^= 0xFF;
+        refused(slave.append_replica(0, &bad).await, "damaged");
+        // A cut record.
+        refused(slave.append_replica(0, &first[..one - 1]).await, "cut");
+        // A blank record that does not close the segment.
+        let mut blank = vec![0u8; 8];
+        record::encode_blank(&mut blank, 8);
+        refused(slave.append_replica(0, &blank).await, "blank");
+        assert_eq!(slave.log_range().1, 0, "nothing was written");
+        assert!(slave.queues().is_empty());
+
+        // A record whose queue offset skips ahead of its queue's end.
+        slave.append_replica(0, &first[..one]).await.unwrap();
+        let second = master.read_log(one as u64, 1 << 20).await.unwrap();
+        let v = record::decode(&first[..one]).unwrap();
+        let skip = Message {
+            topic: v.topic.into(),
+            queue_id: v.queue_id,
+            body: bytes::Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        let mut forged = Vec::new();
+        record::encode_into(
+            &skip,
+            record::Placement {
+                queue_offset: v.queue_offset + 2,
+                physical_offset: one as u64,
+                store_timestamp: v.store_timestamp,
+            },
+            &mut forged,
+        );
+        let why = refused(slave.append_replica(one as u64, &forged).await, "queue gap");
+        assert!(why.contains("does not follow"), "{why}");
+        // The real continuation is still taken.
+        slave.append_replica(one as u64, &second).await.unwrap();
+        copy(&master, &slave, 1 << 20).await;
+        same_queues(&master, &slave).await;
+        master.close().await.unwrap();
+        slave.close().await.unwrap();
+    });
+}
