@@ -45,7 +45,7 @@ fn msg(i: usize) -> Message {
 async fn produce(master: &Store, range: std::ops::Range<usize>) {
     let mut i = range.start;
     while i < range.end {
-        if i % 10 == 0 && i + 3 <= range.end {
+        if i.is_multiple_of(10) && i + 3 <= range.end {
             let batch: Vec<Message> = (0..3)
                 .map(|_| Message {
                     queue_id: 0,
