@@ -1,8 +1,8 @@
 //! broker.conf: RocketMQ's property format and keys, plus orbitmq's own.
 //!
 //! An unknown key or a malformed value is an error naming the key and line. A RocketMQ key that
-//! orbitmq knows but does not act on yet is a warning. A value orbitmq cannot honour yet (a
-//! slave role before replication exists) is an error.
+//! orbitmq knows but does not act on yet is a warning. A value orbitmq cannot honour is an
+//! error.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -90,6 +90,8 @@ pub struct BrokerConfig {
     pub index: Option<crate::log::config::IndexConfig>,
     /// `transactionCheckInterval` (ms), `transactionTimeOut` (ms), `transactionCheckMax`.
     pub txn: crate::txn::TxConfig,
+    /// `haMasterAddress`, `haMaxGapNotInSync`, `syncFlushTimeout`: replication.
+    pub ha: crate::repl::HaConfig,
     /// Warnings to log at start (keys known but not acted on).
     pub warnings: Vec<String>,
 }
@@ -122,6 +124,7 @@ impl Default for BrokerConfig {
             schedule: crate::schedule::ScheduleConfig::default(),
             index: Some(crate::log::config::IndexConfig::default()),
             txn: crate::txn::TxConfig::default(),
+            ha: crate::repl::HaConfig::default(),
             warnings: Vec::new(),
         }
     }
@@ -201,7 +204,12 @@ impl BrokerConfig {
                 "brokerName" => c.broker_name = v.into(),
                 "brokerId" => c.broker_id = parse_num(v).map_err(bad)?,
                 "namesrvAddr" => {
-                    c.namesrv_addr = v.split(';').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+                    c.namesrv_addr = v
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect()
                 }
                 "listenPort" => c.listen_port = parse_num(v).map_err(bad)?,
                 "storePathRootDir" => c.store_path_root_dir = Some(PathBuf::from(v)),
@@ -214,18 +222,17 @@ impl BrokerConfig {
                     c.broker_role = match v {
                         "ASYNC_MASTER" => BrokerRole::AsyncMaster,
                         "SYNC_MASTER" => BrokerRole::SyncMaster,
-                        "SLAVE" => {
-                            return Err(bad(
-                                "orbitmq has no replication yet, so a broker cannot be a SLAVE; use ASYNC_MASTER".into(),
-                            ))
-                        }
+                        "SLAVE" => BrokerRole::Slave,
                         _ => return Err(bad("expected ASYNC_MASTER, SYNC_MASTER or SLAVE".into())),
                     }
                 }
                 "deleteWhen" => {
-                    c.retention.delete_when_hours = retention::parse_delete_when(v).map_err(|e| bad(e.to_string()))?
+                    c.retention.delete_when_hours =
+                        retention::parse_delete_when(v).map_err(|e| bad(e.to_string()))?
                 }
-                "fileReservedTime" => c.retention.file_reserved_hours = parse_num(v).map_err(bad)?,
+                "fileReservedTime" => {
+                    c.retention.file_reserved_hours = parse_num(v).map_err(bad)?
+                }
                 "diskMaxUsedSpaceRatio" => {
                     let pct: u32 = parse_num(v).map_err(bad)?;
                     if !(10..=95).contains(&pct) {
@@ -254,14 +261,21 @@ impl BrokerConfig {
                 "transactionCheckMax" => {
                     let n: u32 = parse_num(v).map_err(bad)?;
                     if n > crate::txn::MAX_CHECK_MAX {
-                        return Err(bad(format!("must be at most {}", crate::txn::MAX_CHECK_MAX)));
+                        return Err(bad(format!(
+                            "must be at most {}",
+                            crate::txn::MAX_CHECK_MAX
+                        )));
                     }
                     c.txn.check_max = n;
                 }
                 "maxHashSlotNum" | "maxIndexNum" => {
                     use crate::log::indexfile::{MAX_HASH_SLOTS, MAX_INDEX_NUM};
                     let n: u32 = parse_num(v).map_err(bad)?;
-                    let max = if k == "maxHashSlotNum" { MAX_HASH_SLOTS } else { MAX_INDEX_NUM };
+                    let max = if k == "maxHashSlotNum" {
+                        MAX_HASH_SLOTS
+                    } else {
+                        MAX_INDEX_NUM
+                    };
                     if n == 0 || n > max {
                         return Err(bad(format!("must be 1..={max}")));
                     }
@@ -294,7 +308,10 @@ impl BrokerConfig {
                 }
                 "tuningProfile" => c.tuning_profile = Some(v.into()),
                 "brokerIP1" => {
-                    c.broker_ip1 = Some(v.parse().map_err(|_| bad("expected an IP address".into()))?)
+                    c.broker_ip1 = Some(
+                        v.parse()
+                            .map_err(|_| bad("expected an IP address".into()))?,
+                    )
                 }
                 "registerNameServerPeriod" => {
                     let ms: u64 = parse_num(v).map_err(bad)?;
@@ -312,12 +329,15 @@ impl BrokerConfig {
                 "channelExpiredTimeout" => {
                     let ms: u64 = parse_num(v).map_err(bad)?;
                     if ms < MIN_CLIENT_EXPIRY_MS {
-                        return Err(bad(format!("expected at least {MIN_CLIENT_EXPIRY_MS} milliseconds")));
+                        return Err(bad(format!(
+                            "expected at least {MIN_CLIENT_EXPIRY_MS} milliseconds"
+                        )));
                     }
                     c.client_expiry = Duration::from_millis(ms);
                 }
                 "messageDelayLevel" => {
-                    c.schedule.levels_ms = crate::schedule::parse_levels(v).map_err(|e| bad(e.to_string()))?
+                    c.schedule.levels_ms =
+                        crate::schedule::parse_levels(v).map_err(|e| bad(e.to_string()))?
                 }
                 "timerMaxDelaySec" => {
                     let secs: u64 = parse_num(v).map_err(bad)?;
@@ -326,6 +346,27 @@ impl BrokerConfig {
                         return Err(bad(format!("expected 1..={max} seconds")));
                     }
                     c.schedule.timer_max_delay_ms = secs * 1000;
+                }
+                "haMasterAddress" => {
+                    if v.rsplit_once(':')
+                        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                    {
+                        return Err(bad(
+                            "expected host:port of the master's broker address".into()
+                        ));
+                    }
+                    c.ha.master_address = Some(v.into())
+                }
+                "haMaxGapNotInSync" => c.ha.max_gap = parse_num(v).map_err(bad)?,
+                "syncFlushTimeout" => {
+                    let ms: u64 = parse_num(v).map_err(bad)?;
+                    if ms < crate::repl::MIN_SLAVE_TIMEOUT_MS {
+                        return Err(bad(format!(
+                            "expected at least {} ms",
+                            crate::repl::MIN_SLAVE_TIMEOUT_MS
+                        )));
+                    }
+                    c.ha.slave_timeout = Duration::from_millis(ms)
                 }
                 "tlsCertFile" => c.tls_cert_file = Some(PathBuf::from(v)),
                 "tlsKeyFile" => c.tls_key_file = Some(PathBuf::from(v)),
@@ -344,7 +385,15 @@ impl BrokerConfig {
             }
         }
         c.index = index_enable.unwrap_or(true).then_some(index);
-        if c.broker_id != crate::nameserver::routes::MASTER_ID {
+        if c.broker_role == BrokerRole::Slave {
+            if c.broker_id == crate::nameserver::routes::MASTER_ID {
+                return Err(ConfigError::Io {
+                    path: path.into(),
+                    why: "brokerRole = SLAVE needs a brokerId of 1 or more (0 is the master's)"
+                        .into(),
+                });
+            }
+        } else if c.broker_id != crate::nameserver::routes::MASTER_ID {
             c.warnings.push(format!(
                 "{path}: brokerId = {}: a master's id is 0 (as RocketMQ), so 0 is used",
                 c.broker_id
@@ -356,11 +405,6 @@ impl BrokerConfig {
                 path: path.into(),
                 why: "tlsCertFile and tlsKeyFile go together".into(),
             });
-        }
-        if c.broker_role == BrokerRole::SyncMaster {
-            c.warnings.push(format!(
-                "{path}: brokerRole = SYNC_MASTER acts as ASYNC_MASTER until replication exists"
-            ));
         }
         Ok(c)
     }
@@ -408,7 +452,17 @@ mod tests {
         let e = BrokerConfig::parse("b.conf", "brokerRole = SLAVE\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("replication"), "{e}");
+        assert!(e.contains("brokerId of 1 or more"), "{e}");
+        let c = BrokerConfig::parse(
+            "b.conf",
+            "brokerRole = SLAVE\nbrokerId = 2\nhaMasterAddress = 10.0.0.1:10911\nsyncFlushTimeout = 800\n",
+        )
+        .unwrap();
+        assert_eq!((c.broker_role, c.broker_id), (BrokerRole::Slave, 2));
+        assert_eq!(c.ha.master_address.as_deref(), Some("10.0.0.1:10911"));
+        assert_eq!(c.ha.slave_timeout, Duration::from_millis(800));
+        assert!(BrokerConfig::parse("b.conf", "haMasterAddress = nowhere\n").is_err());
+        assert!(BrokerConfig::parse("b.conf", "syncFlushTimeout = 1\n").is_err());
         assert!(BrokerConfig::parse("b.conf", "listenPort = 99999\n").is_err());
         assert!(BrokerConfig::parse("b.conf", "just words\n").is_err());
     }

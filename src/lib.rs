@@ -11,6 +11,7 @@ pub mod msgquery;
 pub mod nameserver;
 pub mod net;
 pub mod node;
+pub mod repl;
 pub mod schedule;
 pub mod shard;
 pub mod sync;

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 use orbitmq_client::TlsOptions;
 
-use crate::config::BrokerConfig;
+use crate::config::{BrokerConfig, BrokerRole};
 use crate::log::{shape, FlushMode, StoreConfig};
 use crate::nameserver::kv::KvConfig;
 use crate::nameserver::registrar::{Registrar, RegistrarConfig};
@@ -280,6 +280,7 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         return Err("--shards must be at least 1".into());
     }
     store.validate()?;
+    let store_segment_size = store.segment_size;
     // Standalone stays on loopback by default; a cluster broker listens on every interface.
     let default_ip = if standalone.is_some() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -298,10 +299,15 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         conf.tls_ca_file.as_deref(),
     )?;
     let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
+    let slave = conf.broker_role == BrokerRole::Slave;
+    if slave && standalone.is_some() {
+        return Err("standalone runs a master: start a slave with `orbitmq broker -c broker.conf` (brokerRole = SLAVE)".into());
+    }
+    // A slave's topics are its master's (copied by the slave sync), never made by a send.
     let topics = Arc::new(
         Topics::load(
             &data_dir,
-            conf.auto_create_topic,
+            conf.auto_create_topic && !slave,
             conf.default_topic_queue_nums,
         )
         .map_err(|e| e.to_string())?,
@@ -310,6 +316,23 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     net.advertise = Some(advertise_ip(listen, conf.broker_ip1, &namesrv));
     net.client_expiry = conf.client_expiry;
     net.txn = conf.txn;
+    net.broker_name = conf.broker_name.clone();
+    net.broker_id = conf.broker_id;
+    net.role = conf.broker_role;
+    net.ha = conf.ha.clone();
+    // Name servers and a slave's master are verified with the cluster CA; without one there is
+    // nothing to verify them with, so that traffic goes unverified and says so.
+    let verify_ca = conf.tls_ca_file.clone();
+    let insecure = a.insecure || verify_ca.is_none();
+    if slave {
+        net.master_tls = Some(
+            match (&verify_ca, insecure) {
+                (Some(ca), false) => tls::client_config(ca),
+                _ => tls::insecure_client_config(),
+            }
+            .map_err(|e| e.to_string())?,
+        );
+    }
     let sigs = block_stop_signals();
     let set = ShardSet::start(ShardSetConfig {
         data_dir: data_dir.clone(),
@@ -346,22 +369,45 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         }
         None => None,
     };
-    // Name servers are verified with the cluster CA; without one there is nothing to verify
-    // them with, so registration goes unverified (it carries nothing secret) and says so.
-    let verify_ca = conf.tls_ca_file.clone();
-    let insecure = a.insecure || verify_ca.is_none();
-    if insecure && !namesrv.is_empty() {
+    if insecure && (!namesrv.is_empty() || slave) {
         tracing::warn!(
-            "the name servers' certificates are not verified (set tlsCaFile to the cluster CA to verify them)"
+            "the name servers' (and a slave's master's) certificates are not verified (set tlsCaFile to the cluster CA to verify them)"
         );
     }
+    let slave_sync = if slave {
+        let shared = set
+            .shared
+            .clone()
+            .expect("a broker's shards serve the network");
+        let cfg = crate::repl::sync::SlaveSyncConfig {
+            broker_name: conf.broker_name.clone(),
+            shards,
+            queue_map: set.shape.map.name().to_owned(),
+            segment_size: store_segment_size,
+            master_address: conf.ha.master_address.clone(),
+            namesrv: namesrv.clone(),
+            tls: TlsOptions {
+                ca: verify_ca.clone(),
+                insecure,
+            },
+        };
+        match crate::repl::sync::SlaveSync::start(cfg, shared, topics.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let _ = set.stop();
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let reg = RegistrarConfig {
         cluster: conf.cluster_name.clone(),
         broker_name: conf.broker_name.clone(),
         broker_id: conf.broker_id,
         shard_endpoints: eps.clone(),
         queue_map: set.shape.map.name().to_owned(),
-        auto_create: conf.auto_create_topic,
+        auto_create: conf.auto_create_topic && !slave,
         default_queues: conf.default_topic_queue_nums,
         namesrv,
         tls: TlsOptions {
@@ -373,6 +419,9 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     let registrar = match Registrar::start(reg, topics, ns.as_ref().map(|n| n.state.clone())) {
         Ok(r) => r,
         Err(e) => {
+            if let Some(s) = slave_sync {
+                s.stop();
+            }
             if let Some(ns) = ns {
                 ns.stop();
             }
@@ -400,6 +449,9 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         "stopping: unregistering, then flushing every shard"
     );
     registrar.stop();
+    if let Some(s) = slave_sync {
+        s.stop();
+    }
     if let Some(ns) = ns {
         ns.stop();
     }

@@ -26,26 +26,23 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{body_of, free_ports, spawn_tied};
+use common::{body_of, free_ports, run_ok, spawn_tied, start_proc};
 use orbitmq_client::{
     Client, ClientConfig, ConsumeFromWhere, ConsumeStatus, ConsumerOptions, Message, MessageModel,
     MessageQueue, Producer, PushConsumer, Strategy, TlsOptions,
 };
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_orbitmq");
 const CLUSTER: &str = "GroupsCluster";
 const BROKERS: [&str; 2] = ["broker-a", "broker-b"];
 /// Queues of a topic on each broker.
 const QUEUES: u32 = 8;
-/// How long a child may take to print its ready line.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound of the waits for the members to take their expected shares (a killed member
 /// expires after 3 s; rebalances run every second).
 const SPLIT_WITHIN: Duration = Duration::from_secs(30);
@@ -94,58 +91,6 @@ extern "C" fn stop_the_cluster() {
         c.stop_procs();
         let _ = std::fs::remove_dir_all(c._dir.path());
     }
-}
-
-/// Starts `orbitmq args` (killed with this test process) and waits for its `ready` line.
-fn start_proc(args: &[String], log: &Path) -> (Child, String) {
-    let stderr = std::fs::File::create(log).expect("log file");
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("ORBITMQ_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr));
-    let mut child = spawn_tied(cmd).expect("start orbitmq");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if line.starts_with("ready ") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    match rx.recv_timeout(READY_TIMEOUT) {
-        Ok(line) => (child, line),
-        Err(_) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "orbitmq {args:?} printed no ready line; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run orbitmq")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "orbitmq {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 impl Cluster {

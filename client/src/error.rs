@@ -33,9 +33,13 @@ pub enum ClientError {
     /// The broker stored the message but could not flush it in time (SYNC_FLUSH).
     #[error("flush disk timeout: {0}")]
     FlushDiskTimeout(String),
-    /// The broker stored the message but its slave did not confirm (SYNC_MASTER).
+    /// The broker stored the message but no slave is in sync to copy it (SYNC_MASTER).
     #[error("slave not available: {0}")]
     SlaveNotAvailable(String),
+    /// The broker stored the message but its slave did not confirm the copy in time
+    /// (SYNC_MASTER).
+    #[error("flush slave timeout: {0}")]
+    FlushSlaveTimeout(String),
     /// The queue lives on another shard; `redirect` is its endpoint (may be empty).
     #[error("wrong shard: {message} (owner: {redirect})")]
     WrongShard { message: String, redirect: String },
@@ -102,6 +106,7 @@ impl ClientError {
             response::SYSTEM_BUSY => ClientError::SystemBusy(message),
             response::FLUSH_DISK_TIMEOUT => ClientError::FlushDiskTimeout(message),
             response::SLAVE_NOT_AVAILABLE => ClientError::SlaveNotAvailable(message),
+            response::FLUSH_SLAVE_TIMEOUT => ClientError::FlushSlaveTimeout(message),
             response::WRONG_SHARD => ClientError::WrongShard { message, redirect },
             _ => ClientError::Broker {
                 code,

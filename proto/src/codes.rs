@@ -39,6 +39,11 @@ pub mod request {
     pub const GET_TOPICS_BY_CLUSTER: u16 = 224;
     /// Admin to broker: commit a group's new offsets and push them to its live consumers.
     pub const INVOKE_BROKER_TO_RESET_OFFSET: u16 = 222;
+    /// Slave to master (any shard): the master's shape and shard endpoints ([`crate::header::HaInfoResponse`]).
+    pub const HA_INFO: u16 = 350;
+    /// Slave shard k to master shard k: the log from an offset, which also acknowledges
+    /// everything below it (RocketMQ's HA channel, as requests).
+    pub const HA_PULL: u16 = 351;
 
     pub fn name(code: u16) -> &'static str {
         match code {
@@ -58,6 +63,8 @@ pub mod request {
             UNREGISTER_CLIENT => "UNREGISTER_CLIENT",
             CONSUMER_SEND_MSG_BACK => "CONSUMER_SEND_MSG_BACK",
             END_TRANSACTION => "END_TRANSACTION",
+            HA_INFO => "HA_INFO",
+            HA_PULL => "HA_PULL",
             LOCK_BATCH_MQ => "LOCK_BATCH_MQ",
             UNLOCK_BATCH_MQ => "UNLOCK_BATCH_MQ",
             INVOKE_BROKER_TO_RESET_OFFSET => "INVOKE_BROKER_TO_RESET_OFFSET",
@@ -86,7 +93,10 @@ pub mod response {
     /// The header failed validation or does not fit the request.
     pub const BAD_REQUEST: u16 = 4;
     pub const FLUSH_DISK_TIMEOUT: u16 = 10;
+    /// Stored on the master, but no slave is in sync to copy it (SYNC_MASTER).
     pub const SLAVE_NOT_AVAILABLE: u16 = 11;
+    /// Stored on the master; its slave did not confirm the copy in time (SYNC_MASTER).
+    pub const FLUSH_SLAVE_TIMEOUT: u16 = 12;
     pub const MESSAGE_ILLEGAL: u16 = 13;
     /// The store cannot take writes (I/O error fenced it, or the disk is full).
     pub const SERVICE_NOT_AVAILABLE: u16 = 14;
@@ -107,6 +117,7 @@ pub mod response {
             BAD_REQUEST => "BAD_REQUEST",
             FLUSH_DISK_TIMEOUT => "FLUSH_DISK_TIMEOUT",
             SLAVE_NOT_AVAILABLE => "SLAVE_NOT_AVAILABLE",
+            FLUSH_SLAVE_TIMEOUT => "FLUSH_SLAVE_TIMEOUT",
             MESSAGE_ILLEGAL => "MESSAGE_ILLEGAL",
             SERVICE_NOT_AVAILABLE => "SERVICE_NOT_AVAILABLE",
             TOPIC_NOT_EXIST => "TOPIC_NOT_EXIST",

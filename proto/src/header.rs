@@ -327,6 +327,40 @@ pub struct TopicConfigsResponse {
     pub topics: Vec<TopicConfigData>,
 }
 
+/// HA_INFO's answer: what a slave must match (name, shards, queue map, segment size) and
+/// where each master shard serves HA_PULL.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaInfoResponse {
+    pub broker_name: String,
+    pub shards: u32,
+    pub queue_map: String,
+    pub segment_size: u64,
+    pub shard_endpoints: Vec<String>,
+}
+
+/// HA_PULL: the master's log from `from`, which is the slave's written end (so it also
+/// acknowledges every byte below it). The master waits up to `wait_ms` for new bytes.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaPullRequest {
+    pub broker_name: String,
+    pub slave_id: u64,
+    pub shard: u32,
+    pub segment_size: u64,
+    pub from: u64,
+    pub max_bytes: u32,
+    pub wait_ms: u32,
+}
+
+/// HA_PULL's answer; the body holds whole records from `from` (and, at a segment's end, the
+/// 8-byte header of the blank record that closes it).
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaPullResponse {
+    pub from: u64,
+    /// The master's written end and first log offset when it answered.
+    pub master_end: u64,
+    pub master_start: u64,
+}
+
 /// QUERY_MESSAGE: messages of `topic` whose keys include `key` (or whose unique key is
 /// `key`, with `unique_key`), stored from `begin_ms` to `end_ms`, at most `max_num`.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]

@@ -352,6 +352,7 @@ pub fn error_code(e: &ClientError) -> &'static str {
         ClientError::SystemBusy(_) => response::name(response::SYSTEM_BUSY),
         ClientError::FlushDiskTimeout(_) => response::name(response::FLUSH_DISK_TIMEOUT),
         ClientError::SlaveNotAvailable(_) => response::name(response::SLAVE_NOT_AVAILABLE),
+        ClientError::FlushSlaveTimeout(_) => response::name(response::FLUSH_SLAVE_TIMEOUT),
         ClientError::WrongShard { .. } => response::name(response::WRONG_SHARD),
         ClientError::Broker { name, .. } => name,
         ClientError::InvalidArgument(_) => "InvalidArgument",

@@ -338,6 +338,16 @@ impl RouteInfoManager {
         gone
     }
 
+    /// The member that serves a broker's queues: its master, or while it has none (dead or
+    /// stopped) its slave of the lowest id, read-only (as RocketMQ's clients fall back to a
+    /// slave to consume). The flag says whether it is the master.
+    fn serving(e: &BrokerEntry) -> Option<(&Member, bool)> {
+        match e.members.get(&MASTER_ID) {
+            Some(m) => Some((m, true)),
+            None => e.members.values().next().map(|m| (m, false)),
+        }
+    }
+
     fn broker_route(name: &str, e: &BrokerEntry) -> BrokerRoute {
         BrokerRoute {
             cluster: e.cluster.clone(),
@@ -347,16 +357,15 @@ impl RouteInfoManager {
                 .iter()
                 .map(|(id, m)| (*id, m.addr().to_owned()))
                 .collect(),
-            shard_endpoints: e
-                .members
-                .get(&MASTER_ID)
-                .map(|m| m.shard_endpoints.clone())
+            shard_endpoints: Self::serving(e)
+                .map(|(m, _)| m.shard_endpoints.clone())
                 .unwrap_or_default(),
         }
     }
 
-    /// The route of a topic: the queues of every master that has it, or the default route
-    /// over the auto-creating masters when none has it.
+    /// The route of a topic: the queues of every broker that has it (served by its master,
+    /// or read-only by a slave while it has no master), or the default route over the
+    /// auto-creating masters when none has it.
     pub fn route(&self, topic: &str) -> Result<RouteResponse, RouteError> {
         limits::validate_topic(topic)?;
         let masters = || {
@@ -367,9 +376,18 @@ impl RouteInfoManager {
         let mut queues = Vec::new();
         let mut brokers = Vec::new();
         let mut only_auto = true;
-        for (name, e, m) in masters() {
+        for (name, e) in &self.brokers {
+            let Some((m, master)) = Self::serving(e) else {
+                continue;
+            };
             if let Some(t) = m.topics.get(topic) {
-                queues.extend(queue_routes(name, t, &m.shape, &m.shard_endpoints));
+                let mut qs = queue_routes(name, t, &m.shape, &m.shard_endpoints);
+                if !master {
+                    for q in &mut qs {
+                        q.perm &= PERM_READ;
+                    }
+                }
+                queues.extend(qs);
                 brokers.push(Self::broker_route(name, e));
                 only_auto &= t.auto_created;
             }
@@ -663,6 +681,43 @@ mod tests {
         assert_eq!(m.topics("C"), vec!["A", "T"]);
         assert_eq!(m.topics(""), vec!["A", "T", "Z"]);
         assert!(m.topics("None").is_empty());
+    }
+
+    #[test]
+    fn a_broker_without_its_master_is_routed_read_only_through_its_slave() {
+        let mut m = RouteInfoManager::new();
+        let t0 = Instant::now();
+        m.register(&reg("broker-a", 10911, &[("T", 4)], false), t0)
+            .unwrap();
+        let mut slave = reg("broker-a", 20911, &[("T", 4)], false);
+        slave.broker_id = 1;
+        m.register(&slave, t0).unwrap();
+        // With its master: the master's endpoints, writable; the slave is listed by id.
+        let r = m.route("T").unwrap();
+        assert!(r
+            .queues
+            .iter()
+            .all(|q| q.perm == PERM_RW && q.endpoint.starts_with("127.0.0.1:1091")));
+        assert_eq!(r.brokers[0].addrs.len(), 2);
+        // The master goes: the slave serves the queues, read-only.
+        let master_addr = r.brokers[0].addrs[0].1.clone();
+        assert!(m.unregister("broker-a", MASTER_ID, &master_addr));
+        let r = m.route("T").unwrap();
+        assert_eq!(r.queues.len(), 4);
+        assert!(r
+            .queues
+            .iter()
+            .all(|q| q.perm == PERM_READ && q.endpoint.starts_with("127.0.0.1:2091")));
+        assert_eq!(r.brokers[0].shard_endpoints, slave.shard_endpoints);
+        // The master comes back: writable again.
+        m.register(&reg("broker-a", 10911, &[("T", 4)], false), t0)
+            .unwrap();
+        assert!(m
+            .route("T")
+            .unwrap()
+            .queues
+            .iter()
+            .all(|q| q.perm == PERM_RW));
     }
 
     #[test]

@@ -219,6 +219,32 @@ impl Topics {
         Ok(t)
     }
 
+    /// Makes the table exactly `topics` (a slave following its master's); persists and
+    /// reports a change only when there is one. Invalid entries are refused, all or nothing.
+    pub fn replace_all(&self, topics: Vec<TopicConfig>) -> Result<bool, TopicError> {
+        if topics.len() > self.limits.all {
+            return Err(TopicError::Full(self.limits.all));
+        }
+        let mut next = BTreeMap::new();
+        for t in topics {
+            limits::validate_topic(&t.name)?;
+            for n in [t.read_queues, t.write_queues] {
+                if n == 0 || n > MAX_QUEUES_PER_TOPIC {
+                    return Err(TopicError::QueueCount(n));
+                }
+            }
+            next.insert(t.name.clone(), t);
+        }
+        let mut table = self.table.lock().expect("topic table lock");
+        if *table == next {
+            return Ok(false);
+        }
+        self.persist(&next)?;
+        *table = next;
+        self.bump();
+        Ok(true)
+    }
+
     /// An admin create or update: a count or perm of 0 keeps the current value (or, for a new
     /// topic, takes `defaultTopicQueueNums` and read-write).
     pub fn create_or_update(

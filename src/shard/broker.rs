@@ -53,6 +53,13 @@ pub struct BrokerShared {
     pub schedule: crate::schedule::ScheduleConfig,
     /// `transactionCheckInterval`, `transactionTimeOut`, `transactionCheckMax`.
     pub txn: crate::txn::TxConfig,
+    /// `brokerName`, `brokerId`, `brokerRole` and the replication settings.
+    pub broker_name: String,
+    pub broker_id: u64,
+    pub role: crate::config::BrokerRole,
+    pub ha: crate::repl::HaConfig,
+    /// A slave's master: its shard endpoints, once found (see `crate::repl::sync`).
+    pub master: Mutex<Option<Vec<String>>>,
 }
 
 /// Groups one heartbeat may name.
@@ -72,6 +79,10 @@ pub struct ShardHandler {
     pub txn: RefCell<crate::txn::TxState>,
     /// Check-back pushes under way.
     pub check_pushes: Rc<std::cell::Cell<usize>>,
+    /// A master's slaves: how far each has copied this shard's log.
+    pub replicas: RefCell<crate::repl::ReplicaTracker>,
+    /// Notified when a slave acknowledges (SYNC_MASTER sends wait on it).
+    pub replica_acked: crate::sync::Event,
     pub shared: Arc<BrokerShared>,
     pub view: RefCell<TopicView>,
     /// The connection each client last heartbeat on at this shard, to push it notices
@@ -116,7 +127,7 @@ pub(crate) fn store_error_code(e: &StoreError) -> u16 {
 }
 
 impl ShardHandler {
-    fn endpoint_of(&self, shard: u32) -> String {
+    pub(crate) fn endpoint_of(&self, shard: u32) -> String {
         self.shared
             .endpoints
             .get()
@@ -249,6 +260,9 @@ impl ShardHandler {
                 return error_frame(id, response::MESSAGE_ILLEGAL, e.to_string());
             }
         }
+        if let Some(f) = self.refuse_on_slave(id) {
+            return f;
+        }
         if let Err(f) = self.check_queue(id, &h.topic, h.queue_id, PERM_WRITE) {
             return f;
         }
@@ -295,6 +309,11 @@ impl ShardHandler {
         }
         match self.store.append_batch(&msgs).await {
             Ok(results) => {
+                let last = results.last().expect("one result per message");
+                let end = last.physical_offset + u64::from(last.size);
+                if let Err(f) = self.wait_for_slave(id, end).await {
+                    return f;
+                }
                 // Every id of this response shares its broker/port/shard half: encode that
                 // once and only the CommitLog offset per message (one allocation each).
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -356,6 +375,12 @@ impl ShardHandler {
         let m = msgs.pop().expect("one message");
         match self.append_half(m, group).await {
             Ok(r) => {
+                if let Err(f) = self
+                    .wait_for_slave(id, r.physical_offset + u64::from(r.size))
+                    .await
+                {
+                    return f;
+                }
                 let resp = SendResponse {
                     queue_id,
                     results: vec![SendResult {
@@ -655,8 +680,18 @@ impl ShardHandler {
                 }
             }
             request::HEART_BEAT | request::UNREGISTER_CLIENT => self.heartbeat(&req, peer),
+            request::CONSUMER_SEND_MSG_BACK
+            | request::END_TRANSACTION
+            | request::UPDATE_AND_CREATE_TOPIC
+            | request::DELETE_TOPIC_IN_BROKER
+                if self.shared.role == crate::config::BrokerRole::Slave =>
+            {
+                self.refuse_on_slave(id).expect("a slave refuses")
+            }
             request::CONSUMER_SEND_MSG_BACK => self.send_back(&req).await,
             request::END_TRANSACTION => self.end_transaction(&req).await,
+            request::HA_INFO => self.ha_info(id),
+            request::HA_PULL => self.ha_pull(&req).await,
             request::LOCK_BATCH_MQ => self.lock_batch(&req, false),
             request::UNLOCK_BATCH_MQ => self.lock_batch(&req, true),
             request::INVOKE_BROKER_TO_RESET_OFFSET => self.reset_offset(&req),

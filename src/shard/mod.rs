@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod clients;
+pub mod ha;
 pub mod locks;
 pub mod query;
 pub mod sendback;
@@ -191,6 +192,12 @@ pub struct NetConfig {
     pub client_expiry: Duration,
     /// Transaction check-back settings.
     pub txn: crate::txn::TxConfig,
+    pub broker_name: String,
+    pub broker_id: u64,
+    pub role: crate::config::BrokerRole,
+    pub ha: crate::repl::HaConfig,
+    /// How a slave's shards verify their master (TLS).
+    pub master_tls: Option<quinn::ClientConfig>,
 }
 
 impl NetConfig {
@@ -202,6 +209,11 @@ impl NetConfig {
             topics,
             client_expiry: clients::DEFAULT_CLIENT_EXPIRY,
             txn: crate::txn::TxConfig::default(),
+            broker_name: crate::config::DEFAULT_BROKER_NAME.into(),
+            broker_id: crate::nameserver::routes::MASTER_ID,
+            role: crate::config::BrokerRole::AsyncMaster,
+            ha: crate::repl::HaConfig::default(),
+            master_tls: None,
         }
     }
 }
@@ -285,26 +297,38 @@ async fn run_shard(
         }
     };
     let bound = endpoint.local_addr().map_err(|e| e.to_string())?;
-    let scheduler =
+    // A slave writes nothing of its own: no delayed deliveries, no transaction check-backs;
+    // its log is the master's copy.
+    let slave = net.role == crate::config::BrokerRole::Slave;
+    let scheduler = if slave {
+        None
+    } else {
         match crate::schedule::service::Scheduler::start(store.clone(), shared.schedule.clone())
             .await
         {
-            Ok(s) => s,
+            Ok(s) => Some(s),
             Err(why) => {
                 let why = format!("scheduler: {why}");
                 let _ = ready.send((k, Err(why.clone())));
                 let _ = store.close().await;
                 return Err(why);
             }
-        };
-    let txn = match txn::rebuild(&store, &shared.txn).await {
-        Ok(t) => t,
-        Err(e) => {
-            let why = format!("transactions: {e}");
-            let _ = ready.send((k, Err(why.clone())));
-            let _ = scheduler.stop().await;
-            let _ = store.close().await;
-            return Err(why);
+        }
+    };
+    let txn = if slave {
+        crate::txn::TxState::default()
+    } else {
+        match txn::rebuild(&store, &shared.txn).await {
+            Ok(t) => t,
+            Err(e) => {
+                let why = format!("transactions: {e}");
+                let _ = ready.send((k, Err(why.clone())));
+                if let Some(s) = scheduler {
+                    let _ = s.stop().await;
+                }
+                let _ = store.close().await;
+                return Err(why);
+            }
         }
     };
     let _ = ready.send((k, Ok(Some(bound))));
@@ -313,32 +337,63 @@ async fn run_shard(
         store: store.clone(),
         txn: RefCell::new(txn),
         check_pushes: Rc::default(),
+        replicas: RefCell::default(),
+        replica_acked: crate::sync::Event::default(),
         view: RefCell::new(TopicView::new(&shared.topics)),
         peers: RefCell::new(std::collections::HashMap::new()),
         conn_clients: RefCell::new(std::collections::HashMap::new()),
-        shared,
+        shared: shared.clone(),
     });
     let conns = Rc::new(Connections::default());
-    let checks = glommio::spawn_local(txn::check_loop(handler.clone()));
+    let background = if slave {
+        let copier = crate::repl::slave::Copier {
+            shard: k,
+            store: store.clone(),
+            endpoint: endpoint.clone(),
+            tls: net
+                .master_tls
+                .clone()
+                .expect("a slave has its master's TLS settings"),
+            shared,
+        };
+        glommio::spawn_local(copier.run())
+    } else {
+        glommio::spawn_local(txn::check_loop(handler.clone()))
+    };
     let server = glommio::spawn_local(crate::net::server::serve(
         endpoint.clone(),
         handler,
         conns.clone(),
     ));
     until_stopped(&stop).await;
+    let mut background = Some(background);
+    if slave {
+        // Before the endpoint it connects out through closes under it.
+        if let Some(b) = background.take() {
+            b.cancel().await;
+        }
+    }
     conns.going_away("broker shutting down").await;
     endpoint.close(orbitmq_proto::codes::quic::SHUTDOWN.into(), b"shutdown");
     // Let the CONNECTION_CLOSE frames go out, within bounds.
     futures_lite::future::or(endpoint.wait_idle(), glommio::timer::sleep(SHUTDOWN_GRACE)).await;
     server.await;
-    // Check-backs end before the store closes (a rollback it writes would fail).
-    checks.cancel().await;
-    let progress = scheduler.stop().await;
+    // Check-backs and the copier end before the store closes (what they write would fail).
+    if let Some(b) = background {
+        b.cancel().await;
+    }
+    let progress = match scheduler {
+        Some(s) => Some(s.stop().await),
+        None => None,
+    };
     store.close().await.map_err(|e| e.to_string())?;
     // Closed: every delivery is synced, so the final progress may say so.
-    progress
-        .persist()
-        .map_err(|e| format!("persisting scheduler progress: {e}"))
+    match progress {
+        Some(p) => p
+            .persist()
+            .map_err(|e| format!("persisting scheduler progress: {e}")),
+        None => Ok(()),
+    }
 }
 
 impl ShardSet {
@@ -356,6 +411,11 @@ impl ShardSet {
                 endpoints: OnceLock::new(),
                 schedule: cfg.schedule.clone(),
                 txn: n.txn,
+                broker_name: n.broker_name.clone(),
+                broker_id: n.broker_id,
+                role: n.role,
+                ha: n.ha.clone(),
+                master: Mutex::new(None),
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
                 locks: Mutex::new(locks::LockTable::default()),
             })

@@ -1,0 +1,172 @@
+//! Master/slave replication (RocketMQ's HA), shard by shard: slave shard k copies master shard
+//! k's CommitLog byte for byte, so log offsets, message ids and queue offsets are the same on
+//! both, and the slave builds its own ConsumeQueues and key index from the copy.
+//!
+//! - The slave asks the master (`HA_PULL`) for the log from its own written end. That offset
+//!   also acknowledges every byte below it. The master answers with whole records, waiting up
+//!   to [`HA_PULL_WAIT`] for new ones (an empty answer doubles as a heartbeat).
+//! - `SYNC_MASTER`: a send is answered once a slave in sync has acknowledged its records:
+//!   `SLAVE_NOT_AVAILABLE` when no slave is in sync (none heard from within
+//!   [`SLAVE_SILENT_AFTER`], or more than `haMaxGapNotInSync` behind), `FLUSH_SLAVE_TIMEOUT`
+//!   after `syncFlushTimeout`. Either way the message is stored on the master.
+//! - A slave takes no writes; it serves pulls, offsets and queries, and its topics follow the
+//!   master's.
+//!
+//! Pure parts here; the master's requests in `shard/ha.rs`, the slave's copier in `slave.rs`,
+//! and master discovery with the topic sync in `sync.rs`.
+
+pub mod slave;
+pub mod sync;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// RocketMQ's `haMaxGapNotInSync`: a slave further behind than this is not in sync.
+pub const DEFAULT_MAX_GAP: u64 = 256 * 1024 * 1024;
+/// RocketMQ's `syncFlushTimeout`: how long a SYNC_MASTER send waits for its slave.
+pub const DEFAULT_SLAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shortest `syncFlushTimeout` accepted (short ones are for tests).
+pub const MIN_SLAVE_TIMEOUT_MS: u64 = 100;
+/// How long a master holds a slave's pull for new bytes before answering it empty.
+pub const HA_PULL_WAIT: Duration = Duration::from_secs(1);
+/// A slave not heard from for this long is not in sync (it pulls at least every
+/// [`HA_PULL_WAIT`] while connected; RocketMQ's housekeeping allows 20 s).
+pub const SLAVE_SILENT_AFTER: Duration = Duration::from_secs(5);
+/// Most bytes one pull answer carries (a record larger than this comes whole).
+pub const HA_MAX_CHUNK: usize = 4 * 1024 * 1024;
+/// Slaves one master shard keeps track of.
+pub const MAX_SLAVES: usize = 16;
+
+/// Replication settings from broker.conf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaConfig {
+    /// `haMasterAddress`: a slave's master (its shard 0 endpoint); otherwise the name servers
+    /// say where the master of `brokerName` is.
+    pub master_address: Option<String>,
+    /// `haMaxGapNotInSync` in bytes.
+    pub max_gap: u64,
+    /// `syncFlushTimeout`.
+    pub slave_timeout: Duration,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            master_address: None,
+            max_gap: DEFAULT_MAX_GAP,
+            slave_timeout: DEFAULT_SLAVE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SlaveProgress {
+    acked: u64,
+    seen: Instant,
+}
+
+/// What a master shard knows of its slaves' progress.
+#[derive(Debug, Default)]
+pub struct ReplicaTracker {
+    slaves: BTreeMap<u64, SlaveProgress>,
+}
+
+impl ReplicaTracker {
+    /// Slave `id` has everything below `acked`. False (nothing recorded) when a new slave
+    /// would be one more than [`MAX_SLAVES`] heard from recently.
+    pub fn report(&mut self, id: u64, acked: u64, now: Instant) -> bool {
+        if !self.slaves.contains_key(&id) && self.slaves.len() >= MAX_SLAVES {
+            self.slaves
+                .retain(|_, s| now.saturating_duration_since(s.seen) < SLAVE_SILENT_AFTER);
+            if self.slaves.len() >= MAX_SLAVES {
+                return false;
+            }
+        }
+        self.slaves.insert(id, SlaveProgress { acked, seen: now });
+        true
+    }
+
+    /// The furthest offset a slave in sync has acknowledged: heard from within
+    /// [`SLAVE_SILENT_AFTER`] and no more than `max_gap` behind `master_end`. `None`: no
+    /// slave is in sync.
+    pub fn in_sync(&self, now: Instant, master_end: u64, max_gap: u64) -> Option<u64> {
+        self.slaves
+            .values()
+            .filter(|s| now.saturating_duration_since(s.seen) < SLAVE_SILENT_AFTER)
+            .filter(|s| master_end.saturating_sub(s.acked) <= max_gap)
+            .map(|s| s.acked)
+            .max()
+    }
+
+    /// Each slave's acknowledged offset and how long ago it was heard from.
+    pub fn slaves(&self, now: Instant) -> Vec<(u64, u64, Duration)> {
+        self.slaves
+            .iter()
+            .map(|(id, s)| (*id, s.acked, now.saturating_duration_since(s.seen)))
+            .collect()
+    }
+}
+
+/// How a SYNC_MASTER send's wait for its slave ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlaveWait {
+    /// A slave in sync has the records.
+    Copied,
+    /// Wait for the next acknowledgement.
+    Wait,
+    /// No slave is in sync: answer SLAVE_NOT_AVAILABLE.
+    NoSlave,
+}
+
+/// Where a send whose records end at `end` stands, with `in_sync` from
+/// [`ReplicaTracker::in_sync`].
+pub fn slave_wait(in_sync: Option<u64>, end: u64) -> SlaveWait {
+    match in_sync {
+        None => SlaveWait::NoSlave,
+        Some(acked) if acked >= end => SlaveWait::Copied,
+        Some(_) => SlaveWait::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slave_is_in_sync_while_heard_from_and_close_behind() {
+        let t0 = Instant::now();
+        let mut t = ReplicaTracker::default();
+        assert_eq!(t.in_sync(t0, 100, 1000), None, "no slave yet");
+        assert!(t.report(1, 50, t0));
+        assert_eq!(t.in_sync(t0, 100, 1000), Some(50));
+        assert_eq!(t.in_sync(t0, 2000, 1000), None, "too far behind");
+        // The furthest of two slaves counts.
+        assert!(t.report(2, 90, t0));
+        assert_eq!(t.in_sync(t0, 100, 1000), Some(90));
+        // Silent slaves drop out.
+        let later = t0 + SLAVE_SILENT_AFTER;
+        assert_eq!(t.in_sync(later, 100, 1000), None);
+        assert!(t.report(1, 100, later));
+        assert_eq!(t.in_sync(later, 100, 1000), Some(100));
+    }
+
+    #[test]
+    fn slaves_tracked_are_bounded_but_silent_ones_make_room() {
+        let t0 = Instant::now();
+        let mut t = ReplicaTracker::default();
+        for id in 1..=MAX_SLAVES as u64 {
+            assert!(t.report(id, 0, t0));
+        }
+        assert!(!t.report(99, 0, t0), "one too many");
+        assert!(t.report(1, 5, t0), "a known slave still reports");
+        assert!(t.report(99, 0, t0 + SLAVE_SILENT_AFTER));
+        assert_eq!(t.slaves(t0 + SLAVE_SILENT_AFTER).len(), 1);
+    }
+
+    #[test]
+    fn a_send_waits_until_a_slave_in_sync_has_its_records() {
+        assert_eq!(slave_wait(None, 10), SlaveWait::NoSlave);
+        assert_eq!(slave_wait(Some(9), 10), SlaveWait::Wait);
+        assert_eq!(slave_wait(Some(10), 10), SlaveWait::Copied);
+    }
+}

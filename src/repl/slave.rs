@@ -1,0 +1,186 @@
+//! A slave shard's copier: asks its master shard for the log from its own written end
+//! (HA_PULL) and appends what comes back with `Store::append_replica`, which checks every
+//! record. Runs on the shard's executor, connecting out through the shard's own endpoint.
+
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
+use orbitmq_proto::header::{self, HaPullRequest, HaPullResponse};
+use orbitmq_proto::limits::MAX_FRAME_LEN;
+use tracing::{debug, info, warn};
+
+use super::{HA_MAX_CHUNK, HA_PULL_WAIT};
+use crate::log::Store;
+use crate::shard::broker::BrokerShared;
+
+/// Pause after a failure before trying again.
+pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Longest a connection to the master may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past the master's hold an answer may take before the connection is dropped.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
+
+/// One slave shard's copier.
+pub struct Copier {
+    pub shard: u32,
+    pub store: Store,
+    pub endpoint: quinn::Endpoint,
+    pub tls: quinn::ClientConfig,
+    pub shared: Arc<BrokerShared>,
+}
+
+/// Resolves a future, or fails with `what` after `after`.
+async fn within<T>(
+    after: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    futures_lite::future::or(f, async {
+        glommio::timer::sleep(after).await;
+        Err(format!("{what}: no answer within {after:?}"))
+    })
+    .await
+}
+
+impl Copier {
+    /// Copies until the task is cancelled, reconnecting after failures; logs each new kind
+    /// of failure once, and the copy's start.
+    pub async fn run(self) {
+        let mut last = String::new();
+        loop {
+            let master = self
+                .shared
+                .master
+                .lock()
+                .expect("master lock")
+                .as_ref()
+                .and_then(|m| m.get(self.shard as usize).cloned());
+            let why = match master {
+                None => "the master is not known yet".to_string(),
+                Some(ep) => match self.copy_from(&ep).await {
+                    Ok(()) => continue,
+                    Err(e) => format!("copying from {ep}: {e}"),
+                },
+            };
+            if why != last {
+                warn!(
+                    shard = self.shard,
+                    "slave: {why}; retrying every {RETRY_PAUSE:?}"
+                );
+                last = why;
+            } else {
+                debug!(shard = self.shard, "slave: {why}");
+            }
+            glommio::timer::sleep(RETRY_PAUSE).await;
+        }
+    }
+
+    /// One connection's copy; returns on the first failure.
+    async fn copy_from(&self, ep: &str) -> Result<(), String> {
+        let (host, _) = orbitmq_client::remoting::split_host_port(ep).map_err(|e| e.to_string())?;
+        let addr = ep
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve: {e}"))?
+            .next()
+            .ok_or("cannot resolve: no address")?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.tls.clone(), addr, host)
+            .map_err(|e| e.to_string())?;
+        let conn = within(CONNECT_TIMEOUT, "connect", async {
+            connecting.await.map_err(|e| e.to_string())
+        })
+        .await?;
+        let r = self.copy_on(&conn).await;
+        conn.close(0u32.into(), b"slave copier done");
+        r
+    }
+
+    async fn copy_on(&self, conn: &quinn::Connection) -> Result<(), String> {
+        let mut logged_start = false;
+        let mut request_id = 0u64;
+        loop {
+            let from = self.store.log_range().1;
+            request_id += 1;
+            let h = HaPullRequest {
+                broker_name: self.shared.broker_name.clone(),
+                slave_id: self.shared.broker_id,
+                shard: self.shard,
+                segment_size: self.store.config().segment_size,
+                from,
+                max_bytes: HA_MAX_CHUNK as u32,
+                wait_ms: HA_PULL_WAIT.as_millis() as u32,
+            };
+            let req = Frame::new(
+                Kind::Request,
+                request::HA_PULL,
+                request_id,
+                header::encode(&h),
+                Bytes::new(),
+            );
+            let resp = within(HA_PULL_WAIT + ANSWER_GRACE, "HA_PULL", async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                send.write_all(&req.to_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                send.finish().map_err(|e| e.to_string())?;
+                let bytes = recv
+                    .read_to_end(MAX_FRAME_LEN + 64)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut d = FrameDecoder::new();
+                d.push(&bytes);
+                match d.next_frame() {
+                    Ok(Some(f)) if f.kind == Kind::Response && f.request_id == request_id => Ok(f),
+                    Ok(_) => Err("the master's answer is not a whole response to it".to_string()),
+                    Err(e) => Err(format!("the master's answer: {e}")),
+                }
+            })
+            .await?;
+            if resp.code != response::SUCCESS {
+                return Err(orbitmq_client::ClientError::from_response(
+                    resp.code,
+                    &resp.header,
+                    "",
+                )
+                .to_string());
+            }
+            let a: HaPullResponse = header::decode(&resp.header).map_err(|e| e.to_string())?;
+            if a.from != from {
+                return Err(format!(
+                    "asked for {from}, the master answered for {}",
+                    a.from
+                ));
+            }
+            if !logged_start {
+                info!(
+                    shard = self.shard,
+                    from,
+                    master_end = a.master_end,
+                    "slave: copying the master's log"
+                );
+                logged_start = true;
+            }
+            if resp.body.is_empty() {
+                if from < a.master_start {
+                    return Err(format!(
+                        "the master's log now starts at {} and this slave's ends at {from}: \
+                         the records between are gone from the master (retention); a slave \
+                         must start empty while the master's log starts at 0, or from a copy \
+                         of the master's data directory",
+                        a.master_start
+                    ));
+                }
+                continue;
+            }
+            self.store
+                .append_replica(from, &resp.body)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The master's side of replication on one shard: HA_INFO (what a slave must match, and where
+//! each shard is), HA_PULL (the log from a slave's end, which acknowledges what it has), and
+//! the wait of a SYNC_MASTER send for its slave. See `crate::repl`.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use orbitmq_proto::codes::response;
+use orbitmq_proto::frame::Frame;
+use orbitmq_proto::header::{self, HaInfoResponse, HaPullRequest, HaPullResponse};
+
+use super::broker::{store_error_code, ShardHandler};
+use crate::config::BrokerRole;
+use crate::net::server::{error_frame, ok_frame};
+use crate::repl::{self, SlaveWait, HA_MAX_CHUNK, HA_PULL_WAIT};
+
+impl ShardHandler {
+    /// Refuses what a slave must not do (it takes no writes: its log is its master's copy).
+    pub(crate) fn refuse_on_slave(&self, id: u64) -> Option<Frame> {
+        (self.shared.role == BrokerRole::Slave).then(|| {
+            error_frame(
+                id,
+                response::SERVICE_NOT_AVAILABLE,
+                format!(
+                    "broker {} is a SLAVE (id {}): it takes no writes; send to its master",
+                    self.shared.broker_name, self.shared.broker_id
+                ),
+            )
+        })
+    }
+
+    pub(crate) fn ha_info(&self, id: u64) -> Frame {
+        let shards = self.shared.shape.shards;
+        let info = HaInfoResponse {
+            broker_name: self.shared.broker_name.clone(),
+            shards,
+            queue_map: self.shared.shape.map.name().to_owned(),
+            segment_size: self.store.config().segment_size,
+            shard_endpoints: (0..shards).map(|k| self.endpoint_of(k)).collect(),
+        };
+        ok_frame(id, header::encode(&info), Bytes::new())
+    }
+
+    pub(crate) async fn ha_pull(&self, req: &Frame) -> Frame {
+        let id = req.request_id;
+        let h: HaPullRequest = match header::decode(&req.header) {
+            Ok(h) => h,
+            Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+        };
+        if let Some(f) = self.refuse_on_slave(id) {
+            return f;
+        }
+        let segment_size = self.store.config().segment_size;
+        let mismatch = if h.broker_name != self.shared.broker_name {
+            Some(format!(
+                "this is broker {}, not {}",
+                self.shared.broker_name, h.broker_name
+            ))
+        } else if h.shard != self.shard {
+            Some(format!(
+                "this is shard {}, not {}: each slave shard copies its own",
+                self.shard, h.shard
+            ))
+        } else if h.segment_size != segment_size {
+            Some(format!(
+                "the master's mappedFileSizeCommitLog is {segment_size}, the slave's {}",
+                h.segment_size
+            ))
+        } else if h.slave_id == crate::nameserver::routes::MASTER_ID {
+            Some("a slave's brokerId is 1 or more".into())
+        } else {
+            None
+        };
+        if let Some(why) = mismatch {
+            return error_frame(id, response::BAD_REQUEST, why);
+        }
+        let (start, end) = self.store.log_range();
+        if h.from > end {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "the slave's log ends at {} past the master's end {end}: it holds records \
+                     the master lost; empty the slave's shard-{} directory to copy afresh",
+                    h.from, self.shard
+                ),
+            );
+        }
+        let now = Instant::now();
+        if !self.replicas.borrow_mut().report(h.slave_id, h.from, now) {
+            return error_frame(
+                id,
+                response::SYSTEM_BUSY,
+                format!("this shard already serves {} slaves", repl::MAX_SLAVES),
+            );
+        }
+        self.replica_acked.notify();
+        let answer = |body: Bytes| {
+            let (start, end) = self.store.log_range();
+            ok_frame(
+                id,
+                header::encode(&HaPullResponse {
+                    from: h.from,
+                    master_end: end,
+                    master_start: start,
+                }),
+                body,
+            )
+        };
+        if h.from < start {
+            // Retention removed what the slave needs next: it reports that to its operator.
+            return answer(Bytes::new());
+        }
+        let max = (h.max_bytes as usize).clamp(1, HA_MAX_CHUNK);
+        let deadline = now + Duration::from_millis(h.wait_ms.into()).min(HA_PULL_WAIT);
+        loop {
+            // Take the wake-up before looking, so an append in between is not missed.
+            let dispatched = self.store.dispatched();
+            match self.store.read_log(h.from, max).await {
+                Ok(b) if !b.is_empty() => return answer(b),
+                Ok(_) => {}
+                Err(e) => return error_frame(id, store_error_code(&e), e.to_string()),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return answer(Bytes::new());
+            }
+            futures_lite::future::or(dispatched, glommio::timer::sleep(deadline - now)).await;
+        }
+    }
+
+    /// A SYNC_MASTER send whose records end at log offset `end` waits for a slave in sync to
+    /// have them. `Err`: the error answer (the records are stored on the master either way).
+    pub(crate) async fn wait_for_slave(&self, id: u64, end: u64) -> Result<(), Frame> {
+        if self.shared.role != BrokerRole::SyncMaster {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.shared.ha.slave_timeout;
+        loop {
+            let acked = self.replica_acked.listen();
+            let now = Instant::now();
+            let master_end = self.store.log_range().1;
+            let in_sync = self
+                .replicas
+                .borrow()
+                .in_sync(now, master_end, self.shared.ha.max_gap);
+            match repl::slave_wait(in_sync, end) {
+                SlaveWait::Copied => return Ok(()),
+                SlaveWait::NoSlave => {
+                    return Err(error_frame(
+                        id,
+                        response::SLAVE_NOT_AVAILABLE,
+                        format!(
+                            "stored on the master, but no slave of broker {} is in sync to copy it",
+                            self.shared.broker_name
+                        ),
+                    ))
+                }
+                SlaveWait::Wait if now >= deadline => {
+                    return Err(error_frame(
+                        id,
+                        response::FLUSH_SLAVE_TIMEOUT,
+                        format!(
+                            "stored on the master; its slave did not confirm the copy within {:?}",
+                            self.shared.ha.slave_timeout
+                        ),
+                    ))
+                }
+                SlaveWait::Wait => {
+                    futures_lite::future::or(acked, glommio::timer::sleep(deadline - now)).await;
+                }
+            }
+        }
+    }
+}

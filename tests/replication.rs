@@ -1,0 +1,279 @@
+//! Master/slave replication with real processes: `orbitmq namesrv`, a SYNC_MASTER and a
+//! SLAVE `orbitmq broker -c broker.conf` (2 shards each, TLS from `orbitmq cert`), and the
+//! client crate.
+//!
+//! What a user relies on: a SYNC_MASTER send is acknowledged once the slave has the message
+//! (SLAVE_NOT_AVAILABLE without a slave, FLUSH_SLAVE_TIMEOUT when it stops answering, the
+//! message stored on the master either way); a slave takes no writes; a killed slave catches
+//! up when it comes back; and when the master is gone, consumers read every stored message
+//! from the slave, in order, at the master's offsets.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{body_of, free_ports, from_first, poll_n, run_ok, start_proc};
+use orbitmq_client::{
+    Client, ClientConfig, ClientError, LitePullConsumer, Message, Producer, TlsOptions,
+};
+use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::header::{self, ErrorResponse, MessageMeta, SendRequest};
+use orbitmq_proto::msgid::OffsetId;
+
+const TOPIC: &str = "Replicated";
+/// Master and slave share it; the slave registers as id 1.
+const BROKER: &str = "broker-a";
+/// How long a SYNC_MASTER send waits for its slave here (`syncFlushTimeout`).
+const SLAVE_TIMEOUT_MS: u64 = 1000;
+/// Bound of the waits for the cluster to settle by itself.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// A broker.conf for `role` with id `id` on `port`.
+fn broker_conf(root: &Path, ca: &Path, name: &str, role: &str, id: u32, namesrv: &str) -> String {
+    let (port, _) = free_ports(2);
+    let pem = |ext: &str| ca.parent().unwrap().join(format!("{name}.{ext}"));
+    let conf = format!(
+        "brokerClusterName = ReplCluster\n\
+         brokerName = {BROKER}\n\
+         brokerId = {id}\n\
+         brokerRole = {role}\n\
+         syncFlushTimeout = {SLAVE_TIMEOUT_MS}\n\
+         namesrvAddr = {namesrv}\n\
+         listenPort = {port}\n\
+         brokerIP1 = 127.0.0.1\n\
+         storePathRootDir = {}\n\
+         flushDiskType = ASYNC_FLUSH\n\
+         mappedFileSizeCommitLog = 67108864\n\
+         shards = 2\n\
+         tlsCertFile = {}\n\
+         tlsKeyFile = {}\n\
+         tlsCaFile = {}\n\
+         registerNameServerPeriod = 300\n\
+         autoCreateTopicEnable = false\n",
+        root.join(format!("{name}-data")).display(),
+        pem("pem").display(),
+        pem("key").display(),
+        ca.display(),
+    );
+    let path = root.join(format!("{name}.conf"));
+    std::fs::write(&path, conf).unwrap();
+    path.display().to_string()
+}
+
+fn start_broker(root: &Path, name: &str, conf: &str) -> (std::process::Child, String) {
+    let (child, line) = start_proc(
+        &["broker".into(), "-c".into(), conf.into()],
+        &root.join(format!("{name}.log")),
+    );
+    let shard0 = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("broker="))
+        .unwrap_or_else(|| panic!("no broker= in {line:?}"))
+        .to_owned();
+    (child, shard0)
+}
+
+fn kill(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Sends message `i` (body [`body_of`]); a stored one goes into `stored`, with its offset id
+/// when acknowledged.
+async fn send(
+    p: &Producer,
+    i: usize,
+    stored: &mut BTreeMap<String, Option<String>>,
+) -> Result<(), ClientError> {
+    let r = p
+        .send(Message::new(TOPIC, body_of(i)).with_key(format!("k{i}")))
+        .await;
+    match &r {
+        Ok(s) => {
+            stored.insert(body_of(i), Some(s.msg_id.clone()));
+        }
+        // Stored on the master, not (known to be) on the slave.
+        Err(ClientError::SlaveNotAvailable(_) | ClientError::FlushSlaveTimeout(_)) => {
+            stored.insert(body_of(i), None);
+        }
+        Err(_) => {}
+    }
+    r.map(drop)
+}
+
+/// Sends until one is acknowledged with the slave's copy (the slave caught up).
+async fn until_in_sync(
+    p: &Producer,
+    next: &mut usize,
+    stored: &mut BTreeMap<String, Option<String>>,
+) {
+    let start = Instant::now();
+    loop {
+        let i = *next;
+        *next += 1;
+        match send(p, i, stored).await {
+            Ok(()) => return,
+            Err(ClientError::SlaveNotAvailable(_) | ClientError::FlushSlaveTimeout(_)) => {}
+            Err(e) => panic!("send {i}: {e}"),
+        }
+        assert!(start.elapsed() < SETTLE, "the slave did not get in sync");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_master_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca_dir = root.join("ca");
+    let ca_dir_s = ca_dir.display().to_string();
+    run_ok(&["cert", "init", "--dir", &ca_dir_s]);
+    for n in ["ns1", "master", "slave"] {
+        run_ok(&["cert", "issue", "--ca", &ca_dir_s, "--name", n]);
+    }
+    let ca = ca_dir.join("ca.pem");
+    let (_, ns_port) = free_ports(1);
+    let namesrv = format!("127.0.0.1:{ns_port}");
+    let pem = |n: &str, ext: &str| ca_dir.join(format!("{n}.{ext}")).display().to_string();
+    let (mut ns, _) = start_proc(
+        &[
+            "namesrv".into(),
+            "--listen".into(),
+            namesrv.clone(),
+            "--data-dir".into(),
+            root.join("ns1").display().to_string(),
+            "--tls-cert".into(),
+            pem("ns1", "pem"),
+            "--tls-key".into(),
+            pem("ns1", "key"),
+            "--tls-ca".into(),
+            ca.display().to_string(),
+            "--scan-interval-ms".into(),
+            "200".into(),
+            "--broker-expiry-ms".into(),
+            "1500".into(),
+        ],
+        &root.join("ns1.log"),
+    );
+    // The master's topic; the slave gets it from the master.
+    std::fs::create_dir_all(root.join("master-data")).unwrap();
+    std::fs::write(
+        root.join("master-data/topics.conf"),
+        format!("{TOPIC} 4 4 6\n"),
+    )
+    .unwrap();
+    let master_conf = broker_conf(root, &ca, "master", "SYNC_MASTER", 0, &namesrv);
+    let slave_conf = broker_conf(root, &ca, "slave", "SLAVE", 1, &namesrv);
+    let (mut master, _) = start_broker(root, "master", &master_conf);
+
+    let mut config = ClientConfig::new(&namesrv).with_tls(TlsOptions::with_ca(&ca));
+    config.poll_name_server_interval = Duration::from_millis(500);
+    config.retry_times_when_send_failed = 0;
+    let p = Producer::new("repl-pg", config.clone()).await.unwrap();
+    let mut stored = BTreeMap::new();
+    let mut next = 0usize;
+
+    // No slave yet: stored on the master, but not acknowledged as copied.
+    match send(&p, next, &mut stored).await {
+        Err(ClientError::SlaveNotAvailable(why)) => assert!(why.contains("no slave"), "{why}"),
+        other => panic!("without a slave: {other:?}"),
+    }
+    next += 1;
+
+    // The slave starts, finds its master through the name server and catches up.
+    let (mut slave, slave_shard0) = start_broker(root, "slave", &slave_conf);
+    until_in_sync(&p, &mut next, &mut stored).await;
+    for _ in 0..200 {
+        send(&p, next, &mut stored)
+            .await
+            .unwrap_or_else(|e| panic!("send {next} with the slave in sync: {e}"));
+        next += 1;
+    }
+
+    // A slave takes no writes.
+    let client = Client::new(config.clone()).await.unwrap();
+    let f = client
+        .request(
+            &slave_shard0,
+            request::SEND_MESSAGE,
+            header::encode(&SendRequest {
+                producer_group: "repl-pg".into(),
+                topic: TOPIC.into(),
+                queue_id: 0,
+                messages: vec![MessageMeta {
+                    body_len: 1,
+                    ..Default::default()
+                }],
+            }),
+            Bytes::from_static(b"x"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.code, response::SERVICE_NOT_AVAILABLE);
+    let why = header::decode::<ErrorResponse>(&f.header).unwrap().message;
+    assert!(why.contains("is a SLAVE"), "{why}");
+
+    // The slave dies: the next send times out waiting for it (stored on the master).
+    kill(&mut slave);
+    match send(&p, next, &mut stored).await {
+        Err(ClientError::FlushSlaveTimeout(_) | ClientError::SlaveNotAvailable(_)) => {}
+        other => panic!("with the slave killed: {other:?}"),
+    }
+    next += 1;
+    // It comes back (same data) and copies what it missed.
+    let (slave_back, _) = start_broker(root, "slave-again", &slave_conf);
+    let mut slave = slave_back;
+    until_in_sync(&p, &mut next, &mut stored).await;
+    for _ in 0..50 {
+        send(&p, next, &mut stored).await.unwrap();
+        next += 1;
+    }
+    assert!(stored.len() > 250);
+
+    // The master dies. The name server drops it and routes the topic to the slave,
+    // read-only: every stored message is read from the slave, in order, at its offsets.
+    kill(&mut master);
+    let c = LitePullConsumer::with_options("repl-cg", config.clone(), from_first())
+        .await
+        .unwrap();
+    c.subscribe(TOPIC, "*").await.unwrap();
+    let got = poll_n(&c, stored.len()).await;
+    assert_eq!(got.len(), stored.len(), "read from the slave");
+    let mut per_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for m in &got {
+        let body = String::from_utf8(m.body.to_vec()).unwrap();
+        let sent = stored
+            .get(&body)
+            .unwrap_or_else(|| panic!("{body:?} was never sent"));
+        if let Some(id) = sent {
+            // The slave's copy sits at the master's log offset.
+            let (a, b) = (
+                OffsetId::decode(id).unwrap(),
+                OffsetId::decode(&m.msg_id).unwrap(),
+            );
+            assert_eq!((a.shard, a.offset), (b.shard, b.offset), "{body}");
+        }
+        per_queue
+            .entry(m.queue_id)
+            .or_default()
+            .push(m.queue_offset);
+    }
+    let distinct: std::collections::BTreeSet<&[u8]> = got.iter().map(|m| &m.body[..]).collect();
+    assert_eq!(distinct.len(), stored.len(), "each stored message once");
+    for (q, offsets) in per_queue {
+        let dense: Vec<u64> = (0..offsets.len() as u64).collect();
+        assert_eq!(offsets, dense, "queue {q} in order, from 0");
+    }
+    // No writable queue while the master is gone.
+    assert!(p
+        .send(Message::new(TOPIC, "after the master"))
+        .await
+        .is_err());
+    c.shutdown().await.unwrap();
+    p.shutdown().await;
+    kill(&mut slave);
+    kill(&mut ns);
+}
