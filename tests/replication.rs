@@ -233,10 +233,26 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     }
     assert!(stored.len() > 250);
 
+    // A group consumes everything so far from the master and commits; then more arrive.
+    let done = LitePullConsumer::with_options("repl-cg", config.clone(), from_first())
+        .await
+        .unwrap();
+    done.subscribe(TOPIC, "*").await.unwrap();
+    assert_eq!(poll_n(&done, stored.len()).await.len(), stored.len());
+    done.shutdown().await.unwrap();
+    let mut later = BTreeMap::new();
+    for _ in 0..20 {
+        send(&p, next, &mut later).await.unwrap();
+        next += 1;
+    }
+    stored.extend(later.clone());
+    // The slave copies the master's committed offsets every 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
     // The master dies. The name server drops it and routes the topic to the slave,
     // read-only: every stored message is read from the slave, in order, at its offsets.
     kill(&mut master);
-    let c = LitePullConsumer::with_options("repl-cg", config.clone(), from_first())
+    let c = LitePullConsumer::with_options("repl-all", config.clone(), from_first())
         .await
         .unwrap();
     c.subscribe(TOPIC, "*").await.unwrap();
@@ -263,17 +279,61 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     }
     let distinct: std::collections::BTreeSet<&[u8]> = got.iter().map(|m| &m.body[..]).collect();
     assert_eq!(distinct.len(), stored.len(), "each stored message once");
-    for (q, offsets) in per_queue {
+    for (q, offsets) in &per_queue {
         let dense: Vec<u64> = (0..offsets.len() as u64).collect();
-        assert_eq!(offsets, dense, "queue {q} in order, from 0");
+        assert_eq!(offsets, &dense, "queue {q} in order, from 0");
     }
+    c.shutdown().await.unwrap();
+    // The group that had committed on the master goes on from its offsets on the slave: only
+    // the messages after its commit.
+    let resumed = LitePullConsumer::with_options("repl-cg", config.clone(), from_first())
+        .await
+        .unwrap();
+    resumed.subscribe(TOPIC, "*").await.unwrap();
+    let rest = poll_n(&resumed, later.len()).await;
+    let rest: std::collections::BTreeSet<String> = rest
+        .iter()
+        .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(rest, later.keys().cloned().collect());
+    assert!(resumed
+        .poll(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .is_empty());
+    resumed.shutdown().await.unwrap();
     // No writable queue while the master is gone.
     assert!(p
         .send(Message::new(TOPIC, "after the master"))
         .await
         .is_err());
-    c.shutdown().await.unwrap();
-    p.shutdown().await;
+
+    // The slave's data becomes the master (restarted as id 0): queue offsets go on.
     kill(&mut slave);
+    let promoted_conf = slave_conf.replace(".conf", "-promoted.conf");
+    let text = std::fs::read_to_string(&slave_conf)
+        .unwrap()
+        .replace("brokerId = 1", "brokerId = 0")
+        .replace("brokerRole = SLAVE", "brokerRole = ASYNC_MASTER");
+    std::fs::write(&promoted_conf, text).unwrap();
+    let (mut promoted, _) = start_broker(root, "promoted", &promoted_conf);
+    let start = Instant::now();
+    let r = loop {
+        match p.send(Message::new(TOPIC, "on the promoted master")).await {
+            Ok(r) => break r,
+            Err(e) => assert!(
+                start.elapsed() < SETTLE,
+                "no send to the promoted slave: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let had = per_queue.get(&r.queue.queue_id).map_or(0, Vec::len) as u64;
+    assert_eq!(
+        r.queue_offset, had,
+        "the queue goes on where the master left it"
+    );
+    p.shutdown().await;
+    kill(&mut promoted);
     kill(&mut ns);
 }

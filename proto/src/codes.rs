@@ -44,6 +44,9 @@ pub mod request {
     /// Slave shard k to master shard k: the log from an offset, which also acknowledges
     /// everything below it (RocketMQ's HA channel, as requests).
     pub const HA_PULL: u16 = 351;
+    /// Slave shard k to master shard k: every committed consumer offset of the shard (in the
+    /// body, in the offsets file's format), as RocketMQ's slaves copy them.
+    pub const HA_OFFSETS: u16 = 352;
 
     pub fn name(code: u16) -> &'static str {
         match code {
@@ -65,6 +68,7 @@ pub mod request {
             END_TRANSACTION => "END_TRANSACTION",
             HA_INFO => "HA_INFO",
             HA_PULL => "HA_PULL",
+            HA_OFFSETS => "HA_OFFSETS",
             LOCK_BATCH_MQ => "LOCK_BATCH_MQ",
             UNLOCK_BATCH_MQ => "UNLOCK_BATCH_MQ",
             INVOKE_BROKER_TO_RESET_OFFSET => "INVOKE_BROKER_TO_RESET_OFFSET",

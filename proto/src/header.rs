@@ -351,6 +351,13 @@ pub struct HaPullRequest {
     pub wait_ms: u32,
 }
 
+/// HA_OFFSETS: the committed offsets of master shard `shard`.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaOffsetsRequest {
+    pub broker_name: String,
+    pub shard: u32,
+}
+
 /// HA_PULL's answer; the body holds whole records from `from` (and, at a segment's end, the
 /// 8-byte header of the blank record that closes it).
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]

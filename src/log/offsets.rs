@@ -243,8 +243,33 @@ impl ConsumerOffsets {
         self.dirty = true;
     }
 
-    /// Parses the bytes of the file at `path`.
-    fn decode(path: &Path, bytes: &[u8]) -> Result<Self, OffsetsError> {
+    /// Takes every entry of `other` (a slave adopting its master's offsets), keeping entries
+    /// only this set has. Refused whole when the new entries would pass
+    /// [`MAX_COMMITTED_OFFSETS`].
+    pub fn merge(&mut self, other: ConsumerOffsets) -> Result<(), OffsetsError> {
+        let new = other
+            .entries
+            .keys()
+            .filter(|k| !self.entries.contains_key(*k))
+            .count();
+        if self.entries.len() + new > MAX_COMMITTED_OFFSETS {
+            return Err(OffsetsError::Full(MAX_COMMITTED_OFFSETS));
+        }
+        for (k, o) in other.entries {
+            let old = self.entries.insert(k, o);
+            self.dirty |= old != Some(o);
+        }
+        Ok(())
+    }
+
+    /// Parses bytes in the file's format (from the file at `path`, or sent by a master).
+    pub fn decode(path: &Path, bytes: &[u8]) -> Result<Self, OffsetsError> {
+        if bytes.len() as u64 > MAX_OFFSETS_FILE_LEN {
+            return Err(OffsetsError::TooLarge {
+                path: path.to_owned(),
+                len: bytes.len() as u64,
+            });
+        }
         let here = || path.to_owned();
         // The crc line comes last and ends with '\n'; anything else is a cut write.
         let body_end = bytes

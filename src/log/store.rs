@@ -2336,6 +2336,24 @@ impl Store {
             .map_err(|e| StoreError::BadBatch(e.to_string()))
     }
 
+    /// Every committed offset, in the offsets file's format (what a slave copies).
+    pub fn offsets_snapshot(&self) -> Vec<u8> {
+        self.inner.st.borrow().offsets.encode()
+    }
+
+    /// Takes a master's offsets (bytes from [`Self::offsets_snapshot`]), keeping offsets only
+    /// this store has; saved with the next offsets round.
+    pub fn adopt_offsets(&self, bytes: &[u8]) -> Result<()> {
+        let theirs = ConsumerOffsets::decode(Path::new("the master's offsets"), bytes)
+            .map_err(|e| StoreError::Replica(e.to_string()))?;
+        self.inner
+            .st
+            .borrow_mut()
+            .offsets
+            .merge(theirs)
+            .map_err(|e| StoreError::Replica(e.to_string()))
+    }
+
     pub fn query_offset(&self, group: &str, topic: &str, queue_id: u32) -> Option<u64> {
         self.inner.st.borrow().offsets.query(group, topic, queue_id)
     }

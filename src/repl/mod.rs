@@ -9,8 +9,10 @@
 //!   `SLAVE_NOT_AVAILABLE` when no slave is in sync (none heard from within
 //!   [`SLAVE_SILENT_AFTER`], or more than `haMaxGapNotInSync` behind), `FLUSH_SLAVE_TIMEOUT`
 //!   after `syncFlushTimeout`. Either way the message is stored on the master.
-//! - A slave takes no writes; it serves pulls, offsets and queries, and its topics follow the
-//!   master's.
+//! - A slave takes no writes; it serves pulls, offsets and queries. Its topics follow the
+//!   master's, and it copies the master's committed consumer offsets every
+//!   [`OFFSETS_SYNC_PERIOD`] (offsets committed to the slave itself while its master is gone
+//!   are kept until the master's next copy overwrites them).
 //!
 //! Pure parts here; the master's requests in `shard/ha.rs`, the slave's copier in `slave.rs`,
 //! and master discovery with the topic sync in `sync.rs`.
@@ -34,6 +36,12 @@ pub const HA_PULL_WAIT: Duration = Duration::from_secs(1);
 pub const SLAVE_SILENT_AFTER: Duration = Duration::from_secs(5);
 /// Most bytes one pull answer carries (a record larger than this comes whole).
 pub const HA_MAX_CHUNK: usize = 4 * 1024 * 1024;
+/// Largest set of committed offsets a slave copies at once (in the offsets file's format;
+/// within a frame).
+pub const MAX_OFFSETS_BYTES: usize = 12 * 1024 * 1024;
+const _: () = assert!(MAX_OFFSETS_BYTES < orbitmq_proto::limits::MAX_FRAME_LEN);
+/// How often a slave copies its master's consumer offsets (RocketMQ: every 10 s).
+pub const OFFSETS_SYNC_PERIOD: Duration = Duration::from_secs(5);
 /// Slaves one master shard keeps track of.
 pub const MAX_SLAVES: usize = 16;
 

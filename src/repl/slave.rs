@@ -4,16 +4,16 @@
 
 use std::net::ToSocketAddrs;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
-use orbitmq_proto::header::{self, HaPullRequest, HaPullResponse};
+use orbitmq_proto::header::{self, HaOffsetsRequest, HaPullRequest, HaPullResponse};
 use orbitmq_proto::limits::MAX_FRAME_LEN;
 use tracing::{debug, info, warn};
 
-use super::{HA_MAX_CHUNK, HA_PULL_WAIT};
+use super::{HA_MAX_CHUNK, HA_PULL_WAIT, OFFSETS_SYNC_PERIOD};
 use crate::log::Store;
 use crate::shard::broker::BrokerShared;
 
@@ -100,13 +100,64 @@ impl Copier {
         r
     }
 
+    /// One request on its own stream of `conn`, and its answer (SUCCESS, or the error).
+    async fn call(
+        conn: &quinn::Connection,
+        id: u64,
+        code: u16,
+        h: Bytes,
+        within_time: Duration,
+    ) -> Result<Frame, String> {
+        let req = Frame::new(Kind::Request, code, id, h, Bytes::new());
+        let resp = within(within_time, request::name(code), async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&req.to_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            send.finish().map_err(|e| e.to_string())?;
+            let bytes = recv
+                .read_to_end(MAX_FRAME_LEN + 64)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut d = FrameDecoder::new();
+            d.push(&bytes);
+            match d.next_frame() {
+                Ok(Some(f)) if f.kind == Kind::Response && f.request_id == id => Ok(f),
+                Ok(_) => Err("the master's answer is not a whole response to it".to_string()),
+                Err(e) => Err(format!("the master's answer: {e}")),
+            }
+        })
+        .await?;
+        if resp.code != response::SUCCESS {
+            return Err(
+                orbitmq_client::ClientError::from_response(resp.code, &resp.header, "").to_string(),
+            );
+        }
+        Ok(resp)
+    }
+
     async fn copy_on(&self, conn: &quinn::Connection) -> Result<(), String> {
         let mut logged_start = false;
         let mut request_id = 0u64;
+        // The offsets are copied first, then every OFFSETS_SYNC_PERIOD.
+        let mut offsets_due = Instant::now();
         loop {
+            if Instant::now() >= offsets_due {
+                request_id += 1;
+                let h = header::encode(&HaOffsetsRequest {
+                    broker_name: self.shared.broker_name.clone(),
+                    shard: self.shard,
+                });
+                let resp =
+                    Self::call(conn, request_id, request::HA_OFFSETS, h, ANSWER_GRACE).await?;
+                self.store
+                    .adopt_offsets(&resp.body)
+                    .map_err(|e| format!("adopting the master's offsets: {e}"))?;
+                offsets_due = Instant::now() + OFFSETS_SYNC_PERIOD;
+            }
             let from = self.store.log_range().1;
             request_id += 1;
-            let h = HaPullRequest {
+            let h = header::encode(&HaPullRequest {
                 broker_name: self.shared.broker_name.clone(),
                 slave_id: self.shared.broker_id,
                 shard: self.shard,
@@ -114,41 +165,15 @@ impl Copier {
                 from,
                 max_bytes: HA_MAX_CHUNK as u32,
                 wait_ms: HA_PULL_WAIT.as_millis() as u32,
-            };
-            let req = Frame::new(
-                Kind::Request,
-                request::HA_PULL,
+            });
+            let resp = Self::call(
+                conn,
                 request_id,
-                header::encode(&h),
-                Bytes::new(),
-            );
-            let resp = within(HA_PULL_WAIT + ANSWER_GRACE, "HA_PULL", async {
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                send.write_all(&req.to_bytes())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                send.finish().map_err(|e| e.to_string())?;
-                let bytes = recv
-                    .read_to_end(MAX_FRAME_LEN + 64)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut d = FrameDecoder::new();
-                d.push(&bytes);
-                match d.next_frame() {
-                    Ok(Some(f)) if f.kind == Kind::Response && f.request_id == request_id => Ok(f),
-                    Ok(_) => Err("the master's answer is not a whole response to it".to_string()),
-                    Err(e) => Err(format!("the master's answer: {e}")),
-                }
-            })
+                request::HA_PULL,
+                h,
+                HA_PULL_WAIT + ANSWER_GRACE,
+            )
             .await?;
-            if resp.code != response::SUCCESS {
-                return Err(orbitmq_client::ClientError::from_response(
-                    resp.code,
-                    &resp.header,
-                    "",
-                )
-                .to_string());
-            }
             let a: HaPullResponse = header::decode(&resp.header).map_err(|e| e.to_string())?;
             if a.from != from {
                 return Err(format!(

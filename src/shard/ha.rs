@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use orbitmq_proto::codes::response;
 use orbitmq_proto::frame::Frame;
-use orbitmq_proto::header::{self, HaInfoResponse, HaPullRequest, HaPullResponse};
+use orbitmq_proto::header::{
+    self, HaInfoResponse, HaOffsetsRequest, HaPullRequest, HaPullResponse,
+};
 
 use super::broker::{store_error_code, ShardHandler};
 use crate::config::BrokerRole;
@@ -127,6 +129,40 @@ impl ShardHandler {
             }
             futures_lite::future::or(dispatched, glommio::timer::sleep(deadline - now)).await;
         }
+    }
+
+    pub(crate) fn ha_offsets(&self, req: &Frame) -> Frame {
+        let id = req.request_id;
+        let h: HaOffsetsRequest = match header::decode(&req.header) {
+            Ok(h) => h,
+            Err(e) => return error_frame(id, response::BAD_REQUEST, e.to_string()),
+        };
+        if let Some(f) = self.refuse_on_slave(id) {
+            return f;
+        }
+        if h.broker_name != self.shared.broker_name || h.shard != self.shard {
+            return error_frame(
+                id,
+                response::BAD_REQUEST,
+                format!(
+                    "this is shard {} of broker {}, not shard {} of {}",
+                    self.shard, self.shared.broker_name, h.shard, h.broker_name
+                ),
+            );
+        }
+        let body = self.store.offsets_snapshot();
+        if body.len() > repl::MAX_OFFSETS_BYTES {
+            return error_frame(
+                id,
+                response::SYSTEM_ERROR,
+                format!(
+                    "the shard's committed offsets take {} bytes, over the {} a slave copies",
+                    body.len(),
+                    repl::MAX_OFFSETS_BYTES
+                ),
+            );
+        }
+        ok_frame(id, Bytes::new(), Bytes::from(body))
     }
 
     /// A SYNC_MASTER send whose records end at log offset `end` waits for a slave in sync to
