@@ -24,6 +24,8 @@ use orbitmq_proto::header::{self, ErrorResponse, MessageMeta, SendRequest};
 use orbitmq_proto::msgid::OffsetId;
 
 const TOPIC: &str = "Replicated";
+/// Gets delayed messages (level 1 = 1 s here).
+const DELAYED: &str = "Later";
 /// Master and slave share it; the slave registers as id 1.
 const BROKER: &str = "broker-a";
 /// How long a SYNC_MASTER send waits for its slave here (`syncFlushTimeout`).
@@ -52,6 +54,7 @@ fn broker_conf(root: &Path, ca: &Path, name: &str, role: &str, id: u32, namesrv:
          tlsKeyFile = {}\n\
          tlsCaFile = {}\n\
          registerNameServerPeriod = 300\n\
+         messageDelayLevel = 1s 2s\n\
          autoCreateTopicEnable = false\n",
         root.join(format!("{name}-data")).display(),
         pem("pem").display(),
@@ -162,7 +165,7 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     std::fs::create_dir_all(root.join("master-data")).unwrap();
     std::fs::write(
         root.join("master-data/topics.conf"),
-        format!("{TOPIC} 4 4 6\n"),
+        format!("{TOPIC} 4 4 6\n{DELAYED} 1 1 6\n"),
     )
     .unwrap();
     let master_conf = broker_conf(root, &ca, "master", "SYNC_MASTER", 0, &namesrv);
@@ -247,6 +250,19 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     }
     stored.extend(later.clone());
     // The slave copies the master's committed offsets every 5 s.
+    // Delayed messages, delivered by the master's scheduler and consumed there.
+    for i in 0..3 {
+        p.send(Message::new(DELAYED, format!("later-{i}")).with_delay_level(1))
+            .await
+            .unwrap();
+    }
+    let later_cg = LitePullConsumer::with_options("later-cg", config.clone(), from_first())
+        .await
+        .unwrap();
+    later_cg.subscribe(DELAYED, "*").await.unwrap();
+    assert_eq!(poll_n(&later_cg, 3).await.len(), 3);
+    later_cg.shutdown().await.unwrap();
+    // The slave copies the master's committed offsets and delivery progress every 5 s.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
     // The master dies. The name server drops it and routes the topic to the slave,
@@ -333,6 +349,22 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
         r.queue_offset, had,
         "the queue goes on where the master left it"
     );
+    // Its scheduler goes on from the master's progress: the delayed messages the master
+    // delivered are not delivered again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all_later = LitePullConsumer::with_options("later-all", config.clone(), from_first())
+        .await
+        .unwrap();
+    all_later.subscribe(DELAYED, "*").await.unwrap();
+    let mut seen = poll_n(&all_later, 3).await;
+    seen.extend(all_later.poll(Duration::from_secs(1)).await.unwrap());
+    let mut bodies: Vec<String> = seen
+        .iter()
+        .map(|m| String::from_utf8(m.body.to_vec()).unwrap())
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies, ["later-0", "later-1", "later-2"]);
+    all_later.shutdown().await.unwrap();
     p.shutdown().await;
     kill(&mut promoted);
     kill(&mut ns);

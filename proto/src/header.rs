@@ -358,6 +358,14 @@ pub struct HaOffsetsRequest {
     pub shard: u32,
 }
 
+/// HA_OFFSETS' answer header (the offsets are the body): the shard's delayed-delivery
+/// progress as last persisted (the schedule progress file's text; empty if none), so a slave
+/// restarted as the master does not deliver again what the master delivered.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaOffsetsResponse {
+    pub schedule_progress: String,
+}
+
 /// HA_PULL's answer; the body holds whole records from `from` (and, at a segment's end, the
 /// 8-byte header of the blank record that closes it).
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::frame::{Frame, FrameDecoder, Kind};
-use orbitmq_proto::header::{self, HaOffsetsRequest, HaPullRequest, HaPullResponse};
+use orbitmq_proto::header::{
+    self, HaOffsetsRequest, HaOffsetsResponse, HaPullRequest, HaPullResponse,
+};
 use orbitmq_proto::limits::MAX_FRAME_LEN;
 use tracing::{debug, info, warn};
 
@@ -136,11 +138,31 @@ impl Copier {
         Ok(resp)
     }
 
+    /// Keeps the master's delayed-delivery progress in this shard's directory (unused while
+    /// a slave: the scheduler of a slave restarted as the master starts from it).
+    async fn adopt_schedule_progress(&self, text: String, kept: &mut String) -> Result<(), String> {
+        use crate::schedule::service::{Progress, MAX_PROGRESS_FILE_LEN, PROGRESS_FILE};
+        if text.is_empty() || text == *kept {
+            return Ok(());
+        }
+        if text.len() as u64 > MAX_PROGRESS_FILE_LEN {
+            return Err("the master's schedule progress is too large".into());
+        }
+        Progress::parse(&text, 0).map_err(|e| format!("the master's schedule progress: {e}"))?;
+        let path = self.store.config().dir.join(PROGRESS_FILE);
+        crate::log::fsutil::write_atomically_off_shard(path, text.clone().into_bytes())
+            .await
+            .map_err(|e| format!("keeping the master's schedule progress: {e}"))?;
+        *kept = text;
+        Ok(())
+    }
+
     async fn copy_on(&self, conn: &quinn::Connection) -> Result<(), String> {
         let mut logged_start = false;
         let mut request_id = 0u64;
         // The offsets are copied first, then every OFFSETS_SYNC_PERIOD.
         let mut offsets_due = Instant::now();
+        let mut progress_kept = String::new();
         loop {
             if Instant::now() >= offsets_due {
                 request_id += 1;
@@ -153,6 +175,10 @@ impl Copier {
                 self.store
                     .adopt_offsets(&resp.body)
                     .map_err(|e| format!("adopting the master's offsets: {e}"))?;
+                let a: HaOffsetsResponse =
+                    header::decode(&resp.header).map_err(|e| e.to_string())?;
+                self.adopt_schedule_progress(a.schedule_progress, &mut progress_kept)
+                    .await?;
                 offsets_due = Instant::now() + OFFSETS_SYNC_PERIOD;
             }
             let from = self.store.log_range().1;

@@ -28,7 +28,7 @@ use crate::sync::Event;
 pub const PROGRESS_FILE: &str = "schedule-progress";
 const PROGRESS_HEADER: &str = "orbitmq-schedule v1";
 /// Largest progress file read back.
-const MAX_PROGRESS_FILE_LEN: u64 = 64 * 1024;
+pub const MAX_PROGRESS_FILE_LEN: u64 = 64 * 1024;
 /// Records a level task reads per look at its queue.
 const LEVEL_BATCH: usize = 64;
 /// Bytes a level task reads per look (at least one record).

@@ -692,7 +692,7 @@ impl ShardHandler {
             request::END_TRANSACTION => self.end_transaction(&req).await,
             request::HA_INFO => self.ha_info(id),
             request::HA_PULL => self.ha_pull(&req).await,
-            request::HA_OFFSETS => self.ha_offsets(&req),
+            request::HA_OFFSETS => self.ha_offsets(&req).await,
             request::LOCK_BATCH_MQ => self.lock_batch(&req, false),
             request::UNLOCK_BATCH_MQ => self.lock_batch(&req, true),
             request::INVOKE_BROKER_TO_RESET_OFFSET => self.reset_offset(&req),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use orbitmq_proto::codes::response;
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
-    self, HaInfoResponse, HaOffsetsRequest, HaPullRequest, HaPullResponse,
+    self, HaInfoResponse, HaOffsetsRequest, HaOffsetsResponse, HaPullRequest, HaPullResponse,
 };
 
 use super::broker::{store_error_code, ShardHandler};
@@ -131,7 +131,7 @@ impl ShardHandler {
         }
     }
 
-    pub(crate) fn ha_offsets(&self, req: &Frame) -> Frame {
+    pub(crate) async fn ha_offsets(&self, req: &Frame) -> Frame {
         let id = req.request_id;
         let h: HaOffsetsRequest = match header::decode(&req.header) {
             Ok(h) => h,
@@ -162,7 +162,28 @@ impl ShardHandler {
                 ),
             );
         }
-        ok_frame(id, Bytes::new(), Bytes::from(body))
+        let path = self
+            .store
+            .config()
+            .dir
+            .join(crate::schedule::service::PROGRESS_FILE);
+        let progress =
+            crate::log::fsutil::off_shard(move || match std::fs::read_to_string(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                r => r,
+            })
+            .await
+            .unwrap_or_default();
+        // Anything else is not a progress file this broker wrote: the slave gets none.
+        let progress = if progress.len() as u64 <= crate::schedule::service::MAX_PROGRESS_FILE_LEN {
+            progress
+        } else {
+            String::new()
+        };
+        let h = header::encode(&HaOffsetsResponse {
+            schedule_progress: progress,
+        });
+        ok_frame(id, h, Bytes::from(body))
     }
 
     /// A SYNC_MASTER send whose records end at log offset `end` waits for a slave in sync to
