@@ -357,7 +357,12 @@ impl BrokerConfig {
                     }
                     c.ha.master_address = Some(v.into())
                 }
-                "haMaxGapNotInSync" => c.ha.max_gap = parse_num(v).map_err(bad)?,
+                "haMaxGapNotInSync" => {
+                    c.ha.max_gap = parse_num(v).map_err(bad)?;
+                    if c.ha.max_gap == 0 {
+                        return Err(bad("expected a number of bytes above 0".into()));
+                    }
+                }
                 "syncFlushTimeout" => {
                     let ms: u64 = parse_num(v).map_err(bad)?;
                     if ms < crate::repl::MIN_SLAVE_TIMEOUT_MS {

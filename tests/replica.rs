@@ -200,6 +200,35 @@ fn copies_that_do_not_continue_the_log_are_refused_and_nothing_is_written() {
         let mut blank = vec![0u8; 8];
         record::encode_blank(&mut blank, 8);
         refused(slave.append_replica(0, &blank).await, "blank");
+        // A blank record longer than any run of records that closes a segment early: with
+        // segments larger than one write, a segment-long blank at its start is refused.
+        let big_dir = sd.with_file_name("big");
+        let mut big_cfg = cfg(&big_dir);
+        big_cfg.segment_size = 64 << 20;
+        let big = Store::open(big_cfg).await.unwrap();
+        let mut huge = vec![0u8; 8];
+        record::encode_blank(&mut huge, 64 << 20);
+        let why = refused(big.append_replica(0, &huge).await, "huge blank");
+        assert!(why.contains("does not close the segment"), "{why}");
+        assert_eq!(big.log_range().1, 0);
+        big.close().await.unwrap();
+        // A topic that is not a topic name (it would name directories).
+        let mut bad_topic = Vec::new();
+        record::encode_into(
+            &Message {
+                topic: "../escape".into(),
+                body: bytes::Bytes::from_static(b"x"),
+                ..Default::default()
+            },
+            record::Placement {
+                queue_offset: 0,
+                physical_offset: 0,
+                store_timestamp: 1,
+            },
+            &mut bad_topic,
+        );
+        let why = refused(slave.append_replica(0, &bad_topic).await, "bad topic");
+        assert!(why.contains("topic"), "{why}");
         assert_eq!(slave.log_range().1, 0, "nothing was written");
         assert!(slave.queues().is_empty());
 
@@ -231,5 +260,37 @@ fn copies_that_do_not_continue_the_log_are_refused_and_nothing_is_written() {
         same_queues(&master, &slave).await;
         master.close().await.unwrap();
         slave.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_slave_shows_its_last_record_and_a_master_tells_whether_it_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (md, sd, od) = (
+        dir.path().join("m"),
+        dir.path().join("s"),
+        dir.path().join("o"),
+    );
+    run(move || async move {
+        let master = Store::open(cfg(&md)).await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        // Another master whose log has other records at the same offsets.
+        let other = Store::open(cfg(&od)).await.unwrap();
+        assert_eq!(slave.last_record(), None);
+        produce(&master, 0..300).await;
+        produce(&other, 1..301).await;
+        copy(&master, &slave, 1 << 20).await;
+        let (at, size, ts) = slave.last_record().unwrap();
+        assert_eq!(master.last_record(), Some((at, size, ts)));
+        assert!(master.has_record(at, size, ts).await.unwrap());
+        assert!(!other.has_record(at, size, ts).await.unwrap(), "diverged");
+        assert!(!master.has_record(at, size, ts + 1).await.unwrap());
+        // Known again after a restart (recovery finds it).
+        slave.close().await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        assert_eq!(slave.last_record(), Some((at, size, ts)));
+        for s in [master, slave, other] {
+            s.close().await.unwrap();
+        }
     });
 }

@@ -2,9 +2,9 @@
 //! SLAVE `orbitmq broker -c broker.conf` (2 shards each, TLS from `orbitmq cert`), and the
 //! client crate.
 //!
-//! What a user relies on: a SYNC_MASTER send is acknowledged once the slave has the message
-//! (SLAVE_NOT_AVAILABLE without a slave, FLUSH_SLAVE_TIMEOUT when it stops answering, the
-//! message stored on the master either way); a slave takes no writes; a killed slave catches
+//! What a user relies on: a SYNC_MASTER send is acknowledged `SEND_OK` once the slave has the
+//! message (`SLAVE_NOT_AVAILABLE` without a slave, `FLUSH_SLAVE_TIMEOUT` when it stops
+//! answering, the message stored on the master either way, with its id); a slave takes no writes; a killed slave catches
 //! up when it comes back; and when the master is gone, consumers read every stored message
 //! from the slave, in order, at the master's offsets.
 
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::{body_of, free_ports, from_first, poll_n, run_ok, start_proc};
 use orbitmq_client::{
-    Client, ClientConfig, ClientError, LitePullConsumer, Message, Producer, TlsOptions,
+    Client, ClientConfig, ClientError, LitePullConsumer, Message, Producer, SendStatus, TlsOptions,
 };
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, ErrorResponse, MessageMeta, SendRequest};
@@ -84,42 +84,29 @@ fn kill(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-/// Sends message `i` (body [`body_of`]); a stored one goes into `stored`, with its offset id
-/// when acknowledged.
+/// Sends message `i` (body [`body_of`]); a stored one goes into `stored` with its offset id.
 async fn send(
     p: &Producer,
     i: usize,
-    stored: &mut BTreeMap<String, Option<String>>,
-) -> Result<(), ClientError> {
+    stored: &mut BTreeMap<String, String>,
+) -> Result<SendStatus, ClientError> {
     let r = p
         .send(Message::new(TOPIC, body_of(i)).with_key(format!("k{i}")))
-        .await;
-    match &r {
-        Ok(s) => {
-            stored.insert(body_of(i), Some(s.msg_id.clone()));
-        }
-        // Stored on the master, not (known to be) on the slave.
-        Err(ClientError::SlaveNotAvailable(_) | ClientError::FlushSlaveTimeout(_)) => {
-            stored.insert(body_of(i), None);
-        }
-        Err(_) => {}
-    }
-    r.map(drop)
+        .await?;
+    // Every status is of a stored message (on the master at least).
+    stored.insert(body_of(i), r.msg_id);
+    Ok(r.status)
 }
 
 /// Sends until one is acknowledged with the slave's copy (the slave caught up).
-async fn until_in_sync(
-    p: &Producer,
-    next: &mut usize,
-    stored: &mut BTreeMap<String, Option<String>>,
-) {
+async fn until_in_sync(p: &Producer, next: &mut usize, stored: &mut BTreeMap<String, String>) {
     let start = Instant::now();
     loop {
         let i = *next;
         *next += 1;
         match send(p, i, stored).await {
-            Ok(()) => return,
-            Err(ClientError::SlaveNotAvailable(_) | ClientError::FlushSlaveTimeout(_)) => {}
+            Ok(SendStatus::SendOk) => return,
+            Ok(_) => {}
             Err(e) => panic!("send {i}: {e}"),
         }
         assert!(start.elapsed() < SETTLE, "the slave did not get in sync");
@@ -180,19 +167,22 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     let mut next = 0usize;
 
     // No slave yet: stored on the master, but not acknowledged as copied.
-    match send(&p, next, &mut stored).await {
-        Err(ClientError::SlaveNotAvailable(why)) => assert!(why.contains("no slave"), "{why}"),
-        other => panic!("without a slave: {other:?}"),
-    }
+    assert_eq!(
+        send(&p, next, &mut stored).await.unwrap(),
+        SendStatus::SlaveNotAvailable
+    );
     next += 1;
 
     // The slave starts, finds its master through the name server and catches up.
     let (mut slave, slave_shard0) = start_broker(root, "slave", &slave_conf);
     until_in_sync(&p, &mut next, &mut stored).await;
     for _ in 0..200 {
-        send(&p, next, &mut stored)
-            .await
-            .unwrap_or_else(|e| panic!("send {next} with the slave in sync: {e}"));
+        let status = send(&p, next, &mut stored).await.unwrap();
+        assert_eq!(
+            status,
+            SendStatus::SendOk,
+            "send {next} with the slave in sync"
+        );
         next += 1;
     }
 
@@ -221,17 +211,24 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
 
     // The slave dies: the next send times out waiting for it (stored on the master).
     kill(&mut slave);
-    match send(&p, next, &mut stored).await {
-        Err(ClientError::FlushSlaveTimeout(_) | ClientError::SlaveNotAvailable(_)) => {}
-        other => panic!("with the slave killed: {other:?}"),
-    }
+    let status = send(&p, next, &mut stored).await.unwrap();
+    assert!(
+        matches!(
+            status,
+            SendStatus::FlushSlaveTimeout | SendStatus::SlaveNotAvailable
+        ),
+        "with the slave killed: {status:?}"
+    );
     next += 1;
     // It comes back (same data) and copies what it missed.
     let (slave_back, _) = start_broker(root, "slave-again", &slave_conf);
     let mut slave = slave_back;
     until_in_sync(&p, &mut next, &mut stored).await;
     for _ in 0..50 {
-        send(&p, next, &mut stored).await.unwrap();
+        assert_eq!(
+            send(&p, next, &mut stored).await.unwrap(),
+            SendStatus::SendOk
+        );
         next += 1;
     }
     assert!(stored.len() > 250);
@@ -245,7 +242,10 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     done.shutdown().await.unwrap();
     let mut later = BTreeMap::new();
     for _ in 0..20 {
-        send(&p, next, &mut later).await.unwrap();
+        assert_eq!(
+            send(&p, next, &mut later).await.unwrap(),
+            SendStatus::SendOk
+        );
         next += 1;
     }
     stored.extend(later.clone());
@@ -277,17 +277,15 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     let mut per_queue: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for m in &got {
         let body = String::from_utf8(m.body.to_vec()).unwrap();
-        let sent = stored
+        let id = stored
             .get(&body)
             .unwrap_or_else(|| panic!("{body:?} was never sent"));
-        if let Some(id) = sent {
-            // The slave's copy sits at the master's log offset.
-            let (a, b) = (
-                OffsetId::decode(id).unwrap(),
-                OffsetId::decode(&m.msg_id).unwrap(),
-            );
-            assert_eq!((a.shard, a.offset), (b.shard, b.offset), "{body}");
-        }
+        // The slave's copy sits at the master's log offset.
+        let (a, b) = (
+            OffsetId::decode(id).unwrap(),
+            OffsetId::decode(&m.msg_id).unwrap(),
+        );
+        assert_eq!((a.shard, a.offset), (b.shard, b.offset), "{body}");
         per_queue
             .entry(m.queue_id)
             .or_default()

@@ -54,7 +54,7 @@ pub use latency::LatencyFaultTolerance;
 pub use lite::LitePullConsumer;
 pub use message::{Message, MessageExt};
 pub use offset::{ConsumeFromWhere, OffsetTracker};
-pub use producer::{Producer, SendResult};
+pub use producer::{Producer, SendResult, SendStatus};
 pub use pull::{PullStatus, QueuePullResult};
 pub use push::PushConsumer;
 pub use query::Query;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use orbitmq_proto::codes::request;
+use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, MessageMeta, SendRequest, SendResponse};
 use orbitmq_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_MESSAGES};
 use orbitmq_proto::msgid::UniqKeyGen;
@@ -22,6 +22,39 @@ use crate::latency::LatencyFaultTolerance;
 use crate::message::Message;
 use crate::route::{select_send_queue, Avoid, MessageQueue, QueueInfo};
 
+/// How a stored message stands (RocketMQ's `SendStatus`): every status means the broker
+/// stored it; only `SendOk` means everything asked of it was done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SendStatus {
+    #[default]
+    SendOk,
+    /// A `SYNC_MASTER` stored it, but its slave did not confirm the copy in time.
+    FlushSlaveTimeout,
+    /// A `SYNC_MASTER` stored it, but no slave was in sync to copy it.
+    SlaveNotAvailable,
+}
+
+impl SendStatus {
+    /// The status a send answer's code stands for, if it is one of a stored message.
+    pub fn of_code(code: u16) -> Option<SendStatus> {
+        match code {
+            response::SUCCESS => Some(SendStatus::SendOk),
+            response::FLUSH_SLAVE_TIMEOUT => Some(SendStatus::FlushSlaveTimeout),
+            response::SLAVE_NOT_AVAILABLE => Some(SendStatus::SlaveNotAvailable),
+            _ => None,
+        }
+    }
+
+    /// RocketMQ's name of the status.
+    pub fn name(self) -> &'static str {
+        match self {
+            SendStatus::SendOk => "SEND_OK",
+            SendStatus::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
+            SendStatus::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
+        }
+    }
+}
+
 /// What a send returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SendResult {
@@ -31,6 +64,8 @@ pub struct SendResult {
     pub uniq_key: String,
     pub queue: MessageQueue,
     pub queue_offset: u64,
+    /// Stored; whether its slave has it too (a `SYNC_MASTER`'s answer).
+    pub status: SendStatus,
 }
 
 struct Inner {
@@ -465,6 +500,7 @@ impl Producer {
             }
             fail(e)
         })?;
+        let status = SendStatus::of_code(f.code).unwrap_or_default();
         let resp: SendResponse = header::decode(&f.header).map_err(|e| {
             fail(ClientError::Protocol {
                 endpoint: qi.endpoint.clone(),
@@ -494,6 +530,7 @@ impl Producer {
                 uniq_key,
                 queue: qi.mq.clone(),
                 queue_offset: r.queue_offset,
+                status,
             })
             .collect())
     }

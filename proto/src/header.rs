@@ -349,6 +349,12 @@ pub struct HaPullRequest {
     pub from: u64,
     pub max_bytes: u32,
     pub wait_ms: u32,
+    /// The slave's last record (log offset, size, store time; size 0: none known): the master
+    /// answers only if its own log has the same record there, so a slave never continues a
+    /// log that is not the one it copied.
+    pub last_at: u64,
+    pub last_size: u32,
+    pub last_store_ts: u64,
 }
 
 /// HA_OFFSETS: the committed offsets of master shard `shard`.
@@ -364,6 +370,9 @@ pub struct HaOffsetsRequest {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct HaOffsetsResponse {
     pub schedule_progress: String,
+    /// The master's written end before the progress was read: the progress covers no
+    /// delivery past it, and a slave keeps it once its own log reaches it.
+    pub master_end: u64,
 }
 
 /// HA_PULL's answer; the body holds whole records from `from` (and, at a segment's end, the

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use orbitmq_client::{Client, ClientConfig, ClientError, Message, MessageQueue, Producer};
+use orbitmq_client::{
+    Client, ClientConfig, ClientError, Message, MessageQueue, Producer, SendStatus,
+};
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, ClusterInfoResponse, CreateTopicRequest};
 use orbitmq_proto::limits::{MAX_BATCH_BYTES, MAX_BATCH_MESSAGES, MAX_MESSAGE_SIZE};
@@ -408,7 +410,7 @@ impl Worker {
             let res = if plan.batch == 1 {
                 tokio::time::timeout(self.request_timeout, self.producer.send_to_queue(msg, mq))
                     .await
-                    .map(|r| r.map(|_| ()))
+                    .map(|r| r.map(|s| s.status))
             } else {
                 let msgs = vec![msg; n as usize];
                 tokio::time::timeout(
@@ -416,11 +418,13 @@ impl Worker {
                     self.producer.send_batch_to_queue(msgs, mq),
                 )
                 .await
-                .map(|r| r.map(|_| ()))
+                .map(|r| r.map(|s| s.first().map(|s| s.status).unwrap_or_default()))
             };
             finished = Instant::now();
             let code = match res {
-                Ok(Ok(())) => {
+                // Stored, but not copied as a SYNC_MASTER promises: counted by its status.
+                Ok(Ok(status)) if status != SendStatus::SendOk => status.name(),
+                Ok(Ok(_)) => {
                     self.live
                         .stats()
                         .record_ok(n, n * plan.size as u64, finished - t0);

@@ -203,6 +203,9 @@ struct State {
     cache: TailCache,
     last_store_ts: u64,
     offsets: ConsumerOffsets,
+    /// The last record in the written log (log offset, size, store time), when known: a
+    /// slave shows it to its master, which checks that its own log has the same record there.
+    last_record: Option<(u64, u32, u64)>,
     /// The key index; `None` when `messageIndexEnable` is off.
     index: Option<KeyIndex>,
 }
@@ -551,6 +554,7 @@ impl Store {
                     topics: HashMap::new(),
                     cache,
                     last_store_ts: 0,
+                    last_record: None,
                     offsets,
                     index: cfg
                         .index
@@ -946,6 +950,9 @@ impl Store {
     fn redispatch(&self, s: Scanned) -> std::result::Result<(), u64> {
         let mut st = self.inner.st.borrow_mut();
         st.last_store_ts = st.last_store_ts.max(s.store_timestamp);
+        if st.last_record.is_none_or(|(at, _, _)| at < s.phys) {
+            st.last_record = Some((s.phys, s.size, s.store_timestamp));
+        }
         if let Some(ix) = st.index.as_mut() {
             ix.add_record(&s.key_hashes, s.size, s.phys, s.store_timestamp);
         }
@@ -1291,7 +1298,13 @@ impl Store {
             wait.await;
         };
         self.inner.staged.notify();
-        // Prepare the next segment early, so a roll never waits for it.
+        self.prepare_ahead();
+        done.wait().await?;
+        Ok(results)
+    }
+
+    /// Prepares the segment after the active one early, so a roll never waits for it.
+    fn prepare_ahead(&self) {
         let next = {
             let st = self.inner.st.borrow();
             let next = st.staging.active_segment() + self.inner.cfg.segment_size;
@@ -1303,8 +1316,6 @@ impl Store {
         if let Some(next) = next {
             self.start_prepare(next);
         }
-        done.wait().await?;
-        Ok(results)
     }
 
     /// Places the records in the active batch, assigning offsets and store time, with no
@@ -1411,10 +1422,16 @@ impl Store {
                             v.physical_offset
                         )));
                     }
+                    // Its topic names ConsumeQueue directories.
+                    orbitmq_proto::limits::validate_topic(v.topic)
+                        .map_err(|e| bad(format!("topic {:?}: {e}", v.topic)))?;
                     Some(recovery::scanned(&v, here, n, index))
                 }
                 Ok(record::Peek::Blank(n)) if pos + BLANK_RECORD_MIN_LEN == data.len() => {
-                    if here % seg_size + u64::from(n) != seg_size {
+                    // A segment closes early only by less than one run of records.
+                    let most =
+                        self.inner.st.borrow().staging.max_reservation() + BLANK_RECORD_MIN_LEN;
+                    if n as usize > most || here % seg_size + u64::from(n) != seg_size {
                         return Err(bad(format!(
                             "a blank record of {n} bytes does not close the segment (segment \
                              size {seg_size}: is mappedFileSizeCommitLog the master's?)"
@@ -1492,6 +1509,7 @@ impl Store {
                 wait.await;
             };
             self.inner.staged.notify();
+            self.prepare_ahead();
             last_done = Some(done);
             pos += match &item {
                 Some(s) => s.size as usize,
@@ -1547,6 +1565,23 @@ impl Store {
         let done = batch.done.clone();
         st.last_store_ts = st.last_store_ts.max(s.store_timestamp);
         Ok(done)
+    }
+
+    /// The last record in the written log: (log offset, size, store time), if known.
+    pub fn last_record(&self) -> Option<(u64, u32, u64)> {
+        let st = self.inner.st.borrow();
+        st.last_record
+            .filter(|(at, size, _)| at + u64::from(*size) <= st.written)
+    }
+
+    /// Whether the record at log offset `at` has this size and store time (a slave's last
+    /// record, checked against this log).
+    pub async fn has_record(&self, at: u64, size: u32, store_ts: u64) -> Result<bool> {
+        Ok(match self.record_by_offset(at).await? {
+            Some(b) => record::decode(&b)
+                .is_ok_and(|v| v.total_size == size && v.store_timestamp == store_ts),
+            None => false,
+        })
     }
 
     /// The log's first offset and its written end: the range a slave may copy.
@@ -1788,6 +1823,9 @@ impl Store {
                 );
                 at += n;
             }
+        }
+        if let Some(d) = batch.dispatch.last() {
+            st.last_record = Some((d.physical_offset, d.size, d.store_timestamp));
         }
         for d in batch.dispatch.drain(..) {
             let cq = st

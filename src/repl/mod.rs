@@ -106,33 +106,19 @@ impl ReplicaTracker {
             .max()
     }
 
+    /// The furthest offset any slave has acknowledged. A SYNC_MASTER send that found a slave
+    /// in sync waits for this to pass its records (as RocketMQ, in-sync is decided once, when
+    /// the send starts to wait).
+    pub fn acked(&self) -> Option<u64> {
+        self.slaves.values().map(|s| s.acked).max()
+    }
+
     /// Each slave's acknowledged offset and how long ago it was heard from.
     pub fn slaves(&self, now: Instant) -> Vec<(u64, u64, Duration)> {
         self.slaves
             .iter()
             .map(|(id, s)| (*id, s.acked, now.saturating_duration_since(s.seen)))
             .collect()
-    }
-}
-
-/// How a SYNC_MASTER send's wait for its slave ends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlaveWait {
-    /// A slave in sync has the records.
-    Copied,
-    /// Wait for the next acknowledgement.
-    Wait,
-    /// No slave is in sync: answer SLAVE_NOT_AVAILABLE.
-    NoSlave,
-}
-
-/// Where a send whose records end at `end` stands, with `in_sync` from
-/// [`ReplicaTracker::in_sync`].
-pub fn slave_wait(in_sync: Option<u64>, end: u64) -> SlaveWait {
-    match in_sync {
-        None => SlaveWait::NoSlave,
-        Some(acked) if acked >= end => SlaveWait::Copied,
-        Some(_) => SlaveWait::Wait,
     }
 }
 
@@ -172,9 +158,13 @@ mod tests {
     }
 
     #[test]
-    fn a_send_waits_until_a_slave_in_sync_has_its_records() {
-        assert_eq!(slave_wait(None, 10), SlaveWait::NoSlave);
-        assert_eq!(slave_wait(Some(9), 10), SlaveWait::Wait);
-        assert_eq!(slave_wait(Some(10), 10), SlaveWait::Copied);
+    fn the_furthest_acknowledgement_counts_whoever_sent_it() {
+        let t0 = Instant::now();
+        let mut t = ReplicaTracker::default();
+        assert_eq!(t.acked(), None);
+        t.report(1, 10, t0);
+        t.report(2, 30, t0);
+        t.report(1, 20, t0);
+        assert_eq!(t.acked(), Some(30));
     }
 }

@@ -21,6 +21,8 @@ use crate::shard::broker::BrokerShared;
 
 /// Pause after a failure before trying again.
 pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Longest pause between attempts while a failure persists.
+pub const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 /// Longest a connection to the master may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long past the master's hold an answer may take before the connection is dropped.
@@ -53,6 +55,7 @@ impl Copier {
     /// of failure once, and the copy's start.
     pub async fn run(self) {
         let mut last = String::new();
+        let mut pause = RETRY_PAUSE;
         loop {
             let master = self
                 .shared
@@ -62,33 +65,48 @@ impl Copier {
                 .as_ref()
                 .and_then(|m| m.get(self.shard as usize).cloned());
             let why = match master {
-                None => "the master is not known yet".to_string(),
-                Some(ep) => match self.copy_from(&ep).await {
-                    Ok(()) => continue,
-                    Err(e) => format!("copying from {ep}: {e}"),
-                },
+                None => {
+                    // Normal at a start, until the slave sync finds the master.
+                    debug!(shard = self.shard, "slave: the master is not known yet");
+                    glommio::timer::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+                Some(ep) => {
+                    let copied_before = self.store.log_range().1;
+                    let r = self.copy_from(&ep).await;
+                    if self.store.log_range().1 > copied_before {
+                        pause = RETRY_PAUSE;
+                    }
+                    match r {
+                        Ok(()) => continue,
+                        Err(e) => format!("copying from {ep}: {e}"),
+                    }
+                }
             };
-            if why != last {
-                warn!(
-                    shard = self.shard,
-                    "slave: {why}; retrying every {RETRY_PAUSE:?}"
-                );
-                last = why;
+            // Logged when it changes (numbers aside: offsets move while the cause stays).
+            let kind: String = why.chars().filter(|c| !c.is_ascii_digit()).collect();
+            if kind != last {
+                warn!(shard = self.shard, "slave: {why}; trying again, from every {RETRY_PAUSE:?} to every {MAX_RETRY_PAUSE:?}");
+                last = kind;
             } else {
                 debug!(shard = self.shard, "slave: {why}");
             }
-            glommio::timer::sleep(RETRY_PAUSE).await;
+            glommio::timer::sleep(pause).await;
+            // A failure that persists (a diverged log, a fenced store) is tried less often.
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
 
     /// One connection's copy; returns on the first failure.
     async fn copy_from(&self, ep: &str) -> Result<(), String> {
         let (host, _) = orbitmq_client::remoting::split_host_port(ep).map_err(|e| e.to_string())?;
-        let addr = ep
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve: {e}"))?
-            .next()
-            .ok_or("cannot resolve: no address")?;
+        // Name lookups block: off the shard's thread.
+        let name = ep.to_owned();
+        let addr =
+            crate::log::fsutil::off_shard(move || name.to_socket_addrs().map(|mut a| a.next()))
+                .await
+                .map_err(|e| format!("cannot resolve: {e}"))?
+                .ok_or("cannot resolve: no address")?;
         let connecting = self
             .endpoint
             .connect_with(self.tls.clone(), addr, host)
@@ -138,18 +156,60 @@ impl Copier {
         Ok(resp)
     }
 
-    /// Keeps the master's delayed-delivery progress in this shard's directory (unused while
-    /// a slave: the scheduler of a slave restarted as the master starts from it).
-    async fn adopt_schedule_progress(&self, text: String, kept: &mut String) -> Result<(), String> {
-        use crate::schedule::service::{Progress, MAX_PROGRESS_FILE_LEN, PROGRESS_FILE};
-        if text.is_empty() || text == *kept {
+    /// Copies the master shard's committed offsets, and takes its delayed-delivery progress
+    /// as pending until this log holds everything the master had written when it was read.
+    async fn sync_offsets(
+        &self,
+        conn: &quinn::Connection,
+        id: u64,
+        pending: &mut Option<(String, u64)>,
+    ) -> Result<(), String> {
+        use crate::schedule::service::{Progress, MAX_PROGRESS_FILE_LEN};
+        let h = header::encode(&HaOffsetsRequest {
+            broker_name: self.shared.broker_name.clone(),
+            shard: self.shard,
+        });
+        let resp = Self::call(conn, id, request::HA_OFFSETS, h, ANSWER_GRACE).await?;
+        self.store
+            .adopt_offsets(&resp.body)
+            .map_err(|e| format!("adopting the master's offsets: {e}"))?;
+        let a: HaOffsetsResponse = header::decode(&resp.header)
+            .map_err(|e| format!("the master's schedule progress: {e}"))?;
+        if a.schedule_progress.is_empty() {
             return Ok(());
         }
-        if text.len() as u64 > MAX_PROGRESS_FILE_LEN {
+        if a.schedule_progress.len() as u64 > MAX_PROGRESS_FILE_LEN {
             return Err("the master's schedule progress is too large".into());
         }
-        Progress::parse(&text, 0).map_err(|e| format!("the master's schedule progress: {e}"))?;
-        let path = self.store.config().dir.join(PROGRESS_FILE);
+        Progress::parse(&a.schedule_progress, 0)
+            .map_err(|e| format!("the master's schedule progress: {e}"))?;
+        *pending = Some((a.schedule_progress, a.master_end));
+        Ok(())
+    }
+
+    /// Keeps a pending delayed-delivery progress in this shard's directory once this log
+    /// holds what it covers (unused while a slave: the scheduler of a slave restarted as the
+    /// master starts from it).
+    async fn keep_schedule_progress(
+        &self,
+        pending: &mut Option<(String, u64)>,
+        kept: &mut String,
+    ) -> Result<(), String> {
+        let Some((_, need)) = pending.as_ref() else {
+            return Ok(());
+        };
+        if self.store.log_range().1 < *need {
+            return Ok(());
+        }
+        let (text, _) = pending.take().expect("pending progress");
+        if text == *kept {
+            return Ok(());
+        }
+        let path = self
+            .store
+            .config()
+            .dir
+            .join(crate::schedule::service::PROGRESS_FILE);
         crate::log::fsutil::write_atomically_off_shard(path, text.clone().into_bytes())
             .await
             .map_err(|e| format!("keeping the master's schedule progress: {e}"))?;
@@ -160,30 +220,39 @@ impl Copier {
     async fn copy_on(&self, conn: &quinn::Connection) -> Result<(), String> {
         let mut logged_start = false;
         let mut request_id = 0u64;
-        // The offsets are copied first, then every OFFSETS_SYNC_PERIOD.
+        // The offsets are copied first, then every OFFSETS_SYNC_PERIOD. A failure there is
+        // logged and tried again next period: it never holds up the log's copy.
         let mut offsets_due = Instant::now();
+        let mut offsets_error = String::new();
+        let mut progress = None;
         let mut progress_kept = String::new();
         loop {
             if Instant::now() >= offsets_due {
-                request_id += 1;
-                let h = header::encode(&HaOffsetsRequest {
-                    broker_name: self.shared.broker_name.clone(),
-                    shard: self.shard,
-                });
-                let resp =
-                    Self::call(conn, request_id, request::HA_OFFSETS, h, ANSWER_GRACE).await?;
-                self.store
-                    .adopt_offsets(&resp.body)
-                    .map_err(|e| format!("adopting the master's offsets: {e}"))?;
-                let a: HaOffsetsResponse =
-                    header::decode(&resp.header).map_err(|e| e.to_string())?;
-                self.adopt_schedule_progress(a.schedule_progress, &mut progress_kept)
-                    .await?;
                 offsets_due = Instant::now() + OFFSETS_SYNC_PERIOD;
+                request_id += 1;
+                let r = self.sync_offsets(conn, request_id, &mut progress).await;
+                match r {
+                    Err(e) if e != offsets_error => {
+                        warn!(shard = self.shard, "slave: copying the master's consumer offsets: {e}; trying again every {OFFSETS_SYNC_PERIOD:?}");
+                        offsets_error = e;
+                    }
+                    Err(_) => {}
+                    Ok(()) => offsets_error.clear(),
+                }
+            }
+            if let Err(e) = self
+                .keep_schedule_progress(&mut progress, &mut progress_kept)
+                .await
+            {
+                warn!(shard = self.shard, "slave: {e}");
             }
             let from = self.store.log_range().1;
+            let (last_at, last_size, last_store_ts) = self.store.last_record().unwrap_or_default();
             request_id += 1;
             let h = header::encode(&HaPullRequest {
+                last_at,
+                last_size,
+                last_store_ts,
                 broker_name: self.shared.broker_name.clone(),
                 slave_id: self.shared.broker_id,
                 shard: self.shard,
@@ -207,6 +276,10 @@ impl Copier {
                     a.from
                 ));
             }
+            self.shared.copied_at_ms.store(
+                orbitmq_proto::now_ms(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if !logged_start {
                 info!(
                     shard = self.shard,

@@ -23,6 +23,8 @@ use crate::shard::broker::BrokerShared;
 /// How often the master is looked up and its topics copied (RocketMQ: every 10 s; the
 /// master's endpoints matter sooner after a restart).
 pub const SYNC_PERIOD: Duration = Duration::from_secs(2);
+/// The topic table is copied only if the log was copied this recently.
+const TOPICS_NEED_COPY_WITHIN: Duration = Duration::from_secs(10);
 /// Timeout of each control request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -62,7 +64,10 @@ impl SlaveSync {
                 rt.block_on(async move {
                     let mut last = String::new();
                     loop {
-                        let outcome = round(&cfg, &shared, &topics).await;
+                        let outcome = tokio::select! {
+                            r = round(&cfg, &shared, &topics) => r,
+                            _ = stopped.changed() => break,
+                        };
                         let said = match &outcome {
                             Ok(master) => format!("following the master at {master}"),
                             Err(e) => e.clone(),
@@ -144,6 +149,20 @@ async fn master_address(cfg: &SlaveSyncConfig, client: &Client) -> Result<String
     Err(last)
 }
 
+/// `endpoints` with their host replaced by `addr`'s (`host:port`).
+fn with_host_of(addr: &str, endpoints: &[String]) -> Vec<String> {
+    let Some((host, _)) = addr.rsplit_once(':') else {
+        return endpoints.to_vec();
+    };
+    endpoints
+        .iter()
+        .map(|e| match e.rsplit_once(':') {
+            Some((_, port)) => format!("{host}:{port}"),
+            None => e.clone(),
+        })
+        .collect()
+}
+
 /// One round: find and check the master, publish its endpoints, copy its topics.
 async fn round(
     cfg: &SlaveSyncConfig,
@@ -185,7 +204,18 @@ async fn round(
             *shared.master.lock().expect("master lock") = None;
             return Err(format!("cannot copy the master at {master}: {why}"));
         }
-        *shared.master.lock().expect("master lock") = Some(info.shard_endpoints.clone());
+        // With haMasterAddress, the master is reached at that host (its shards' ports).
+        let endpoints = match &cfg.master_address {
+            Some(a) => with_host_of(a, &info.shard_endpoints),
+            None => info.shard_endpoints.clone(),
+        };
+        *shared.master.lock().expect("master lock") = Some(endpoints);
+        // The topic table follows the master only while its log is being copied: a master
+        // that is not this slave's (wiped, or another broker's) must not empty it.
+        let copied = shared.copied_at_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if orbitmq_proto::now_ms().saturating_sub(copied) > TOPICS_NEED_COPY_WITHIN.as_millis() as u64 {
+            return Ok(format!("{master} (topics follow once its log is being copied)"));
+        }
         let t = request(&client, &master, request::GET_ALL_TOPIC_CONFIG)
             .await
             .and_then(|h| header::decode::<TopicConfigsResponse>(&h).map_err(bad_answer(&master)))

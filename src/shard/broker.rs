@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use orbitmq_proto::codes::{push, request, response};
-use orbitmq_proto::frame::Frame;
+use orbitmq_proto::frame::{Frame, Kind};
 use orbitmq_proto::header::{
     self, ConsumerConnectionResponse, ConsumerListResponse, ConsumerMember, CreateTopicRequest,
     GroupRequest, HeartbeatRequest, HeartbeatSubscriptions, OffsetResponse, PullQueueResult,
@@ -60,6 +60,9 @@ pub struct BrokerShared {
     pub ha: crate::repl::HaConfig,
     /// A slave's master: its shard endpoints, once found (see `crate::repl::sync`).
     pub master: Mutex<Option<Vec<String>>>,
+    /// When a slave's copier last had an answer from its master's log (ms since the epoch):
+    /// the topic table follows the master only while its log is being copied.
+    pub copied_at_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Groups one heartbeat may name.
@@ -311,9 +314,7 @@ impl ShardHandler {
             Ok(results) => {
                 let last = results.last().expect("one result per message");
                 let end = last.physical_offset + u64::from(last.size);
-                if let Err(f) = self.wait_for_slave(id, end).await {
-                    return f;
-                }
+                let code = self.wait_for_slave(end).await;
                 // Every id of this response shares its broker/port/shard half: encode that
                 // once and only the CommitLog offset per message (one allocation each).
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -350,7 +351,13 @@ impl ShardHandler {
                         })
                         .collect(),
                 };
-                ok_frame(id, header::encode(&resp), Bytes::new())
+                Frame::new(
+                    Kind::Response,
+                    code,
+                    id,
+                    header::encode(&resp),
+                    Bytes::new(),
+                )
             }
             Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
         }
@@ -375,12 +382,9 @@ impl ShardHandler {
         let m = msgs.pop().expect("one message");
         match self.append_half(m, group).await {
             Ok(r) => {
-                if let Err(f) = self
-                    .wait_for_slave(id, r.physical_offset + u64::from(r.size))
-                    .await
-                {
-                    return f;
-                }
+                let code = self
+                    .wait_for_slave(r.physical_offset + u64::from(r.size))
+                    .await;
                 let resp = SendResponse {
                     queue_id,
                     results: vec![SendResult {
@@ -393,7 +397,13 @@ impl ShardHandler {
                         queue_offset: r.queue_offset,
                     }],
                 };
-                ok_frame(id, header::encode(&resp), Bytes::new())
+                Frame::new(
+                    Kind::Response,
+                    code,
+                    id,
+                    header::encode(&resp),
+                    Bytes::new(),
+                )
             }
             Err((code, why)) => error_frame(id, code, why),
         }
@@ -684,6 +694,7 @@ impl ShardHandler {
             | request::END_TRANSACTION
             | request::UPDATE_AND_CREATE_TOPIC
             | request::DELETE_TOPIC_IN_BROKER
+            | request::LOCK_BATCH_MQ
                 if self.shared.role == crate::config::BrokerRole::Slave =>
             {
                 self.refuse_on_slave(id).expect("a slave refuses")

@@ -14,7 +14,7 @@ use orbitmq_proto::header::{
 use super::broker::{store_error_code, ShardHandler};
 use crate::config::BrokerRole;
 use crate::net::server::{error_frame, ok_frame};
-use crate::repl::{self, SlaveWait, HA_MAX_CHUNK, HA_PULL_WAIT};
+use crate::repl::{self, HA_MAX_CHUNK, HA_PULL_WAIT};
 
 impl ShardHandler {
     /// Refuses what a slave must not do (it takes no writes: its log is its master's copy).
@@ -24,7 +24,7 @@ impl ShardHandler {
                 id,
                 response::SERVICE_NOT_AVAILABLE,
                 format!(
-                    "broker {} is a SLAVE (id {}): it takes no writes; send to its master",
+                    "broker {} is a SLAVE (id {}): it takes no writes (nor queue locks); use its master",
                     self.shared.broker_name, self.shared.broker_id
                 ),
             )
@@ -87,6 +87,29 @@ impl ShardHandler {
                     h.from, self.shard
                 ),
             );
+        }
+        if h.last_size > 0 && h.last_at >= start && h.last_at < h.from {
+            match self
+                .store
+                .has_record(h.last_at, h.last_size, h.last_store_ts)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return error_frame(
+                        id,
+                        response::BAD_REQUEST,
+                        format!(
+                            "the slave's last record at log offset {} is not the master's: \
+                             their logs diverged (the master lost records it had written, or \
+                             the slave copied another master); empty the slave's shard-{} \
+                             directory to copy afresh",
+                            h.last_at, self.shard
+                        ),
+                    )
+                }
+                Err(e) => return error_frame(id, store_error_code(&e), e.to_string()),
+            }
         }
         let now = Instant::now();
         if !self.replicas.borrow_mut().report(h.slave_id, h.from, now) {
@@ -162,6 +185,8 @@ impl ShardHandler {
                 ),
             );
         }
+        // Taken first: the progress read next covers no delivery past it.
+        let master_end = self.store.log_range().1;
         let path = self
             .store
             .config()
@@ -182,51 +207,39 @@ impl ShardHandler {
         };
         let h = header::encode(&HaOffsetsResponse {
             schedule_progress: progress,
+            master_end,
         });
         ok_frame(id, h, Bytes::from(body))
     }
 
     /// A SYNC_MASTER send whose records end at log offset `end` waits for a slave in sync to
-    /// have them. `Err`: the error answer (the records are stored on the master either way).
-    pub(crate) async fn wait_for_slave(&self, id: u64, end: u64) -> Result<(), Frame> {
+    /// have them. Returns the answer's code: SUCCESS, or (the records stored on the master
+    /// either way, the answer still carrying their results) SLAVE_NOT_AVAILABLE when no slave
+    /// is in sync and FLUSH_SLAVE_TIMEOUT when it did not confirm in time.
+    pub(crate) async fn wait_for_slave(&self, end: u64) -> u16 {
         if self.shared.role != BrokerRole::SyncMaster {
-            return Ok(());
+            return response::SUCCESS;
         }
-        let deadline = Instant::now() + self.shared.ha.slave_timeout;
+        let start = Instant::now();
+        let deadline = start + self.shared.ha.slave_timeout;
+        let master_end = self.store.log_range().1;
+        let in_sync = self
+            .replicas
+            .borrow()
+            .in_sync(start, master_end, self.shared.ha.max_gap);
+        if in_sync.is_none() {
+            return response::SLAVE_NOT_AVAILABLE;
+        }
         loop {
             let acked = self.replica_acked.listen();
-            let now = Instant::now();
-            let master_end = self.store.log_range().1;
-            let in_sync = self
-                .replicas
-                .borrow()
-                .in_sync(now, master_end, self.shared.ha.max_gap);
-            match repl::slave_wait(in_sync, end) {
-                SlaveWait::Copied => return Ok(()),
-                SlaveWait::NoSlave => {
-                    return Err(error_frame(
-                        id,
-                        response::SLAVE_NOT_AVAILABLE,
-                        format!(
-                            "stored on the master, but no slave of broker {} is in sync to copy it",
-                            self.shared.broker_name
-                        ),
-                    ))
-                }
-                SlaveWait::Wait if now >= deadline => {
-                    return Err(error_frame(
-                        id,
-                        response::FLUSH_SLAVE_TIMEOUT,
-                        format!(
-                            "stored on the master; its slave did not confirm the copy within {:?}",
-                            self.shared.ha.slave_timeout
-                        ),
-                    ))
-                }
-                SlaveWait::Wait => {
-                    futures_lite::future::or(acked, glommio::timer::sleep(deadline - now)).await;
-                }
+            if self.replicas.borrow().acked().is_some_and(|a| a >= end) {
+                return response::SUCCESS;
             }
+            let now = Instant::now();
+            if now >= deadline {
+                return response::FLUSH_SLAVE_TIMEOUT;
+            }
+            futures_lite::future::or(acked, glommio::timer::sleep(deadline - now)).await;
         }
     }
 }

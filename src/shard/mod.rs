@@ -416,6 +416,7 @@ impl ShardSet {
                 role: n.role,
                 ha: n.ha.clone(),
                 master: Mutex::new(None),
+                copied_at_ms: std::sync::atomic::AtomicU64::new(0),
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
                 locks: Mutex::new(locks::LockTable::default()),
             })
