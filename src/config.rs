@@ -422,6 +422,18 @@ mod tests {
     const SEED: &str = "#broker.conf\nbrokerClusterName = DefaultCluster\nbrokerName = broker-a\nbrokerId = 0\ndeleteWhen = 04\nfileReservedTime = 48\nbrokerRole = ASYNC_MASTER\nflushDiskType = ASYNC_FLUSH\nmessageDelayLevel = 1s 5s 10s 30s 1m 2m 3m 4m 5m 6m 7m 8m 9m 10m 20m 30m 1h 2h\n";
 
     #[test]
+    fn the_shipped_examples_parse() {
+        let c = BrokerConfig::parse("broker.conf", include_str!("../conf/broker.conf")).unwrap();
+        assert_eq!(c.broker_role, BrokerRole::AsyncMaster);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let c = BrokerConfig::parse("broker-a-s.conf", include_str!("../conf/broker-a-s.conf"))
+            .unwrap();
+        assert_eq!((c.broker_role, c.broker_id), (BrokerRole::Slave, 1));
+        assert_eq!(c.broker_name, "broker-a");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    }
+
+    #[test]
     fn the_seed_example_parses() {
         let c = BrokerConfig::parse("broker.conf", SEED).unwrap();
         assert_eq!(c.broker_name, "broker-a");
