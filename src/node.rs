@@ -268,11 +268,43 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     };
     let pin = cores_arg.is_some() || profile.as_ref().is_none_or(|p| p.pin);
     let (data_dir, store) = store_config(&a, &conf);
-    // Unless told, a data directory keeps the shard count it was made with.
+    let slave = conf.broker_role == BrokerRole::Slave;
+    let segment_size = store.segment_size;
+    // Name servers and a slave's master are verified with the cluster CA; without one there is
+    // nothing to verify them with, so that traffic goes unverified and says so.
+    let verify_ca = conf.tls_ca_file.clone();
+    let insecure = a.insecure || verify_ca.is_none();
+    let slave_sync_cfg = |shards: u32, queue_map: String| crate::repl::sync::SlaveSyncConfig {
+        broker_name: conf.broker_name.clone(),
+        shards,
+        queue_map,
+        segment_size,
+        master_address: conf.ha.master_address.clone(),
+        namesrv: namesrv.clone(),
+        tls: TlsOptions {
+            ca: verify_ca.clone(),
+            insecure,
+        },
+    };
+    // Unless told, a data directory keeps the shard count it was made with; a slave's new
+    // one takes its master's.
     let shards = match a.shards.or(conf.shards) {
         Some(n) => n,
         None => match shape::read(&data_dir).map_err(|e| e.to_string())? {
             Some(recorded) => recorded.shards,
+            None if slave => {
+                match crate::repl::sync::master_shards(&slave_sync_cfg(0, String::new())) {
+                    Ok(n) => {
+                        tracing::info!(shards = n, "a new slave takes its master's shard count");
+                        n
+                    }
+                    Err(e) => {
+                        return Err(format!(
+                            "a new slave takes its master's shard count, but the master could not be asked ({e}): start the master first, or set shards"
+                        ))
+                    }
+                }
+            }
             None => default_shards.max(1) as u32,
         },
     };
@@ -280,7 +312,6 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         return Err("--shards must be at least 1".into());
     }
     store.validate()?;
-    let store_segment_size = store.segment_size;
     // Standalone stays on loopback by default; a cluster broker listens on every interface.
     let default_ip = if standalone.is_some() {
         IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -299,7 +330,6 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         conf.tls_ca_file.as_deref(),
     )?;
     let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
-    let slave = conf.broker_role == BrokerRole::Slave;
     if slave && standalone.is_some() {
         return Err("standalone runs a master: start a slave with `orbitmq broker -c broker.conf` (brokerRole = SLAVE)".into());
     }
@@ -320,10 +350,6 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     net.broker_id = conf.broker_id;
     net.role = conf.broker_role;
     net.ha = conf.ha.clone();
-    // Name servers and a slave's master are verified with the cluster CA; without one there is
-    // nothing to verify them with, so that traffic goes unverified and says so.
-    let verify_ca = conf.tls_ca_file.clone();
-    let insecure = a.insecure || verify_ca.is_none();
     if slave {
         net.master_tls = Some(
             match (&verify_ca, insecure) {
@@ -379,18 +405,7 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
             .shared
             .clone()
             .expect("a broker's shards serve the network");
-        let cfg = crate::repl::sync::SlaveSyncConfig {
-            broker_name: conf.broker_name.clone(),
-            shards,
-            queue_map: set.shape.map.name().to_owned(),
-            segment_size: store_segment_size,
-            master_address: conf.ha.master_address.clone(),
-            namesrv: namesrv.clone(),
-            tls: TlsOptions {
-                ca: verify_ca.clone(),
-                insecure,
-            },
-        };
+        let cfg = slave_sync_cfg(shards, set.shape.map.name().to_owned());
         match crate::repl::sync::SlaveSync::start(cfg, shared, topics.clone()) {
             Ok(s) => Some(s),
             Err(e) => {

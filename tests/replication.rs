@@ -49,7 +49,6 @@ fn broker_conf(root: &Path, ca: &Path, name: &str, role: &str, id: u32, namesrv:
          storePathRootDir = {}\n\
          flushDiskType = ASYNC_FLUSH\n\
          mappedFileSizeCommitLog = 67108864\n\
-         shards = 2\n\
          tlsCertFile = {}\n\
          tlsKeyFile = {}\n\
          tlsCaFile = {}\n\
@@ -61,6 +60,12 @@ fn broker_conf(root: &Path, ca: &Path, name: &str, role: &str, id: u32, namesrv:
         pem("key").display(),
         ca.display(),
     );
+    // A slave's new data directory takes its master's shard count by itself.
+    let conf = if role == "SLAVE" {
+        conf
+    } else {
+        conf + "shards = 2\n"
+    };
     let path = root.join(format!("{name}.conf"));
     std::fs::write(&path, conf).unwrap();
     path.display().to_string()
@@ -175,6 +180,8 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
 
     // The slave starts, finds its master through the name server and catches up.
     let (mut slave, slave_shard0) = start_broker(root, "slave", &slave_conf);
+    let shape = std::fs::read_to_string(root.join("slave-data/shape.properties")).unwrap();
+    assert!(shape.contains("shards=2"), "{shape}");
     until_in_sync(&p, &mut next, &mut stored).await;
     for _ in 0..200 {
         let status = send(&p, next, &mut stored).await.unwrap();

@@ -163,12 +163,8 @@ fn with_host_of(addr: &str, endpoints: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// One round: find and check the master, publish its endpoints, copy its topics.
-async fn round(
-    cfg: &SlaveSyncConfig,
-    shared: &BrokerShared,
-    topics: &Topics,
-) -> Result<String, String> {
+/// A client for the name servers and the master.
+async fn control_client(cfg: &SlaveSyncConfig) -> Result<Client, String> {
     let first = cfg
         .master_address
         .clone()
@@ -176,13 +172,50 @@ async fn round(
         .ok_or("neither haMasterAddress nor a name server is configured")?;
     let mut cc = ClientConfig::new(&first).with_tls(cfg.tls.clone());
     cc.request_timeout = REQUEST_TIMEOUT;
-    let client = Client::new(cc).await.map_err(|e| e.to_string())?;
+    Client::new(cc).await.map_err(|e| e.to_string())
+}
+
+/// The master's shard 0 endpoint and what it says of itself (HA_INFO).
+async fn master_info(
+    cfg: &SlaveSyncConfig,
+    client: &Client,
+) -> Result<(String, HaInfoResponse), String> {
+    let master = master_address(cfg, client).await?;
+    let info = request(client, &master, request::HA_INFO)
+        .await
+        .and_then(|h| header::decode::<HaInfoResponse>(&h).map_err(bad_answer(&master)))
+        .map_err(|e| format!("master {master}: {e}"))?;
+    Ok((master, info))
+}
+
+/// Asks the master once for its shard count: a slave's new data directory takes it, so that
+/// a slave needs no `shards` setting. `cfg`'s shape fields are not used.
+pub fn master_shards(cfg: &SlaveSyncConfig) -> Result<u32, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = control_client(cfg).await?;
+        let r = master_info(cfg, &client).await;
+        client.shutdown().await;
+        let (_, info) = r?;
+        if info.broker_name != cfg.broker_name {
+            return Err(format!("the master is broker {}", info.broker_name));
+        }
+        Ok(info.shards)
+    })
+}
+
+/// One round: find and check the master, publish its endpoints, copy its topics.
+async fn round(
+    cfg: &SlaveSyncConfig,
+    shared: &BrokerShared,
+    topics: &Topics,
+) -> Result<String, String> {
+    let client = control_client(cfg).await?;
     let r = async {
-        let master = master_address(cfg, &client).await?;
-        let info = request(&client, &master, request::HA_INFO)
-            .await
-            .and_then(|h| header::decode::<HaInfoResponse>(&h).map_err(bad_answer(&master)))
-            .map_err(|e| format!("master {master}: {e}"))?;
+        let (master, info) = master_info(cfg, &client).await?;
         let mismatch = if info.broker_name != cfg.broker_name {
             Some(format!("it is broker {}", info.broker_name))
         } else if info.shards != cfg.shards || info.queue_map != cfg.queue_map {
