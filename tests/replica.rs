@@ -232,8 +232,27 @@ fn copies_that_do_not_continue_the_log_are_refused_and_nothing_is_written() {
         assert_eq!(slave.log_range().1, 0, "nothing was written");
         assert!(slave.queues().is_empty());
 
+        // A good record then a damaged one: refused, and the good one is still written.
+        let n2 = match record::peek(&first[one..]).unwrap() {
+            record::Peek::Record(n) => n as usize,
+            other => panic!("{other:?}"),
+        };
+        let mut half_bad = first[..one + n2].to_vec();
+        half_bad[one + n2 / 2] ^= 0xFF;
+        refused(slave.append_replica(0, &half_bad).await, "half damaged");
+        for _ in 0..100 {
+            if slave.log_range().1 == one as u64 {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            slave.log_range().1,
+            one as u64,
+            "the good record is written"
+        );
+
         // A record whose queue offset skips ahead of its queue's end.
-        slave.append_replica(0, &first[..one]).await.unwrap();
         let second = master.read_log(one as u64, 1 << 20).await.unwrap();
         let v = record::decode(&first[..one]).unwrap();
         let skip = Message {

@@ -1405,6 +1405,23 @@ impl Store {
     /// next offset of its queue) and dispatched as if appended here; a segment closes where
     /// the master's did. Resolves with the new end once written per the flush mode.
     pub async fn append_replica(&self, at: u64, data: &[u8]) -> Result<u64> {
+        let staged = self.stage_replica(at, data).await;
+        // Once per chunk, and after a refusal too: the records placed before it must be
+        // written (each notify wakes the committer and allocates its next signal).
+        self.inner.staged.notify();
+        self.prepare_ahead();
+        if let Some(done) = staged? {
+            done.wait().await?;
+        }
+        Ok(self.inner.st.borrow().written)
+    }
+
+    /// Places the records of a copied chunk; returns the completion of the last one placed.
+    async fn stage_replica(
+        &self,
+        at: u64,
+        data: &[u8],
+    ) -> Result<Option<super::commitlog::BatchDone>> {
         let seg_size = self.inner.cfg.segment_size;
         let index = self.inner.cfg.index.is_some();
         let mut pos = 0usize;
@@ -1506,20 +1523,18 @@ impl Store {
                         }
                     }
                 };
+                // What is placed so far must go out for room to come back.
+                self.inner.staged.notify();
+                self.prepare_ahead();
                 wait.await;
             };
-            self.inner.staged.notify();
-            self.prepare_ahead();
             last_done = Some(done);
             pos += match &item {
                 Some(s) => s.size as usize,
                 None => BLANK_RECORD_MIN_LEN,
             };
         }
-        if let Some(done) = last_done {
-            done.wait().await?;
-        }
-        Ok(self.inner.st.borrow().written)
+        Ok(last_done)
     }
 
     /// Places one copied record (`bytes`, described by `s`) in the active batch.

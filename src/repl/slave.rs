@@ -135,12 +135,21 @@ impl Copier {
                 .await
                 .map_err(|e| e.to_string())?;
             send.finish().map_err(|e| e.to_string())?;
-            let bytes = recv
-                .read_to_end(MAX_FRAME_LEN + 64)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Chunks go straight into the decoder: one copy of the (up to 4 MiB) answer.
             let mut d = FrameDecoder::new();
-            d.push(&bytes);
+            while let Some(chunk) = recv
+                .read_chunk(MAX_FRAME_LEN, true)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                d.push(&chunk.bytes);
+                if d.buffered()
+                    > d.next_len()
+                        .map_err(|e| format!("the master's answer: {e}"))?
+                {
+                    return Err("the master's answer runs past its frame".to_string());
+                }
+            }
             match d.next_frame() {
                 Ok(Some(f)) if f.kind == Kind::Response && f.request_id == id => Ok(f),
                 Ok(_) => Err("the master's answer is not a whole response to it".to_string()),

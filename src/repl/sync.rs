@@ -63,9 +63,11 @@ impl SlaveSync {
             .spawn(move || {
                 rt.block_on(async move {
                     let mut last = String::new();
+                    // One client while it works (each holds a socket and its buffers).
+                    let mut client: Option<Client> = None;
                     loop {
                         let outcome = tokio::select! {
-                            r = round(&cfg, &shared, &topics) => r,
+                            r = round(&cfg, &shared, &topics, &mut client) => r,
                             _ = stopped.changed() => break,
                         };
                         let said = match &outcome {
@@ -212,8 +214,12 @@ async fn round(
     cfg: &SlaveSyncConfig,
     shared: &BrokerShared,
     topics: &Topics,
+    kept: &mut Option<Client>,
 ) -> Result<String, String> {
-    let client = control_client(cfg).await?;
+    let client = match kept.take() {
+        Some(c) => c,
+        None => control_client(cfg).await?,
+    };
     let r = async {
         let (master, info) = master_info(cfg, &client).await?;
         let mismatch = if info.broker_name != cfg.broker_name {
@@ -270,6 +276,12 @@ async fn round(
         Ok(master)
     }
     .await;
-    client.shutdown().await;
+    // After a failure the next round connects afresh (a master restarted on the same address
+    // is reached at once).
+    if r.is_ok() {
+        *kept = Some(client);
+    } else {
+        client.shutdown().await;
+    }
     r
 }
