@@ -7,10 +7,12 @@
 //! one at a time; every child's stderr goes to `<name>.log` in the test's temporary directory
 //! and is printed when a child fails to start.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,8 @@ use orbitmq_client::{
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, ClusterInfoResponse, ConsumerListResponse, GroupRequest};
 use orbitmq_proto::msgid::OffsetId;
+
+use common::{run, run_ok};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orbitmq");
 /// How long a child may take to print its ready line.
@@ -136,26 +140,6 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
     }
-}
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run orbitmq");
-    out
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "orbitmq {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Queue `q` of [`TOPIC`] on `broker` has its first ConsumeQueue file in shard `shard`'s store

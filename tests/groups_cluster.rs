@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{body_of, free_ports, run_ok, spawn_tied, start_proc};
+use common::{body_of, free_ports, make_certs, run_ok, spawn_tied, start_namesrv, start_proc};
 use orbitmq_client::{
     Client, ClientConfig, ConsumeFromWhere, ConsumeStatus, ConsumerOptions, Message, MessageModel,
     MessageQueue, Producer, PushConsumer, Strategy, TlsOptions,
@@ -98,34 +98,11 @@ impl Cluster {
         let started = Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let ca_dir = root.join("ca");
-        let ca_dir_s = ca_dir.display().to_string();
-        run_ok(&["cert", "init", "--dir", &ca_dir_s]);
-        for n in ["ns1", "broker-a", "broker-b"] {
-            run_ok(&["cert", "issue", "--ca", &ca_dir_s, "--name", n]);
-        }
+        let ca_dir = make_certs(root, &["ns1", "broker-a", "broker-b"]);
         let ca = ca_dir.join("ca.pem");
         let pem = |n: &str, ext: &str| ca_dir.join(format!("{n}.{ext}")).display().to_string();
-        let mut procs = Vec::new();
-        let (_, ns_port) = free_ports(1);
-        let namesrv = format!("127.0.0.1:{ns_port}");
-        let (c, _) = start_proc(
-            &[
-                "namesrv".into(),
-                "--listen".into(),
-                namesrv.clone(),
-                "--data-dir".into(),
-                root.join("ns1").display().to_string(),
-                "--tls-cert".into(),
-                pem("ns1", "pem"),
-                "--tls-key".into(),
-                pem("ns1", "key"),
-                "--tls-ca".into(),
-                ca.display().to_string(),
-            ],
-            &root.join("ns1.log"),
-        );
-        procs.push(c);
+        let (c, namesrv) = start_namesrv(root, &ca_dir, "ns1", &[]);
+        let mut procs = vec![c];
         for name in BROKERS {
             let (port, _) = free_ports(2);
             let conf = format!(

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{body_of, free_ports, from_first, poll_n, run_ok, start_proc};
+use common::{body_of, free_ports, from_first, make_certs, poll_n, start_namesrv, start_proc};
 use orbitmq_client::{
     Client, ClientConfig, ClientError, LitePullConsumer, Message, Producer, SendStatus, TlsOptions,
 };
@@ -123,35 +123,13 @@ async fn until_in_sync(p: &Producer, next: &mut usize, stored: &mut BTreeMap<Str
 async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_master_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let ca_dir = root.join("ca");
-    let ca_dir_s = ca_dir.display().to_string();
-    run_ok(&["cert", "init", "--dir", &ca_dir_s]);
-    for n in ["ns1", "master", "slave"] {
-        run_ok(&["cert", "issue", "--ca", &ca_dir_s, "--name", n]);
-    }
+    let ca_dir = make_certs(root, &["ns1", "master", "slave"]);
     let ca = ca_dir.join("ca.pem");
-    let (_, ns_port) = free_ports(1);
-    let namesrv = format!("127.0.0.1:{ns_port}");
-    let pem = |n: &str, ext: &str| ca_dir.join(format!("{n}.{ext}")).display().to_string();
-    let (mut ns, _) = start_proc(
-        &[
-            "namesrv".into(),
-            "--listen".into(),
-            namesrv.clone(),
-            "--data-dir".into(),
-            root.join("ns1").display().to_string(),
-            "--tls-cert".into(),
-            pem("ns1", "pem"),
-            "--tls-key".into(),
-            pem("ns1", "key"),
-            "--tls-ca".into(),
-            ca.display().to_string(),
-            "--scan-interval-ms".into(),
-            "200".into(),
-            "--broker-expiry-ms".into(),
-            "1500".into(),
-        ],
-        &root.join("ns1.log"),
+    let (mut ns, namesrv) = start_namesrv(
+        root,
+        &ca_dir,
+        "ns1",
+        &["--scan-interval-ms", "200", "--broker-expiry-ms", "1500"],
     );
     // The master's topic; the slave gets it from the master.
     std::fs::create_dir_all(root.join("master-data")).unwrap();

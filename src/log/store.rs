@@ -1282,17 +1282,7 @@ impl Store {
                 let listener = self.inner.room.listen();
                 match self.place(&mut st, msgs, &lens, total) {
                     Ok(r) => break r,
-                    Err(Need::Space) => listener,
-                    Err(Need::Segment(base)) => {
-                        if let Some((at, err)) = &st.prepare_failed {
-                            if at.elapsed() < PREPARE_RETRY_BACKOFF {
-                                return Err(err.clone());
-                            }
-                        }
-                        drop(st);
-                        self.start_prepare(base);
-                        listener
-                    }
+                    Err(need) => self.wait_for(st, need, listener)?,
                 }
             };
             wait.await;
@@ -1301,6 +1291,27 @@ impl Store {
         self.prepare_ahead();
         done.wait().await?;
         Ok(results)
+    }
+
+    /// What an append that could not be placed waits for (`listener`, taken before trying):
+    /// room in the staging, or the next segment, whose preparation starts now (unless the
+    /// last one failed moments ago: then the append fails at once).
+    fn wait_for(
+        &self,
+        st: std::cell::RefMut<'_, State>,
+        need: Need,
+        listener: crate::sync::SignalWait<()>,
+    ) -> Result<crate::sync::SignalWait<()>> {
+        if let Need::Segment(base) = need {
+            if let Some((at, err)) = &st.prepare_failed {
+                if at.elapsed() < PREPARE_RETRY_BACKOFF {
+                    return Err(err.clone());
+                }
+            }
+            drop(st);
+            self.start_prepare(base);
+        }
+        Ok(listener)
     }
 
     /// Prepares the segment after the active one early, so a roll never waits for it.
@@ -1510,17 +1521,7 @@ impl Store {
                     };
                     match placed {
                         Ok(done) => break done,
-                        Err(Need::Space) => listener,
-                        Err(Need::Segment(base)) => {
-                            if let Some((when, err)) = &st.prepare_failed {
-                                if when.elapsed() < PREPARE_RETRY_BACKOFF {
-                                    return Err(err.clone());
-                                }
-                            }
-                            drop(st);
-                            self.start_prepare(base);
-                            listener
-                        }
+                        Err(need) => self.wait_for(st, need, listener)?,
                     }
                 };
                 // What is placed so far must go out for room to come back.

@@ -395,3 +395,39 @@ pub fn run_ok(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A cluster CA under `root/ca` and a certificate per node name, as `orbitmq cert init|issue`
+/// make them; returns the CA's directory (`ca.pem`, `<node>.pem`, `<node>.key`).
+pub fn make_certs(root: &Path, nodes: &[&str]) -> PathBuf {
+    let dir = root.join("ca");
+    let d = dir.display().to_string();
+    run_ok(&["cert", "init", "--dir", &d]);
+    for n in nodes {
+        run_ok(&["cert", "issue", "--ca", &d, "--name", n]);
+    }
+    dir
+}
+
+/// Starts `orbitmq namesrv` as node `name` (its certificate from [`make_certs`]) on a free
+/// port with `extra` arguments; returns the child and its address.
+pub fn start_namesrv(root: &Path, ca_dir: &Path, name: &str, extra: &[&str]) -> (Child, String) {
+    let (_, port) = free_ports(1);
+    let addr = format!("127.0.0.1:{port}");
+    let pem = |ext: &str| ca_dir.join(format!("{name}.{ext}")).display().to_string();
+    let mut args: Vec<String> = vec![
+        "namesrv".into(),
+        "--listen".into(),
+        addr.clone(),
+        "--data-dir".into(),
+        root.join(name).display().to_string(),
+        "--tls-cert".into(),
+        pem("pem"),
+        "--tls-key".into(),
+        pem("key"),
+        "--tls-ca".into(),
+        ca_dir.join("ca.pem").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let (child, _) = start_proc(&args, &root.join(format!("{name}.log")));
+    (child, addr)
+}
