@@ -117,8 +117,11 @@ pub fn send(a: SendArgs) -> Result<(), String> {
         producer.shutdown().await;
         let r = r.map_err(|e| e.to_string())?;
         println!(
-            "msgId={} queue={} offset={}",
-            r.msg_id, r.queue.queue_id, r.queue_offset
+            "msgId={} queue={} offset={} status={}",
+            r.msg_id,
+            r.queue.queue_id,
+            r.queue_offset,
+            r.status.name()
         );
         Ok(())
     })

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use orbitmq_client::{Client, ClientError, MessageExt, PullStatus, PullTarget, SubExpr};
-use orbitmq_proto::codes::{request, response};
+use orbitmq_proto::codes::request;
 use orbitmq_proto::header::{self, MessageMeta, SendRequest, SendResponse, TopicListResponse};
 use orbitmq_proto::limits::MAX_PULL_MESSAGES;
 use orbitmq_proto::msgid::UNIQ_KEY;
@@ -223,7 +223,11 @@ async fn resend_one(
             .request(&endpoint, request::SEND_MESSAGE, h.clone(), m.body.clone())
             .await
             .map_err(|e| e.to_string())?;
-        if f.code == response::SUCCESS {
+        // A SYNC_MASTER's SLAVE_NOT_AVAILABLE / FLUSH_SLAVE_TIMEOUT stored it too.
+        if let Some(status) = orbitmq_client::SendStatus::of_code(f.code) {
+            if status != orbitmq_client::SendStatus::SendOk {
+                eprintln!("resent {} with status {}", m.msg_id, status.name());
+            }
             let r = header::decode::<SendResponse>(&f.header)
                 .map_err(|e| format!("send response: {e}"))?;
             return Ok((format!("{}#{}", q.mq.broker_name, q.mq.queue_id), r));

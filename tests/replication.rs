@@ -12,12 +12,15 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{body_of, free_ports, from_first, make_certs, poll_n, start_namesrv, start_proc};
 use orbitmq_client::{
-    Client, ClientConfig, ClientError, LitePullConsumer, Message, Producer, SendStatus, TlsOptions,
+    Client, ClientConfig, ClientError, LitePullConsumer, LocalTransactionState, Message,
+    MessageExt, Producer, SendStatus, TlsOptions, TransactionListener, TransactionProducer,
 };
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, ErrorResponse, MessageMeta, SendRequest};
@@ -89,6 +92,20 @@ fn kill(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// A transaction listener that counts its runs and commits.
+#[derive(Default)]
+struct Runs(AtomicUsize);
+
+impl TransactionListener for Runs {
+    fn execute_local_transaction(&self, _: &Message) -> LocalTransactionState {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        LocalTransactionState::CommitMessage
+    }
+    fn check_local_transaction(&self, _: &MessageExt) -> LocalTransactionState {
+        LocalTransactionState::CommitMessage
+    }
+}
+
 /// Sends message `i` (body [`body_of`]); a stored one goes into `stored` with its offset id.
 async fn send(
     p: &Producer,
@@ -155,6 +172,24 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
         SendStatus::SlaveNotAvailable
     );
     next += 1;
+    // A transaction's half message that was not copied is rolled back, its local transaction
+    // not run (as RocketMQ): consumers never see it (the reads below find only `stored`).
+    let runs = Arc::new(Runs::default());
+    let tp = TransactionProducer::new("repl-tx", config.clone(), runs.clone())
+        .await
+        .unwrap();
+    let r = tp
+        .send_message_in_transaction(Message::new(TOPIC, "never committed"))
+        .await
+        .unwrap();
+    assert_eq!(r.send.status, SendStatus::SlaveNotAvailable);
+    assert_eq!(r.local_state, LocalTransactionState::RollbackMessage);
+    assert_eq!(
+        runs.0.load(Ordering::SeqCst),
+        0,
+        "the local transaction did not run"
+    );
+    tp.shutdown().await;
 
     // The slave starts, finds its master through the name server and catches up.
     let (mut slave, slave_shard0) = start_broker(root, "slave", &slave_conf);

@@ -103,10 +103,15 @@ impl TransactionProducer {
             }
         }
         let listener = self.listener.clone();
-        let local_state =
+        // As RocketMQ: a half message a SYNC_MASTER could not copy to its slave is rolled
+        // back, and the local transaction is not run.
+        let local_state = if send.status != crate::producer::SendStatus::SendOk {
+            LocalTransactionState::RollbackMessage
+        } else {
             tokio::task::spawn_blocking(move || listener.execute_local_transaction(&msg))
                 .await
-                .unwrap_or(LocalTransactionState::Unknown);
+                .unwrap_or(LocalTransactionState::Unknown)
+        };
         if local_state != LocalTransactionState::Unknown {
             let half_offset = OffsetId::decode(&send.msg_id).map(|id| id.offset);
             match (endpoint, half_offset) {

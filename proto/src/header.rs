@@ -370,7 +370,7 @@ pub struct HaOffsetsRequest {
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct HaOffsetsResponse {
     pub schedule_progress: String,
-    /// The master's written end before the progress was read: the progress covers no
+    /// The master's written end after the progress was read: the progress covers no
     /// delivery past it, and a slave keeps it once its own log reaches it.
     pub master_end: u64,
 }

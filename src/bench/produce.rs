@@ -422,12 +422,13 @@ impl Worker {
             };
             finished = Instant::now();
             let code = match res {
-                // Stored, but not copied as a SYNC_MASTER promises: counted by its status.
-                Ok(Ok(status)) if status != SendStatus::SendOk => status.name(),
-                Ok(Ok(_)) => {
-                    self.live
-                        .stats()
-                        .record_ok(n, n * plan.size as u64, finished - t0);
+                Ok(Ok(status)) => {
+                    let mut stats = self.live.stats();
+                    stats.record_ok(n, n * plan.size as u64, finished - t0);
+                    // Stored, but not copied as a SYNC_MASTER promises: listed by status.
+                    if status != SendStatus::SendOk {
+                        stats.record_status(status.name());
+                    }
                     failures = 0;
                     continue;
                 }

@@ -72,6 +72,13 @@ impl Stats {
         self.failed_messages += messages;
     }
 
+    /// Counts one request whose messages were stored but answered with a status other than
+    /// SEND_OK (a SYNC_MASTER without its slave's copy), under the status's name; its
+    /// messages count as acknowledged through [`Self::record_ok`].
+    pub fn record_status(&mut self, status: &str) {
+        *self.errors.entry(status.to_owned()).or_insert(0) += 1;
+    }
+
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }

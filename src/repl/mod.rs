@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 /// RocketMQ's `haMaxGapNotInSync`: a slave further behind than this is not in sync.
 pub const DEFAULT_MAX_GAP: u64 = 256 * 1024 * 1024;
-/// RocketMQ's `syncFlushTimeout`: how long a SYNC_MASTER send waits for its slave.
-pub const DEFAULT_SLAVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `syncFlushTimeout`: how long a SYNC_MASTER send waits for its slave. RocketMQ's 5 s would
+/// outlast the client's 3 s send timeout, which would then report a stored message as timed
+/// out instead of FLUSH_SLAVE_TIMEOUT.
+pub const DEFAULT_SLAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shortest `syncFlushTimeout` accepted (short ones are for tests).
 pub const MIN_SLAVE_TIMEOUT_MS: u64 = 100;
 /// How long a master holds a slave's pull for new bytes before answering it empty.

@@ -3,6 +3,7 @@
 //! record. Runs on the shard's executor, connecting out through the shard's own endpoint.
 
 use std::net::ToSocketAddrs;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,8 @@ use crate::shard::broker::BrokerShared;
 
 /// Pause after a failure before trying again.
 pub const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Longest an offsets copy may hold up the log's copy.
+const OFFSETS_WAIT: Duration = Duration::from_secs(2);
 /// Longest pause between attempts while a failure persists.
 pub const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 /// Longest a connection to the master may take.
@@ -72,9 +75,10 @@ impl Copier {
                     continue;
                 }
                 Some(ep) => {
-                    let copied_before = self.store.log_range().1;
+                    let answered_before = self.shared.copied_at_ms.load(Ordering::Relaxed);
                     let r = self.copy_from(&ep).await;
-                    if self.store.log_range().1 > copied_before {
+                    // The master answered: the failure is not the persistent kind.
+                    if self.shared.copied_at_ms.load(Ordering::Relaxed) != answered_before {
                         pause = RETRY_PAUSE;
                     }
                     match r {
@@ -178,7 +182,7 @@ impl Copier {
             broker_name: self.shared.broker_name.clone(),
             shard: self.shard,
         });
-        let resp = Self::call(conn, id, request::HA_OFFSETS, h, ANSWER_GRACE).await?;
+        let resp = Self::call(conn, id, request::HA_OFFSETS, h, OFFSETS_WAIT).await?;
         self.store
             .adopt_offsets(&resp.body)
             .map_err(|e| format!("adopting the master's offsets: {e}"))?;
@@ -192,7 +196,11 @@ impl Copier {
         }
         Progress::parse(&a.schedule_progress, 0)
             .map_err(|e| format!("the master's schedule progress: {e}"))?;
-        *pending = Some((a.schedule_progress, a.master_end));
+        // A progress waiting for the log is kept first: replacing it with a newer one would
+        // keep none while the slave trails by more than a period.
+        if pending.is_none() {
+            *pending = Some((a.schedule_progress, a.master_end));
+        }
         Ok(())
     }
 
@@ -285,10 +293,12 @@ impl Copier {
                     a.from
                 ));
             }
-            self.shared.copied_at_ms.store(
-                orbitmq_proto::now_ms(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            self.shared
+                .copied_at_ms
+                .store(orbitmq_proto::now_ms(), Ordering::Relaxed);
+            // Retention here removes only what the master has removed: a slave runs no
+            // scheduler to say which waiting delayed messages a promotion would need.
+            self.store.hold_from(a.master_start);
             if !logged_start {
                 info!(
                     shard = self.shard,

@@ -24,7 +24,7 @@ use crate::shard::broker::BrokerShared;
 /// master's endpoints matter sooner after a restart).
 pub const SYNC_PERIOD: Duration = Duration::from_secs(2);
 /// The topic table is copied only if the log was copied this recently.
-const TOPICS_NEED_COPY_WITHIN: Duration = Duration::from_secs(10);
+const TOPICS_NEED_COPY_WITHIN: Duration = Duration::from_secs(3);
 /// Timeout of each control request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 

@@ -919,7 +919,10 @@ impl ShardHandler {
                 .filter(|g| !g.subscriptions.is_empty() && h.consumer_groups.contains(&g.group))
                 .map(|g| g.group.clone())
                 .collect();
-            self.ensure_retry_topics(&subscribing);
+            // A slave's topics are its master's.
+            if self.shared.role != crate::config::BrokerRole::Slave {
+                self.ensure_retry_topics(&subscribing);
+            }
         }
         let now = Instant::now();
         let (changed, members) = {

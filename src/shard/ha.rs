@@ -83,7 +83,9 @@ impl ShardHandler {
                 response::BAD_REQUEST,
                 format!(
                     "the slave's log ends at {} past the master's end {end}: it holds records \
-                     the master lost; empty the slave's shard-{} directory to copy afresh",
+                     the master lost, maybe acknowledged to producers: keep its shard-{} \
+                     directory (restart it as the master) if they matter, else empty it to \
+                     copy afresh",
                     h.from, self.shard
                 ),
             );
@@ -102,8 +104,10 @@ impl ShardHandler {
                         format!(
                             "the slave's last record at log offset {} is not the master's: \
                              their logs diverged (the master lost records it had written, or \
-                             the slave copied another master); empty the slave's shard-{} \
-                             directory to copy afresh",
+                             the slave copied another master); its records past the \
+                             divergence may have been acknowledged to producers: keep its \
+                             shard-{} directory (restart it as the master) if they matter, \
+                             else empty it to copy afresh",
                             h.last_at, self.shard
                         ),
                     )
@@ -136,7 +140,8 @@ impl ShardHandler {
             // Retention removed what the slave needs next: it reports that to its operator.
             return answer(Bytes::new());
         }
-        let max = (h.max_bytes as usize).clamp(1, HA_MAX_CHUNK);
+        // At least a record's header, so a record larger than asked comes whole.
+        let max = (h.max_bytes as usize).clamp(orbitmq_proto::record::MIN_RECORD_LEN, HA_MAX_CHUNK);
         let deadline = now + Duration::from_millis(h.wait_ms.into()).min(HA_PULL_WAIT);
         loop {
             // Take the wake-up before looking, so an append in between is not missed.
@@ -185,8 +190,6 @@ impl ShardHandler {
                 ),
             );
         }
-        // Taken first: the progress read next covers no delivery past it.
-        let master_end = self.store.log_range().1;
         let path = self
             .store
             .config()
@@ -199,6 +202,9 @@ impl ShardHandler {
             })
             .await
             .unwrap_or_default();
+        // Taken after the read: the progress covers no delivery past the log's end now (it is
+        // written once its deliveries are synced).
+        let master_end = self.store.log_range().1;
         // Anything else is not a progress file this broker wrote: the slave gets none.
         let progress = if progress.len() as u64 <= crate::schedule::service::MAX_PROGRESS_FILE_LEN {
             progress
