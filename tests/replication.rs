@@ -33,6 +33,8 @@ const DELAYED: &str = "Later";
 const BROKER: &str = "broker-a";
 /// How long a SYNC_MASTER send waits for its slave here (`syncFlushTimeout`).
 const SLAVE_TIMEOUT_MS: u64 = 1000;
+/// One test at a time: each runs three processes with timeouts of a second.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Bound of the waits for the cluster to settle by itself.
 const SETTLE: Duration = Duration::from_secs(60);
 
@@ -87,6 +89,11 @@ fn start_broker(root: &Path, name: &str, conf: &str) -> (std::process::Child, St
     (child, shard0)
 }
 
+fn signal(child: &std::process::Child, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child, not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
 fn kill(child: &mut std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -136,13 +143,22 @@ async fn until_in_sync(p: &Producer, next: &mut usize, stored: &mut BTreeMap<Str
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_master_is_gone() {
+/// A name server (brokers expire after 1.5 s), the SYNC_MASTER's broker.conf and topics, the
+/// slave's broker.conf, and a client config for them.
+struct Setup {
+    dir: tempfile::TempDir,
+    ns: std::process::Child,
+    master_conf: String,
+    slave_conf: String,
+    config: ClientConfig,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ca_dir = make_certs(root, &["ns1", "master", "slave"]);
     let ca = ca_dir.join("ca.pem");
-    let (mut ns, namesrv) = start_namesrv(
+    let (ns, namesrv) = start_namesrv(
         root,
         &ca_dir,
         "ns1",
@@ -157,11 +173,113 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     .unwrap();
     let master_conf = broker_conf(root, &ca, "master", "SYNC_MASTER", 0, &namesrv);
     let slave_conf = broker_conf(root, &ca, "slave", "SLAVE", 1, &namesrv);
-    let (mut master, _) = start_broker(root, "master", &master_conf);
-
     let mut config = ClientConfig::new(&namesrv).with_tls(TlsOptions::with_ca(&ca));
     config.poll_name_server_interval = Duration::from_millis(500);
     config.retry_times_when_send_failed = 0;
+    Setup {
+        dir,
+        ns,
+        master_conf,
+        slave_conf,
+        config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_send_ok_of_a_sync_master_killed_under_load_is_on_its_slave_even_if_the_slave_froze() {
+    let _one = SERIAL.lock().await;
+    let Setup {
+        dir,
+        mut ns,
+        master_conf,
+        slave_conf,
+        config,
+    } = setup();
+    let root = dir.path();
+    let (mut master, _) = start_broker(root, "master", &master_conf);
+    let (mut slave, _) = start_broker(root, "slave", &slave_conf);
+    let p = Producer::new("load-pg", config.clone()).await.unwrap();
+    let mut warmup = BTreeMap::new();
+    let mut next = 0usize;
+    until_in_sync(&p, &mut next, &mut warmup).await;
+    // The slave has the master's topics (copied every 2 s once it copies the log), so it can
+    // serve the topic once the master is gone.
+    let topics = root.join("slave-data/topics.conf");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&topics).is_ok_and(|t| t.contains(TOPIC)) {
+        assert!(start.elapsed() < SETTLE, "the slave did not copy the topics");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Four senders; the master is killed while they run.
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for t in 0..4 {
+        let (p, acked, stop) = (p.clone(), acked.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let body = format!("load-{t}-{i}");
+                match p.send(Message::new(TOPIC, body.clone())).await {
+                    Ok(r) if r.status == SendStatus::SendOk => acked.lock().unwrap().push(body),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The slave freezes, and the master dies while sends wait for the slave: those must not
+    // have been acknowledged SEND_OK.
+    signal(&slave, libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(&mut master);
+    signal(&slave, libc::SIGCONT);
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.await.unwrap();
+    }
+    let acked: std::collections::BTreeSet<String> = acked.lock().unwrap().drain(..).collect();
+    assert!(acked.len() > 8, "only {} sends acknowledged", acked.len());
+
+    // Every SEND_OK is on the slave (other stored messages may be there too).
+    let c = LitePullConsumer::with_options("load-cg", config.clone(), from_first())
+        .await
+        .unwrap();
+    c.subscribe(TOPIC, "*").await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while !acked.is_subset(&seen) && start.elapsed() < SETTLE {
+        for m in c.poll(Duration::from_secs(1)).await.unwrap() {
+            seen.insert(String::from_utf8(m.body.to_vec()).unwrap());
+        }
+    }
+    let missing: Vec<&String> = acked.difference(&seen).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not on the slave: {missing:?}"
+    );
+    c.shutdown().await.unwrap();
+    p.shutdown().await;
+    kill(&mut slave);
+    kill(&mut ns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_master_is_gone() {
+    let _one = SERIAL.lock().await;
+    let Setup {
+        dir,
+        mut ns,
+        master_conf,
+        slave_conf,
+        config,
+    } = setup();
+    let root = dir.path();
+    let (mut master, _) = start_broker(root, "master", &master_conf);
     let p = Producer::new("repl-pg", config.clone()).await.unwrap();
     let mut stored = BTreeMap::new();
     let mut next = 0usize;
