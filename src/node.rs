@@ -329,7 +329,12 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
         conf.tls_key_file.as_deref(),
         conf.tls_ca_file.as_deref(),
     )?;
-    let server = tls::server_config(&identity).map_err(|e| e.to_string())?;
+    // Slaves prove they are the cluster's brokers with a certificate of the cluster CA.
+    let client_ca = conf
+        .tls_ca_file
+        .clone()
+        .unwrap_or(identity.paths.ca.clone());
+    let server = tls::server_config_for(&identity, &client_ca).map_err(|e| e.to_string())?;
     if slave && standalone.is_some() {
         return Err("standalone runs a master: start a slave with `orbitmq broker -c broker.conf` (brokerRole = SLAVE)".into());
     }
@@ -350,9 +355,15 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     net.broker_id = conf.broker_id;
     net.role = conf.broker_role;
     net.ha = conf.ha.clone();
+    // With a cluster CA, replication is served only to peers with its certificate.
+    net.ha_needs_cert = conf.tls_ca_file.is_some();
     if slave {
         net.master_tls = Some(
             match (&verify_ca, insecure) {
+                // Its own certificate of the cluster CA shows the master it is a broker.
+                (Some(ca), false) if conf.tls_cert_file.is_some() => {
+                    tls::client_config_as(&identity, ca)
+                }
                 (Some(ca), false) => tls::client_config(ca),
                 _ => tls::insecure_client_config(),
             }

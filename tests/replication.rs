@@ -23,7 +23,7 @@ use orbitmq_client::{
     MessageExt, Producer, SendStatus, TlsOptions, TransactionListener, TransactionProducer,
 };
 use orbitmq_proto::codes::{request, response};
-use orbitmq_proto::header::{self, ErrorResponse, MessageMeta, SendRequest};
+use orbitmq_proto::header::{self, ErrorResponse, HaPullRequest, MessageMeta, SendRequest};
 use orbitmq_proto::msgid::OffsetId;
 
 const TOPIC: &str = "Replicated";
@@ -186,7 +186,8 @@ fn setup() -> Setup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_send_ok_of_a_sync_master_killed_under_load_is_on_its_slave_even_if_the_slave_froze() {
+async fn every_send_ok_of_a_sync_master_killed_under_load_is_on_its_slave_even_if_the_slave_froze()
+{
     let _one = SERIAL.lock().await;
     let Setup {
         dir,
@@ -207,7 +208,10 @@ async fn every_send_ok_of_a_sync_master_killed_under_load_is_on_its_slave_even_i
     let topics = root.join("slave-data/topics.conf");
     let start = Instant::now();
     while !std::fs::read_to_string(&topics).is_ok_and(|t| t.contains(TOPIC)) {
-        assert!(start.elapsed() < SETTLE, "the slave did not copy the topics");
+        assert!(
+            start.elapsed() < SETTLE,
+            "the slave did not copy the topics"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -279,7 +283,7 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
         config,
     } = setup();
     let root = dir.path();
-    let (mut master, _) = start_broker(root, "master", &master_conf);
+    let (mut master, master_shard0) = start_broker(root, "master", &master_conf);
     let p = Producer::new("repl-pg", config.clone()).await.unwrap();
     let mut stored = BTreeMap::new();
     let mut next = 0usize;
@@ -324,8 +328,24 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
         next += 1;
     }
 
-    // A slave takes no writes.
+    // Only the cluster's brokers may copy the log: a client without a certificate of the
+    // cluster CA gets nothing.
     let client = Client::new(config.clone()).await.unwrap();
+    let pull = header::encode(&HaPullRequest {
+        broker_name: BROKER.into(),
+        slave_id: 7,
+        shard: 0,
+        segment_size: 67108864,
+        ..Default::default()
+    });
+    let f = client
+        .request(&master_shard0, request::HA_PULL, pull, Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(f.code, response::NO_PERMISSION);
+    assert!(f.body.is_empty());
+
+    // A slave takes no writes.
     let f = client
         .request(
             &slave_shard0,

@@ -104,6 +104,8 @@ pub mod response {
     pub const MESSAGE_ILLEGAL: u16 = 13;
     /// The store cannot take writes (I/O error fenced it, or the disk is full).
     pub const SERVICE_NOT_AVAILABLE: u16 = 14;
+    /// The peer may not do this (replication without a certificate of the cluster CA).
+    pub const NO_PERMISSION: u16 = 16;
     pub const TOPIC_NOT_EXIST: u16 = 17;
     pub const PULL_NOT_FOUND: u16 = 19;
     pub const PULL_RETRY_IMMEDIATELY: u16 = 20;
@@ -124,6 +126,7 @@ pub mod response {
             FLUSH_SLAVE_TIMEOUT => "FLUSH_SLAVE_TIMEOUT",
             MESSAGE_ILLEGAL => "MESSAGE_ILLEGAL",
             SERVICE_NOT_AVAILABLE => "SERVICE_NOT_AVAILABLE",
+            NO_PERMISSION => "NO_PERMISSION",
             TOPIC_NOT_EXIST => "TOPIC_NOT_EXIST",
             PULL_NOT_FOUND => "PULL_NOT_FOUND",
             PULL_RETRY_IMMEDIATELY => "PULL_RETRY_IMMEDIATELY",

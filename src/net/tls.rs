@@ -457,11 +457,31 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 /// A QUIC server configuration for `identity`: TLS 1.3 only, ALPN [`ALPN`], 0-RTT off (a
-/// replayed send would store a message twice).
+/// replayed send would store a message twice). Clients may present a certificate of the
+/// identity's CA (see [`server_config_for`]).
 pub fn server_config(identity: &ServerIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_for(identity, &identity.paths.ca)
+}
+
+/// [`server_config`] whose clients may present a certificate of the CA in `client_ca` (a slave
+/// proving it is one of the cluster's brokers); clients without one are served as well, and
+/// one whose certificate the CA did not sign fails its handshake.
+pub fn server_config_for(
+    identity: &ServerIdentity,
+    client_ca: &Path,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let roots =
+        orbitmq_client::tls::load_roots(client_ca).map_err(|e| TlsError::Client(e.to_string()))?;
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        orbitmq_client::tls::provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Client(format!("client certificate verifier: {e}")))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(orbitmq_client::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
@@ -475,6 +495,25 @@ pub fn server_config(identity: &ServerIdentity) -> Result<quinn::ServerConfig, T
 /// The rustls side is the client crate's, so clients and brokers verify servers one way.
 pub fn client_config(ca_path: &Path) -> Result<quinn::ClientConfig, TlsError> {
     finish_client(orbitmq_client::TlsOptions::with_ca(ca_path))
+}
+
+/// A QUIC client configuration that verifies servers with the CA in `ca_path` and presents
+/// `identity`'s certificate (a slave to its master).
+pub fn client_config_as(
+    identity: &ServerIdentity,
+    ca_path: &Path,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let roots =
+        orbitmq_client::tls::load_roots(ca_path).map_err(|e| TlsError::Client(e.to_string()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(orbitmq_client::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.enable_early_data = false;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
 }
 
 /// A QUIC client configuration that accepts any server certificate (`--insecure` only). The

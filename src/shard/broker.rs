@@ -58,6 +58,8 @@ pub struct BrokerShared {
     pub broker_id: u64,
     pub role: crate::config::BrokerRole,
     pub ha: crate::repl::HaConfig,
+    /// Replication only for peers with a certificate of the cluster CA (`tlsCaFile` is set).
+    pub ha_needs_cert: bool,
     /// A slave's master: its shard endpoints, once found (see `crate::repl::sync`).
     pub master: Mutex<Option<Vec<String>>>,
     /// When a slave's copier last had an answer from its master's log (ms since the epoch):
@@ -702,6 +704,11 @@ impl ShardHandler {
             request::CONSUMER_SEND_MSG_BACK => self.send_back(&req).await,
             request::END_TRANSACTION => self.end_transaction(&req).await,
             request::HA_INFO => self.ha_info(id),
+            request::HA_PULL | request::HA_OFFSETS if !self.may_replicate(peer) => error_frame(
+                id,
+                response::NO_PERMISSION,
+                "replication is served to the cluster's brokers only: the slave needs tlsCertFile and tlsKeyFile with a certificate of the cluster CA (orbitmq cert issue)",
+            ),
             request::HA_PULL => self.ha_pull(&req).await,
             request::HA_OFFSETS => self.ha_offsets(&req).await,
             request::LOCK_BATCH_MQ => self.lock_batch(&req, false),

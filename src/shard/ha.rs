@@ -13,7 +13,7 @@ use orbitmq_proto::header::{
 
 use super::broker::{store_error_code, ShardHandler};
 use crate::config::BrokerRole;
-use crate::net::server::{error_frame, ok_frame};
+use crate::net::server::{error_frame, ok_frame, Peer};
 use crate::repl::{self, HA_MAX_CHUNK, HA_PULL_WAIT};
 
 impl ShardHandler {
@@ -29,6 +29,12 @@ impl ShardHandler {
                 ),
             )
         })
+    }
+
+    /// Whether `peer` may pull this shard's log and offsets: with a cluster CA, only a peer
+    /// whose certificate it signed (the TLS handshake checked it).
+    pub(crate) fn may_replicate(&self, peer: &Peer) -> bool {
+        !self.shared.ha_needs_cert || peer.conn.peer_identity().is_some()
     }
 
     pub(crate) fn ha_info(&self, id: u64) -> Frame {

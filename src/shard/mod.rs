@@ -196,8 +196,10 @@ pub struct NetConfig {
     pub broker_id: u64,
     pub role: crate::config::BrokerRole,
     pub ha: crate::repl::HaConfig,
-    /// How a slave's shards verify their master (TLS).
+    /// How a slave's shards verify their master (TLS), presenting their certificate.
     pub master_tls: Option<quinn::ClientConfig>,
+    /// Replication (HA_PULL, HA_OFFSETS) only for peers with a certificate of the cluster CA.
+    pub ha_needs_cert: bool,
 }
 
 impl NetConfig {
@@ -214,6 +216,7 @@ impl NetConfig {
             role: crate::config::BrokerRole::AsyncMaster,
             ha: crate::repl::HaConfig::default(),
             master_tls: None,
+            ha_needs_cert: false,
         }
     }
 }
@@ -415,6 +418,7 @@ impl ShardSet {
                 broker_id: n.broker_id,
                 role: n.role,
                 ha: n.ha.clone(),
+                ha_needs_cert: n.ha_needs_cert,
                 master: Mutex::new(None),
                 copied_at_ms: std::sync::atomic::AtomicU64::new(0),
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
