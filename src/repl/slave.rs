@@ -238,7 +238,7 @@ impl Copier {
         let mut logged_start = false;
         let mut request_id = 0u64;
         // The offsets are copied first, then every OFFSETS_SYNC_PERIOD. A failure there is
-        // logged and tried again next period: it never holds up the log's copy.
+        // logged and tried again next period; it holds the log's copy up OFFSETS_WAIT at most.
         let mut offsets_due = Instant::now();
         let mut offsets_error = String::new();
         let mut progress = None;
