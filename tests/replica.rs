@@ -4,14 +4,15 @@
 //! nothing written.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use orbitmq::log::config::IndexConfig;
+use orbitmq::log::retention::RetentionPolicy;
 use orbitmq::log::{FlushMode, Store, StoreConfig, StoreError};
 use orbitmq::proto::record::{self, Message};
 
 mod store_support;
-use store_support::{read_all, run};
+use store_support::{read_all, read_from, run};
 
 const SEGMENT: u64 = 64 * 1024;
 const TOPICS: [&str; 2] = ["Orders", "Audit"];
@@ -311,5 +312,69 @@ fn a_slave_shows_its_last_record_and_a_master_tells_whether_it_has_it() {
         for s in [master, slave, other] {
             s.close().await.unwrap();
         }
+    });
+}
+
+#[test]
+fn a_new_slave_starts_where_its_masters_log_starts_once_retention_removed_the_first_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let (md, sd) = (dir.path().join("m"), dir.path().join("s"));
+    run(move || async move {
+        let mut mc = cfg(&md);
+        mc.retention = RetentionPolicy {
+            delete_when_hours: vec![4],
+            file_reserved_hours: 1,
+            ..RetentionPolicy::default()
+        };
+        let master = Store::open(mc).await.unwrap();
+        produce(&master, 0..1000).await;
+        // The first two segments are old: retention removes them.
+        let old = SystemTime::now() - Duration::from_secs(2 * 3600);
+        for base in [0, SEGMENT] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(md.join("commitlog").join(format!("{base:020}")))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        let deleted = master
+            .run_retention(orbitmq::proto::now_ms(), 4, 0.1)
+            .await
+            .unwrap();
+        assert_eq!(deleted, vec![0, SEGMENT]);
+        let (start, _) = master.log_range();
+        assert_eq!(start, 2 * SEGMENT);
+
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        match master.start_at(start).await {
+            Err(StoreError::Replica(why)) => assert!(why.contains("holds records"), "{why}"),
+            other => panic!("a store with records started over: {other:?}"),
+        }
+        slave.start_at(start).await.unwrap();
+        assert_eq!(slave.log_range(), (start, start));
+        copy(&master, &slave, 1 << 20).await;
+        // Queues start where the master's do now, past 0, with the same messages.
+        let queues = master.queues();
+        assert!(queues.iter().all(|(_, _, min, _)| *min > 0), "{queues:?}");
+        assert_eq!(slave.queues(), queues);
+        async fn same_from_min(master: &Store, slave: &Store, queues: &[(String, u32, u64, u64)]) {
+            for (t, q, min, _) in queues {
+                let (m, s) = (
+                    read_from(master, t, *q, *min).await,
+                    read_from(slave, t, *q, *min).await,
+                );
+                assert!(!m.is_empty());
+                assert_eq!(m, s, "{t}:{q}");
+            }
+        }
+        same_from_min(&master, &slave, &queues).await;
+        // After a restart the queues still start at their first real entry.
+        slave.close().await.unwrap();
+        let slave = Store::open(cfg(&sd)).await.unwrap();
+        assert_eq!(slave.queues(), queues);
+        same_from_min(&master, &slave, &queues).await;
+        master.close().await.unwrap();
+        slave.close().await.unwrap();
     });
 }

@@ -1583,6 +1583,86 @@ impl Store {
         Ok(done)
     }
 
+    /// Makes an empty store start at log offset `base` (a segment boundary) instead of 0: a
+    /// new slave whose master's retention has removed the master's first segments copies from
+    /// where the master's log starts. Refused unless nothing was ever stored here.
+    pub async fn start_at(&self, base: u64) -> Result<()> {
+        let seg_size = self.inner.cfg.segment_size;
+        let refuse = |why: &str| {
+            Err(StoreError::Replica(format!(
+                "cannot start at {base}: {why}"
+            )))
+        };
+        if !base.is_multiple_of(seg_size) {
+            return refuse("not a segment boundary (is mappedFileSizeCommitLog the master's?)");
+        }
+        {
+            let st = self.inner.st.borrow();
+            let empty = st.written == 0
+                && st.staging.next_offset() == 0
+                && st.topics.is_empty()
+                && st.segments.keys().all(|b| *b < seg_size * 2)
+                && st
+                    .index
+                    .as_ref()
+                    .is_none_or(|ix| ix.open.is_empty() && ix.sealed.is_empty());
+            if !empty {
+                return refuse("this store holds records");
+            }
+            if st.preparing.is_some() || st.closing || st.fenced.is_some() {
+                return refuse("the store is busy; try again");
+            }
+        }
+        self.prepare_segment(base, false).await?;
+        let file = self.open_segment(base).await?;
+        let old: Vec<(u64, Rc<DmaFile>)> = {
+            let mut st = self.inner.st.borrow_mut();
+            let old = std::mem::take(&mut st.segments).into_iter().collect();
+            st.segments.insert(base, file);
+            st.staging = Staging::new(seg_size, base, Vec::new(), base);
+            st.written = base;
+            st.synced = base;
+            st.dirty.clear();
+            st.last_record = None;
+            if let Some(ix) = st.index.as_mut() {
+                ix.indexed_upto = base;
+                ix.covered = base;
+            }
+            old
+        };
+        for (b, f) in old {
+            let _ = f.close_rc().await;
+            let p = self.log_dir().join(segment_name(b));
+            fsutil::off_shard(move || std::fs::remove_file(p))
+                .await
+                .map_err(io_err(format!("removing segment {b}")))?;
+        }
+        // Empty index files and the checkpoint of the empty log would describe offsets from 0.
+        let index_dir = self.index_dir();
+        let checkpoint = self.inner.cfg.dir.join(CHECKPOINT_FILE);
+        let log_dir = self.log_dir();
+        fsutil::off_shard(move || {
+            if let Ok(rd) = std::fs::read_dir(&index_dir) {
+                for e in rd.flatten() {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            match std::fs::remove_file(&checkpoint) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            fsutil::sync_dir(&log_dir)?;
+            fsutil::sync_dir(fsutil::parent_or_cwd(&checkpoint))
+        })
+        .await
+        .map_err(io_err(format!(
+            "starting {} at {base}",
+            self.inner.cfg.dir.display()
+        )))?;
+        info!(dir = %self.inner.cfg.dir.display(), base, "empty store starts at a later log offset");
+        Ok(())
+    }
+
     /// The last record in the written log: (log offset, size, store time), if known.
     pub fn last_record(&self) -> Option<(u64, u32, u64)> {
         let st = self.inner.st.borrow();

@@ -310,11 +310,24 @@ impl Copier {
             }
             if resp.body.is_empty() {
                 if from < a.master_start {
+                    // A new slave of a master whose retention removed its first segments
+                    // copies from where the master's log starts now.
+                    if self.store.log_range() == (0, 0) {
+                        self.store
+                            .start_at(a.master_start)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        info!(
+                            shard = self.shard,
+                            from = a.master_start,
+                            "slave: a new copy starts where the master's log starts"
+                        );
+                        continue;
+                    }
                     return Err(format!(
                         "the master's log now starts at {} and this slave's ends at {from}: \
-                         the records between are gone from the master (retention); a slave \
-                         must start empty while the master's log starts at 0, or from a copy \
-                         of the master's data directory",
+                         the records between are gone from the master (retention); empty the \
+                         slave's shard directories to copy from the master's start",
                         a.master_start
                     ));
                 }
