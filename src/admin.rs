@@ -9,8 +9,8 @@ use clap::{Args, Subcommand};
 use orbitmq_client::{Client, ClientError};
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{
-    self, ClusterInfoResponse, ClusterRequest, CreateTopicRequest, RouteRequest, RouteResponse,
-    TopicConfigsResponse, TopicListResponse, TopicRequest,
+    self, ClusterInfoResponse, ClusterRequest, CreateTopicRequest, HaStatusResponse, RouteRequest,
+    RouteResponse, TopicConfigsResponse, TopicListResponse, TopicRequest,
 };
 
 use crate::cli::ClientArgs;
@@ -91,6 +91,9 @@ pub struct ProgressArgs {
 pub enum ClusterCmd {
     /// Every cluster, broker, address and shard endpoint (RocketMQ's clusterList).
     List(ClientArgs),
+    /// Replication: per master shard, its log's range and each slave's progress (how far
+    /// behind, when last heard from, whether in sync), as RocketMQ's haStatus.
+    Ha(ClientArgs),
 }
 
 /// Which brokers a topic change goes to.
@@ -520,6 +523,52 @@ async fn cluster_list(a: ClientArgs) -> Result<(), String> {
     r
 }
 
+/// Asks every shard of every master the name servers know for its replication status.
+async fn cluster_ha(a: ClientArgs) -> Result<(), String> {
+    let c = Client::new(a.config()).await.map_err(|e| e.to_string())?;
+    let r = async {
+        let info = cluster_info(&c).await?;
+        for (cluster, brokers) in info.clusters {
+            for s in brokers {
+                if !s.broker.addrs.iter().any(|(id, _)| *id == 0) {
+                    println!(
+                        "cluster={cluster} broker={} master=none",
+                        s.broker.broker_name
+                    );
+                    continue;
+                }
+                for ep in &s.broker.shard_endpoints {
+                    let f = call(&c, ep, request::HA_STATUS, Bytes::new())
+                        .await
+                        .map_err(|e| format!("{ep}: {e}"))?;
+                    let h = decode!(f, HaStatusResponse, "replication status")?;
+                    let head = format!(
+                        "cluster={cluster} broker={} shard={} master_start={} master_end={}",
+                        s.broker.broker_name, h.shard, h.master_start, h.master_end
+                    );
+                    if h.slaves.is_empty() {
+                        println!("{head} slaves=none");
+                    }
+                    for sl in h.slaves {
+                        println!(
+                            "{head} slave={} acked={} behind={} silent_ms={} in_sync={}",
+                            sl.slave_id,
+                            sl.acked,
+                            h.master_end.saturating_sub(sl.acked),
+                            sl.silent_ms,
+                            sl.in_sync
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    c.shutdown().await;
+    r
+}
+
 /// Commits, for every readable queue of the topic, the offset `--to` names.
 async fn consumer_reset(a: ResetArgs) -> Result<(), String> {
     let ts = match a.to.as_str() {
@@ -694,6 +743,7 @@ pub fn admin(cmd: AdminCmd) -> Result<(), String> {
             AdminCmd::Topic(TopicCmd::List(a)) => topic_list(a).await,
             AdminCmd::Topic(TopicCmd::Route(a)) => topic_route(a).await,
             AdminCmd::Cluster(ClusterCmd::List(a)) => cluster_list(a).await,
+            AdminCmd::Cluster(ClusterCmd::Ha(a)) => cluster_ha(a).await,
             AdminCmd::Consumer(ConsumerArgs {
                 cmd: Some(ConsumerCmd::Progress(p)),
                 ..

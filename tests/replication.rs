@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{body_of, free_ports, from_first, make_certs, poll_n, start_namesrv, start_proc};
+use common::{
+    body_of, free_ports, from_first, make_certs, poll_n, run_ok, start_namesrv, start_proc,
+};
 use orbitmq_client::{
     Client, ClientConfig, ClientError, LitePullConsumer, LocalTransactionState, Message,
     MessageExt, Producer, SendStatus, TlsOptions, TransactionListener, TransactionProducer,
@@ -326,6 +328,35 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
             "send {next} with the slave in sync"
         );
         next += 1;
+    }
+
+    // The admin tool shows each master shard's slave in sync.
+    let (ns_addr, ca) = (
+        config.namesrv[0].clone(),
+        root.join("ca/ca.pem").display().to_string(),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        run_ok(&[
+            "admin",
+            "cluster",
+            "ha",
+            "--namesrv",
+            &ns_addr,
+            "--tls-ca",
+            &ca,
+        ])
+    })
+    .await
+    .unwrap();
+    for shard in 0..2 {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!(" shard={shard} ")))
+            .unwrap_or_else(|| panic!("no shard {shard} in {out}"));
+        assert!(
+            line.contains("slave=1") && line.contains("in_sync=true"),
+            "{line}"
+        );
     }
 
     // Only the cluster's brokers may copy the log: a client without a certificate of the

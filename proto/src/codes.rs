@@ -47,6 +47,9 @@ pub mod request {
     /// Slave shard k to master shard k: every committed consumer offset of the shard (in the
     /// body, in the offsets file's format), as RocketMQ's slaves copy them.
     pub const HA_OFFSETS: u16 = 352;
+    /// Admin to a master shard: its log's range and each slave's progress
+    /// ([`crate::header::HaStatusResponse`]).
+    pub const HA_STATUS: u16 = 353;
 
     pub fn name(code: u16) -> &'static str {
         match code {
@@ -69,6 +72,7 @@ pub mod request {
             HA_INFO => "HA_INFO",
             HA_PULL => "HA_PULL",
             HA_OFFSETS => "HA_OFFSETS",
+            HA_STATUS => "HA_STATUS",
             LOCK_BATCH_MQ => "LOCK_BATCH_MQ",
             UNLOCK_BATCH_MQ => "UNLOCK_BATCH_MQ",
             INVOKE_BROKER_TO_RESET_OFFSET => "INVOKE_BROKER_TO_RESET_OFFSET",

@@ -357,6 +357,27 @@ pub struct HaPullRequest {
     pub last_store_ts: u64,
 }
 
+/// One slave as a master shard sees it.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaSlaveStatus {
+    pub slave_id: u64,
+    /// Everything below this log offset is on the slave.
+    pub acked: u64,
+    /// Since its last pull, in ms.
+    pub silent_ms: u64,
+    /// Whether a SYNC_MASTER send would wait for it (heard from lately, close behind).
+    pub in_sync: bool,
+}
+
+/// HA_STATUS's answer: a master shard's log range and its slaves.
+#[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct HaStatusResponse {
+    pub shard: u32,
+    pub master_start: u64,
+    pub master_end: u64,
+    pub slaves: Vec<HaSlaveStatus>,
+}
+
 /// HA_OFFSETS: the committed offsets of master shard `shard`.
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 pub struct HaOffsetsRequest {

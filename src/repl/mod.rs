@@ -115,11 +115,22 @@ impl ReplicaTracker {
         self.slaves.values().map(|s| s.acked).max()
     }
 
-    /// Each slave's acknowledged offset and how long ago it was heard from.
-    pub fn slaves(&self, now: Instant) -> Vec<(u64, u64, Duration)> {
+    /// Each slave: its id, acknowledged offset, how long ago it was heard from, and whether
+    /// it is in sync (as [`Self::in_sync`] counts it).
+    pub fn slaves(
+        &self,
+        now: Instant,
+        master_end: u64,
+        max_gap: u64,
+    ) -> Vec<(u64, u64, Duration, bool)> {
         self.slaves
             .iter()
-            .map(|(id, s)| (*id, s.acked, now.saturating_duration_since(s.seen)))
+            .map(|(id, s)| {
+                let silent = now.saturating_duration_since(s.seen);
+                let in_sync =
+                    silent < SLAVE_SILENT_AFTER && master_end.saturating_sub(s.acked) <= max_gap;
+                (*id, s.acked, silent, in_sync)
+            })
             .collect()
     }
 }
@@ -156,7 +167,10 @@ mod tests {
         assert!(!t.report(99, 0, t0), "one too many");
         assert!(t.report(1, 5, t0), "a known slave still reports");
         assert!(t.report(99, 0, t0 + SLAVE_SILENT_AFTER));
-        assert_eq!(t.slaves(t0 + SLAVE_SILENT_AFTER).len(), 1);
+        assert_eq!(
+            t.slaves(t0 + SLAVE_SILENT_AFTER, 0, 1),
+            vec![(99, 0, Duration::ZERO, true)]
+        );
     }
 
     #[test]

@@ -704,6 +704,7 @@ impl ShardHandler {
             request::CONSUMER_SEND_MSG_BACK => self.send_back(&req).await,
             request::END_TRANSACTION => self.end_transaction(&req).await,
             request::HA_INFO => self.ha_info(id),
+            request::HA_STATUS => self.ha_status(id),
             request::HA_PULL | request::HA_OFFSETS if !self.may_replicate(peer) => error_frame(
                 id,
                 response::NO_PERMISSION,

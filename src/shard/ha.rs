@@ -9,6 +9,7 @@ use orbitmq_proto::codes::response;
 use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
     self, HaInfoResponse, HaOffsetsRequest, HaOffsetsResponse, HaPullRequest, HaPullResponse,
+    HaSlaveStatus, HaStatusResponse,
 };
 
 use super::broker::{store_error_code, ShardHandler};
@@ -35,6 +36,29 @@ impl ShardHandler {
     /// whose certificate it signed (the TLS handshake checked it).
     pub(crate) fn may_replicate(&self, peer: &Peer) -> bool {
         !self.shared.ha_needs_cert || peer.conn.peer_identity().is_some()
+    }
+
+    pub(crate) fn ha_status(&self, id: u64) -> Frame {
+        let (master_start, master_end) = self.store.log_range();
+        let slaves = self
+            .replicas
+            .borrow()
+            .slaves(Instant::now(), master_end, self.shared.ha.max_gap)
+            .into_iter()
+            .map(|(slave_id, acked, silent, in_sync)| HaSlaveStatus {
+                slave_id,
+                acked,
+                silent_ms: silent.as_millis() as u64,
+                in_sync,
+            })
+            .collect();
+        let h = header::encode(&HaStatusResponse {
+            shard: self.shard,
+            master_start,
+            master_end,
+            slaves,
+        });
+        ok_frame(id, h, Bytes::new())
     }
 
     pub(crate) fn ha_info(&self, id: u64) -> Frame {
