@@ -10,9 +10,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +24,8 @@ use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::header::{self, ClusterInfoResponse, ConsumerListResponse, GroupRequest};
 use orbitmq_proto::msgid::OffsetId;
 
-use common::{run, run_ok};
+use common::{run, run_ok, start_proc};
 
-const BIN: &str = env!("CARGO_BIN_EXE_orbitmq");
-/// How long a child may take to print its ready line.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a child may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound of waits for a condition the cluster reaches by itself.
@@ -54,36 +50,7 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[String], log: &Path) -> Proc {
-        let stderr = std::fs::File::create(log).expect("log file");
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("ORBITMQ_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("start orbitmq");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "orbitmq {args:?} printed no ready line; its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
-        };
+        let (child, line) = start_proc(args, log);
         Proc {
             child,
             line,

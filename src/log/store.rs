@@ -111,6 +111,20 @@ pub struct StoreStats {
     pub queues: usize,
 }
 
+impl State {
+    /// Whether appends may be placed: not after an I/O error fenced the log, nor once
+    /// closing.
+    fn writable(&self) -> Result<()> {
+        if let Some(f) = &self.fenced {
+            return Err(StoreError::Fenced(f.clone()));
+        }
+        if self.closing {
+            return Err(StoreError::Closed);
+        }
+        Ok(())
+    }
+}
+
 /// Recently written log bytes, by their first log offset, for readers at the tail.
 struct TailCache {
     /// Log bytes by first offset, with the memory each holds (its buffer's capacity).
@@ -1267,12 +1281,7 @@ impl Store {
         let (done, results) = loop {
             let wait = {
                 let mut st = self.inner.st.borrow_mut();
-                if let Some(f) = &st.fenced {
-                    return Err(StoreError::Fenced(f.clone()));
-                }
-                if st.closing {
-                    return Err(StoreError::Closed);
-                }
+                st.writable()?;
                 let max = st.staging.max_reservation();
                 if total > max {
                     return Err(StoreError::BadBatch(format!(
@@ -1473,12 +1482,7 @@ impl Store {
             let done = loop {
                 let wait = {
                     let mut st = self.inner.st.borrow_mut();
-                    if let Some(f) = &st.fenced {
-                        return Err(StoreError::Fenced(f.clone()));
-                    }
-                    if st.closing {
-                        return Err(StoreError::Closed);
-                    }
+                    st.writable()?;
                     let next = st.staging.next_offset();
                     if next != here {
                         return Err(bad(format!("this log ends at {next}")));

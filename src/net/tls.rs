@@ -511,9 +511,7 @@ pub fn client_config_as(
         .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.enable_early_data = false;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    cfg.transport_config(Arc::new(transport_config()));
-    Ok(cfg)
+    quic_client(tls)
 }
 
 /// A QUIC client configuration that accepts any server certificate (`--insecure` only). The
@@ -526,6 +524,11 @@ pub fn insecure_client_config() -> Result<quinn::ClientConfig, TlsError> {
 fn finish_client(opts: orbitmq_client::TlsOptions) -> Result<quinn::ClientConfig, TlsError> {
     let tls =
         orbitmq_client::tls::rustls_config(&opts).map_err(|e| TlsError::Client(e.to_string()))?;
+    quic_client(tls)
+}
+
+/// A QUIC client configuration over `tls`, with the shared transport settings.
+fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use orbitmq_proto::codes::{push, request, response};
-use orbitmq_proto::frame::{Frame, Kind};
+use orbitmq_proto::frame::Frame;
 use orbitmq_proto::header::{
     self, ConsumerConnectionResponse, ConsumerListResponse, ConsumerMember, CreateTopicRequest,
     GroupRequest, HeartbeatRequest, HeartbeatSubscriptions, OffsetResponse, PullQueueResult,
@@ -314,9 +314,6 @@ impl ShardHandler {
         }
         match self.store.append_batch(&msgs).await {
             Ok(results) => {
-                let last = results.last().expect("one result per message");
-                let end = last.physical_offset + u64::from(last.size);
-                let code = self.wait_for_slave(end).await;
                 // Every id of this response shares its broker/port/shard half: encode that
                 // once and only the CommitLog offset per message (one allocation each).
                 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -353,13 +350,9 @@ impl ShardHandler {
                         })
                         .collect(),
                 };
-                Frame::new(
-                    Kind::Response,
-                    code,
-                    id,
-                    header::encode(&resp),
-                    Bytes::new(),
-                )
+                let last = results.last().expect("one result per message");
+                self.answer_stored(id, &resp, last.physical_offset + u64::from(last.size))
+                    .await
             }
             Err(e) => error_frame(id, store_error_code(&e), e.to_string()),
         }
@@ -384,9 +377,6 @@ impl ShardHandler {
         let m = msgs.pop().expect("one message");
         match self.append_half(m, group).await {
             Ok(r) => {
-                let code = self
-                    .wait_for_slave(r.physical_offset + u64::from(r.size))
-                    .await;
                 let resp = SendResponse {
                     queue_id,
                     results: vec![SendResult {
@@ -399,13 +389,8 @@ impl ShardHandler {
                         queue_offset: r.queue_offset,
                     }],
                 };
-                Frame::new(
-                    Kind::Response,
-                    code,
-                    id,
-                    header::encode(&resp),
-                    Bytes::new(),
-                )
+                self.answer_stored(id, &resp, r.physical_offset + u64::from(r.size))
+                    .await
             }
             Err((code, why)) => error_frame(id, code, why),
         }

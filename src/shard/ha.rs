@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use orbitmq_proto::codes::response;
-use orbitmq_proto::frame::Frame;
+use orbitmq_proto::frame::{Frame, Kind};
 use orbitmq_proto::header::{
     self, HaInfoResponse, HaOffsetsRequest, HaOffsetsResponse, HaPullRequest, HaPullResponse,
-    HaSlaveStatus, HaStatusResponse,
+    HaSlaveStatus, HaStatusResponse, SendResponse,
 };
 
 use super::broker::{store_error_code, ShardHandler};
@@ -248,11 +248,18 @@ impl ShardHandler {
         ok_frame(id, h, Bytes::from(body))
     }
 
+    /// The answer to a send stored with records ending at log offset `end`: its results, with
+    /// SUCCESS or the status [`Self::wait_for_slave`] gives.
+    pub(crate) async fn answer_stored(&self, id: u64, resp: &SendResponse, end: u64) -> Frame {
+        let code = self.wait_for_slave(end).await;
+        Frame::new(Kind::Response, code, id, header::encode(resp), Bytes::new())
+    }
+
     /// A SYNC_MASTER send whose records end at log offset `end` waits for a slave in sync to
     /// have them. Returns the answer's code: SUCCESS, or (the records stored on the master
     /// either way, the answer still carrying their results) SLAVE_NOT_AVAILABLE when no slave
     /// is in sync and FLUSH_SLAVE_TIMEOUT when it did not confirm in time.
-    pub(crate) async fn wait_for_slave(&self, end: u64) -> u16 {
+    async fn wait_for_slave(&self, end: u64) -> u16 {
         if self.shared.role != BrokerRole::SyncMaster {
             return response::SUCCESS;
         }

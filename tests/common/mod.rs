@@ -94,32 +94,8 @@ impl<'a> BrokerSpec<'a> {
                 TEST_SEGMENT_SIZE,
             ])
             .args(&self.extra)
-            .env("ORBITMQ_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr));
-        let mut child = spawn_tied(cmd).expect("start orbitmq standalone");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if line.starts_with("ready ") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "orbitmq standalone printed no ready line in {READY_TIMEOUT:?}; its log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-        };
+        let (child, line) = spawn_ready(cmd, &log, "orbitmq standalone");
         let field = |name: &str| -> String {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
@@ -348,14 +324,19 @@ pub fn broker_with_topics(topics: &[(&str, u32)], extra_conf: &str) -> (Broker, 
 pub fn start_proc(args: &[String], log: &Path) -> (Child, String) {
     let stderr = std::fs::File::create(log).expect("log file");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orbitmq"));
-    cmd.args(args)
-        .env("ORBITMQ_LOG", "info")
+    cmd.args(args).stderr(Stdio::from(stderr));
+    spawn_ready(cmd, log, &format!("orbitmq {args:?}"))
+}
+
+/// Spawns `cmd` (tied to this test process, info logs, stdout piped) and waits for its
+/// `ready ...` line; kills it and prints its log `log` if none comes in [`READY_TIMEOUT`].
+fn spawn_ready(mut cmd: Command, log: &Path, what: &str) -> (Child, String) {
+    cmd.env("ORBITMQ_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr));
-    let mut child = spawn_tied(cmd).expect("start orbitmq");
+        .stdout(Stdio::piped());
+    let mut child = spawn_tied(cmd).unwrap_or_else(|e| panic!("start {what}: {e}"));
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
+    let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { return };
@@ -370,7 +351,7 @@ pub fn start_proc(args: &[String], log: &Path) -> (Child, String) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
-                "orbitmq {args:?} printed no ready line; its log:\n{}",
+                "{what} printed no ready line in {READY_TIMEOUT:?}; its log:\n{}",
                 std::fs::read_to_string(log).unwrap_or_default()
             );
         }
