@@ -407,16 +407,14 @@ fn log_ending_with_a_blank_record_continues_in_a_new_segment() {
     let path = dir.path().to_path_buf();
     run(move || async move {
         let (mut written, last_base) = write_tail(&path).await;
-        // The last segment and the one prepared ahead of need go.
+        // The last segment goes, and the one prepared ahead of need if there is one: close()
+        // stops a preparation still pre-writing, so whether it exists depends on timing.
         let mut base = last_base;
         while seg_file(&path, base).0.exists() {
             std::fs::remove_file(seg_file(&path, base).0).unwrap();
             base += TEST_SEGMENT;
         }
-        assert!(
-            base > last_base + TEST_SEGMENT,
-            "a segment was prepared ahead"
-        );
+        assert!(base > last_base, "the last segment was there to remove");
         written.retain(|(_, r)| r.physical_offset < last_base);
 
         let n = written.len();
