@@ -567,9 +567,11 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
         (known.len() == 2).then_some(())
     })
     .await;
-    // One period, plus a connect attempt that may have started before it listened.
+    // One period, plus a connect attempt that may have started before it listened (1 s to
+    // time out) and room for a loaded machine: far below the 30 s of RocketMQ's default period
+    // these brokers do not use.
     assert!(
-        back.elapsed() < REGISTER_PERIOD + Duration::from_secs(2),
+        back.elapsed() < REGISTER_PERIOD + Duration::from_secs(6),
         "relearned in {:?}",
         back.elapsed()
     );

@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{body_of, from_first, spawn_tied, wait_until, Broker};
+use common::{body_of, from_first, spawn_tied, wait_until, Broker, CONSUME_TIMEOUT};
 use orbitmq_client::{
-    ConsumeStatus, ConsumerOptions, LitePullConsumer, Message, MessageModel, MessageQueue,
+    Client, ConsumeStatus, ConsumerOptions, LitePullConsumer, Message, MessageModel, MessageQueue,
     Producer, PushConsumer, Strategy,
 };
 use tempfile::TempDir;
@@ -256,15 +256,12 @@ async fn three_consume_processes_share_two_thousand_messages() {
     const N: usize = 2000;
     let topic = "GroupCli";
     let (b, _dir) = broker(&[topic]);
-    let p = Producer::new("groups-pg", b.config()).await.unwrap();
-    send_range(&p, topic, 0..N).await;
-    p.shutdown().await;
     let children: Vec<_> = (0..3)
         .map(|_| {
             let mut cmd = Command::new(BIN);
             cmd.args(["consume", "--namesrv", &b.namesrv, "--tls-ca"])
                 .arg(&b.ca)
-                .args(["--topic", topic, "--group", "g-cli", "--timeout-secs", "6"])
+                .args(["--topic", topic, "--group", "g-cli", "--timeout-secs", "10"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null());
             spawn_tied(cmd).expect("spawn orbitmq consume")
@@ -276,6 +273,23 @@ async fn three_consume_processes_share_two_thousand_messages() {
         .into_iter()
         .map(|c| std::thread::spawn(move || c.wait_with_output().expect("wait")))
         .collect();
+    // The messages come once all three are in the group: sent before, the first process to
+    // start could drain them all before the others join.
+    let client = Client::new(b.config()).await.unwrap();
+    let start = Instant::now();
+    while client
+        .consumer_ids(&b.shards[0], "g-cli")
+        .await
+        .map_or(0, |ids| ids.len())
+        < 3
+    {
+        assert!(start.elapsed() < CONSUME_TIMEOUT, "the three never joined");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.shutdown().await;
+    let p = Producer::new("groups-pg", b.config()).await.unwrap();
+    send_range(&p, topic, 0..N).await;
+    p.shutdown().await;
     let outputs: Vec<String> = tokio::task::spawn_blocking(move || {
         readers
             .into_iter()

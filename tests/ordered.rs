@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -469,8 +470,10 @@ async fn a_slow_call_keeps_its_queue_from_the_next_owner_until_it_ends() {
         }
     }
     let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+    // Slow calls begun.
+    let slow: Arc<AtomicUsize> = Arc::default();
     let member = |idx: usize| {
-        let (calls, config) = (calls.clone(), b.config());
+        let (calls, slow, config) = (calls.clone(), slow.clone(), b.config());
         async move {
             let c = PushConsumer::with_options("g-slow", config, options())
                 .await
@@ -480,6 +483,7 @@ async fn a_slow_call_keeps_its_queue_from_the_next_owner_until_it_ends() {
                 let start = Instant::now();
                 // The first member's first call on each queue is slow.
                 if idx == 0 && msgs[0].queue_offset == 0 {
+                    slow.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(SLOW);
                 }
                 calls
@@ -494,11 +498,10 @@ async fn a_slow_call_keeps_its_queue_from_the_next_owner_until_it_ends() {
     };
     let a = member(0).await;
     // Both queues are in a slow call on the first member; then the second joins.
-    wait_until("the first member holds both queues", || {
-        a.assignment().len() == 2
+    wait_until("the first member's slow calls on both queues", || {
+        a.assignment().len() == 2 && slow.load(Ordering::SeqCst) == 2
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let b2 = member(1).await;
     wait_until("the second member consumes the queue it took", || {
         calls.lock().unwrap().iter().any(|x| x.0 == 1)

@@ -33,8 +33,12 @@ const TOPIC: &str = "Replicated";
 const DELAYED: &str = "Later";
 /// Master and slave share it; the slave registers as id 1.
 const BROKER: &str = "broker-a";
-/// How long a SYNC_MASTER send waits for its slave here (`syncFlushTimeout`).
-const SLAVE_TIMEOUT_MS: u64 = 1000;
+/// How long a SYNC_MASTER send waits for its slave here (`syncFlushTimeout`): long enough
+/// that a slave slowed by a loaded machine is not taken for a dead one, and well within the
+/// client's [`SEND_TIMEOUT`].
+const SLAVE_TIMEOUT_MS: u64 = 2500;
+/// The clients' send timeout here.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// One test at a time: each runs three processes with timeouts of a second.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Bound of the waits for the cluster to settle by itself.
@@ -91,6 +95,22 @@ fn start_broker(root: &Path, name: &str, conf: &str) -> (std::process::Child, St
     (child, shard0)
 }
 
+/// Messages of delay level 1 delivered, by the schedule progress files of a data directory's
+/// shards.
+fn delivered_level_1(data: &Path) -> u64 {
+    let mut n = 0;
+    for shard in std::fs::read_dir(data).unwrap().flatten() {
+        let Ok(text) = std::fs::read_to_string(shard.path().join("schedule-progress")) else {
+            continue;
+        };
+        n += text
+            .lines()
+            .find_map(|l| l.strip_prefix("level 1 "))
+            .map_or(0, |o| o.trim().parse::<u64>().unwrap());
+    }
+    n
+}
+
 fn signal(child: &std::process::Child, sig: libc::c_int) {
     // SAFETY: kill(2) on our own child, not yet waited for.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
@@ -145,7 +165,26 @@ async fn until_in_sync(p: &Producer, next: &mut usize, stored: &mut BTreeMap<Str
     }
 }
 
-/// A name server (brokers expire after 1.5 s), the SYNC_MASTER's broker.conf and topics, the
+/// Waits for the name server to drop a killed master (4 s): the topic's route is then the
+/// slave's, read-only.
+async fn until_routed_to_slave(config: &ClientConfig) {
+    let probe = Client::new(config.clone()).await.unwrap();
+    let start = Instant::now();
+    while !probe
+        .refresh_route(TOPIC)
+        .await
+        .is_ok_and(|r| !r.queues.is_empty() && r.queues.iter().all(|q| !q.writable()))
+    {
+        assert!(
+            start.elapsed() < SETTLE,
+            "the topic was never routed to the slave"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    probe.shutdown().await;
+}
+
+/// A name server (brokers expire after 4 s), the SYNC_MASTER's broker.conf and topics, the
 /// slave's broker.conf, and a client config for them.
 struct Setup {
     dir: tempfile::TempDir,
@@ -164,7 +203,7 @@ fn setup() -> Setup {
         root,
         &ca_dir,
         "ns1",
-        &["--scan-interval-ms", "200", "--broker-expiry-ms", "1500"],
+        &["--scan-interval-ms", "200", "--broker-expiry-ms", "4000"],
     );
     // The master's topic; the slave gets it from the master.
     std::fs::create_dir_all(root.join("master-data")).unwrap();
@@ -178,6 +217,7 @@ fn setup() -> Setup {
     let mut config = ClientConfig::new(&namesrv).with_tls(TlsOptions::with_ca(&ca));
     config.poll_name_server_interval = Duration::from_millis(500);
     config.retry_times_when_send_failed = 0;
+    config.send_timeout = SEND_TIMEOUT;
     Setup {
         dir,
         ns,
@@ -252,6 +292,7 @@ async fn every_send_ok_of_a_sync_master_killed_under_load_is_on_its_slave_even_i
     assert!(acked.len() > 8, "only {} sends acknowledged", acked.len());
 
     // Every SEND_OK is on the slave (other stored messages may be there too).
+    until_routed_to_slave(&config).await;
     let c = LitePullConsumer::with_options("load-cg", config.clone(), from_first())
         .await
         .unwrap();
@@ -451,12 +492,22 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     later_cg.subscribe(DELAYED, "*").await.unwrap();
     assert_eq!(poll_n(&later_cg, 3).await.len(), 3);
     later_cg.shutdown().await.unwrap();
-    // The slave copies the master's committed offsets and delivery progress every 5 s.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The slave copies the master's committed offsets and delivery progress every 5 s, both
+    // in one answer: once its progress says the 3 were delivered, it has the group's commit
+    // (made before them) too.
+    let start = Instant::now();
+    while delivered_level_1(&root.join("slave-data")) != 3 {
+        assert!(
+            start.elapsed() < SETTLE,
+            "the slave did not copy the delivery progress"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The master dies. The name server drops it and routes the topic to the slave,
     // read-only: every stored message is read from the slave, in order, at its offsets.
     kill(&mut master);
+    until_routed_to_slave(&config).await;
     let c = LitePullConsumer::with_options("repl-all", config.clone(), from_first())
         .await
         .unwrap();

@@ -5,6 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use orbitmq::log::recovery::Checkpoint;
 use orbitmq::log::retention::RetentionPolicy;
 use orbitmq::log::{
     prepare_queue_files, AppendResult, FlushMode, ReadStatus, Store, StoreConfig, StoreError,
@@ -1406,13 +1407,40 @@ fn an_idle_store_leaves_its_checkpoint_alone() {
         while !settled(&store) {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        glommio::timer::sleep(Duration::from_millis(100)).await;
-        let first = written();
-        glommio::timer::sleep(Duration::from_millis(200)).await;
-        assert_eq!(written(), first, "ten idle rounds rewrote the checkpoint");
+        // The round that checkpoints the append may be slow (it syncs the file system first),
+        // so wait for the checkpoint to count it; then every round is idle.
+        let counts = |n: u64| {
+            std::fs::read(&cp)
+                .ok()
+                .and_then(|b| Checkpoint::decode(&b))
+                .is_some_and(|c| c.queues.contains(&("Idle".to_string(), 0, n)))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !counts(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the append was never checkpointed"
+            );
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        // A write already under way when it was read may still land: the mtime must then
+        // stay put for ten rounds, within the deadline.
+        let mut first = written();
+        loop {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            let now = written();
+            if now == first {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "idle rounds keep rewriting the checkpoint"
+            );
+            first = now;
+        }
         store.append(&msg("Idle", 0, 1)).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while written() == first {
+        while !counts(2) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "a new append was never checkpointed"

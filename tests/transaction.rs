@@ -345,8 +345,10 @@ async fn an_open_transaction_is_checked_back_after_a_crash() {
         ["after-restart", "done", "open-1"],
         "each once"
     );
-    assert_eq!(ledger.checks("open-1"), 1);
-    assert_eq!(ledger.checks("open-2"), 1);
+    // Checked after the restart (again each 200 ms until its END arrives, which on a loaded
+    // machine may take more than one round).
+    assert!(ledger.checks("open-1") >= 1);
+    assert!(ledger.checks("open-2") >= 1);
     assert_eq!(ledger.checks("done"), 0, "its outcome survived the restart");
     c.shutdown().await.unwrap();
     p.shutdown().await;
