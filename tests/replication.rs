@@ -29,6 +29,8 @@ use orbitmq_proto::header::{self, ErrorResponse, HaPullRequest, MessageMeta, Sen
 use orbitmq_proto::msgid::OffsetId;
 
 const TOPIC: &str = "Replicated";
+/// Its queues, over both shards.
+const TOPIC_QUEUES: usize = 4;
 /// Gets delayed messages (level 1 = 1 s here).
 const DELAYED: &str = "Later";
 /// Master and slave share it; the slave registers as id 1.
@@ -136,32 +138,51 @@ impl TransactionListener for Runs {
 }
 
 /// Sends message `i` (body [`body_of`]); a stored one goes into `stored` with its offset id.
-async fn send(
+/// Returns its status and queue id.
+async fn send_to(
     p: &Producer,
     i: usize,
     stored: &mut BTreeMap<String, String>,
-) -> Result<SendStatus, ClientError> {
+) -> Result<(SendStatus, u32), ClientError> {
     let r = p
         .send(Message::new(TOPIC, body_of(i)).with_key(format!("k{i}")))
         .await?;
     // Every status is of a stored message (on the master at least).
     stored.insert(body_of(i), r.msg_id);
-    Ok(r.status)
+    Ok((r.status, r.queue.queue_id))
 }
 
-/// Sends until one is acknowledged with the slave's copy (the slave caught up).
+/// [`send_to`]'s status.
+async fn send(
+    p: &Producer,
+    i: usize,
+    stored: &mut BTreeMap<String, String>,
+) -> Result<SendStatus, ClientError> {
+    Ok(send_to(p, i, stored).await?.0)
+}
+
+/// Sends until every queue of the topic (so every master shard) acknowledged one with the
+/// slave's copy: each master shard has its own slave shard, which catches up on its own.
 async fn until_in_sync(p: &Producer, next: &mut usize, stored: &mut BTreeMap<String, String>) {
     let start = Instant::now();
+    let mut in_sync = std::collections::BTreeSet::new();
     loop {
+        assert!(start.elapsed() < SETTLE, "the slave did not get in sync");
         let i = *next;
         *next += 1;
-        match send(p, i, stored).await {
-            Ok(SendStatus::SendOk) => return,
-            Ok(_) => {}
+        match send_to(p, i, stored).await {
+            Ok((SendStatus::SendOk, q)) => {
+                in_sync.insert(q);
+                if in_sync.len() == TOPIC_QUEUES {
+                    return;
+                }
+            }
+            Ok(_) => {
+                in_sync.clear();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             Err(e) => panic!("send {i}: {e}"),
         }
-        assert!(start.elapsed() < SETTLE, "the slave did not get in sync");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -209,7 +230,7 @@ fn setup() -> Setup {
     std::fs::create_dir_all(root.join("master-data")).unwrap();
     std::fs::write(
         root.join("master-data/topics.conf"),
-        format!("{TOPIC} 4 4 6\n{DELAYED} 1 1 6\n"),
+        format!("{TOPIC} {TOPIC_QUEUES} {TOPIC_QUEUES} 6\n{DELAYED} 1 1 6\n"),
     )
     .unwrap();
     let master_conf = broker_conf(root, &ca, "master", "SYNC_MASTER", 0, &namesrv);
