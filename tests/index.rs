@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::os::unix::fs::FileExt;
+
 use orbitmq::log::config::IndexConfig;
+use orbitmq::log::indexfile::{read_header, HashKey, HASH_KEY_LEN};
 use orbitmq::log::retention::RetentionPolicy;
 use orbitmq::log::{AppendResult, FlushMode, Store, StoreConfig, StoreError};
 use orbitmq::proto::record::{self, Message};
@@ -247,6 +250,74 @@ fn damaged_or_missing_index_files_are_rebuilt_from_the_log() {
         store.close().await.unwrap();
         assert!(!index_files(&path).is_empty());
     });
+}
+
+/// The hash key of each index file of a data directory, oldest file first.
+fn file_keys(path: &Path) -> Vec<HashKey> {
+    index_files(path)
+        .iter()
+        .map(|f| read_header(f).unwrap().expect("a valid header").key)
+        .collect()
+}
+
+/// Keys are hashed under a secret random key per index, kept in every file's header: a
+/// restart keeps it; a file under another key, or a file of the first (unkeyed) format, is
+/// rebuilt from the log under the index's key.
+#[test]
+fn an_index_keeps_one_random_hash_key_in_all_its_files() {
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let path = dir.path().to_path_buf();
+    let (p, o) = (path.clone(), other.path().to_path_buf());
+    run(move || async move {
+        for d in [&p, &o] {
+            let store = Store::open(cfg(d)).await.unwrap();
+            append(&store, TOPIC, 0..150).await;
+            append(&store, OTHER, 0..150).await;
+            store.close().await.unwrap();
+        }
+    });
+    let keys = file_keys(&path);
+    assert!(keys.len() >= 3, "{} files", keys.len());
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key per index");
+    assert_ne!(file_keys(other.path())[0], keys[0], "random per index");
+    // A restart keeps it.
+    assert_eq!(reopened_key(&path), keys[0]);
+
+    // The middle file rewritten under another key (a valid header): rebuilt under the first's.
+    let files = index_files(&path);
+    let mid = &files[files.len() / 2];
+    let mut h = read_header(mid).unwrap().unwrap();
+    h.key = HashKey([9; HASH_KEY_LEN]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mid)
+        .unwrap()
+        .write_all_at(&h.encode(), 0)
+        .unwrap();
+    assert_eq!(reopened_key(&path), keys[0]);
+
+    // The first file in the first format (magic "OIDX", CRC32C hashes): all are rebuilt, under
+    // a new key.
+    let first = &index_files(&path)[0];
+    let mut b = std::fs::read(first).unwrap();
+    b[..4].copy_from_slice(&0x5844_494F_u32.to_le_bytes());
+    std::fs::write(first, b).unwrap();
+    assert_ne!(reopened_key(&path), keys[0]);
+}
+
+/// Reopens the store of [`an_index_keeps_one_random_hash_key_in_all_its_files`], checks its
+/// queries, and returns the one hash key its files then share.
+fn reopened_key(path: &Path) -> HashKey {
+    let p = path.to_path_buf();
+    run(move || async move {
+        let store = Store::open(cfg(&p)).await.unwrap();
+        check_queries(&store, 150).await;
+        store.close().await.unwrap();
+    });
+    let keys = file_keys(path);
+    assert!(keys.len() >= 3, "{} files", keys.len());
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key per index");
+    keys[0]
 }
 
 #[test]

@@ -6,15 +6,20 @@
 //! CommitLog offset of its first entry:
 //!
 //! ```text
-//! header (64 bytes) | hash slots (slots x 4) | entries (max_entries x 28)
+//! header (80 bytes) | hash slots (slots x 4) | entries (max_entries x 28)
 //! header: magic u32, flags u32 (bit 0: sealed), slots u32, max_entries u32, count u32,
 //!         reserved u32, first_phys u64, covered u64, begin_ts u64, end_ts u64,
-//!         crc32c u32 (of the 56 bytes before it), reserved u32
+//!         hash key [u8; 16], crc32c u32 (of the 72 bytes before it), reserved u32
 //! slot:   the number (1-based) of the newest entry whose key hash falls in the slot, 0: none;
 //!         a hash's slot is `hash * slots >> 32`
 //! entry:  key hash u32, record size u32, CommitLog offset u64, store time (ms) u64,
 //!         previous entry of the same slot u32 (0: none)
 //! ```
+//!
+//! Key hashes are SipHash-1-3 of `topic#key` under the shard's random hash key, which every
+//! file of the shard carries: a client cannot pick keys that share a slot with a key it wants
+//! to slow down, as it could with an unkeyed hash. (Files of the first format, hashed with
+//! CRC32C, fail the magic and are rebuilt from the log.)
 //!
 //! All little-endian. `covered`: every record below this log offset has its keys in this file
 //! or an earlier one. Entries are appended in log order, so a slot's chain runs from the
@@ -23,13 +28,16 @@
 //! it goes; its slots are written once, when it is full and sealed. Recovery rebuilds an open
 //! file's slots from its entries.
 
+use std::hash::Hasher;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// Marks an index file ("OIDX").
-pub const INDEX_MAGIC: u32 = 0x5844_494F;
-pub const HEADER_LEN: u64 = 64;
+/// Marks an index file ("OIX2"; the first format, "OIDX", had no hash key).
+pub const INDEX_MAGIC: u32 = 0x3258_494F;
+pub const HEADER_LEN: u64 = 80;
+/// Where the header's CRC sits: it covers the bytes before it.
+const HEADER_CRC_AT: usize = 72;
 pub const SLOT_LEN: u64 = 4;
 pub const ENTRY_LEN: u64 = 28;
 /// Header flag: the file is full and its slots are written.
@@ -60,18 +68,69 @@ pub const MAX_INDEXED_KEYS: usize = 32;
 /// Entries read at a time when an open file is loaded at recovery.
 const LOAD_CHUNK_ENTRIES: usize = 32 * 1024;
 
-/// The hash a key is indexed under: its topic and the key, as RocketMQ's `topic#key`.
-pub fn key_hash(topic: &str, key: &str) -> u32 {
-    key_hash_from(topic_hash(topic), key)
+/// The secret key a shard's index hashes keys under (SipHash-1-3's 128 bits), random for
+/// each new index and kept in each of its files' headers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HashKey(pub [u8; HASH_KEY_LEN]);
+
+pub const HASH_KEY_LEN: usize = 16;
+
+impl std::fmt::Debug for HashKey {
+    /// A secret: not in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashKey(..)")
+    }
 }
 
-/// The topic's part of [`key_hash`], computed once for all keys of a batch.
-pub fn topic_hash(topic: &str) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(topic.as_bytes()), b"#")
+impl HashKey {
+    /// A new random key from the kernel's generator.
+    pub fn random() -> HashKey {
+        let mut k = [0u8; HASH_KEY_LEN];
+        let mut got = 0;
+        while got < k.len() {
+            // SAFETY: writes at most the rest of `k`, which outlives the call.
+            let n = unsafe { libc::getrandom(k[got..].as_mut_ptr().cast(), k.len() - got, 0) };
+            match n {
+                n if n > 0 => got += n as usize,
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                // getrandom(2) fails only without a seeded kernel generator: no secure key.
+                _ => panic!(
+                    "getrandom failed: {}: cannot make the key index's hash key",
+                    std::io::Error::last_os_error()
+                ),
+            }
+        }
+        HashKey(k)
+    }
+
+    /// The hash a key is indexed under: its topic and the key, as RocketMQ's `topic#key`.
+    pub fn key_hash(&self, topic: &str, key: &str) -> u32 {
+        self.topic(topic).key(key)
+    }
+
+    /// The topic's part of [`Self::key_hash`], computed once for all keys of a batch.
+    pub fn topic(&self, topic: &str) -> TopicHasher {
+        let (k0, k1) = self.0.split_at(8);
+        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(word(k0), word(k1));
+        h.write(topic.as_bytes());
+        // Topic names have no '#': `topic#key` is unambiguous.
+        h.write(b"#");
+        TopicHasher(h)
+    }
 }
 
-pub fn key_hash_from(topic_hash: u32, key: &str) -> u32 {
-    crc32c::crc32c_append(topic_hash, key.as_bytes())
+/// A hasher that has taken a topic (see [`HashKey::topic`]).
+#[derive(Clone)]
+pub struct TopicHasher(siphasher::sip::SipHasher13);
+
+impl TopicHasher {
+    pub fn key(&self, key: &str) -> u32 {
+        let mut h = self.0;
+        h.write(key.as_bytes());
+        let x = h.finish();
+        (x ^ (x >> 32)) as u32
+    }
 }
 
 /// Calls `f` with each key of a record that is indexed: its distinct keys (the first
@@ -141,6 +200,7 @@ pub struct Header {
     pub covered: u64,
     pub begin_ts: u64,
     pub end_ts: u64,
+    pub key: HashKey,
 }
 
 impl Header {
@@ -155,6 +215,8 @@ impl Header {
         for v in [self.first_phys, self.covered, self.begin_ts, self.end_ts] {
             b.extend_from_slice(&v.to_le_bytes());
         }
+        b.extend_from_slice(&self.key.0);
+        debug_assert_eq!(b.len(), HEADER_CRC_AT);
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes());
@@ -169,7 +231,8 @@ impl Header {
         }
         let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        if u32_at(0) != INDEX_MAGIC || u32_at(56) != crc32c::crc32c(&b[..56]) {
+        if u32_at(0) != INDEX_MAGIC || u32_at(HEADER_CRC_AT) != crc32c::crc32c(&b[..HEADER_CRC_AT])
+        {
             return None;
         }
         let h = Header {
@@ -181,6 +244,7 @@ impl Header {
             covered: u64_at(32),
             begin_ts: u64_at(40),
             end_ts: u64_at(48),
+            key: HashKey(b[56..HEADER_CRC_AT].try_into().expect("16 bytes")),
         };
         let sane = (1..=MAX_HASH_SLOTS).contains(&h.slots)
             && (1..=MAX_INDEX_NUM).contains(&h.max_entries)
@@ -212,6 +276,8 @@ pub fn file_name(first_phys: u64) -> String {
 #[derive(Debug)]
 pub struct OpenIndex {
     pub first_phys: u64,
+    /// The key its entries' hashes were made with (the shard's).
+    pub key: HashKey,
     pub max_entries: u32,
     slots: Vec<u32>,
     /// Entries in the file and in memory.
@@ -227,9 +293,10 @@ pub struct OpenIndex {
 }
 
 impl OpenIndex {
-    pub fn new(first_phys: u64, slots: u32, max_entries: u32) -> OpenIndex {
+    pub fn new(first_phys: u64, key: HashKey, slots: u32, max_entries: u32) -> OpenIndex {
         OpenIndex {
             first_phys,
+            key,
             max_entries,
             slots: vec![0; slots as usize],
             count: 0,
@@ -329,6 +396,7 @@ impl OpenIndex {
             covered,
             begin_ts: self.begin_ts,
             end_ts: self.end_ts,
+            key: self.key,
         }
     }
 
@@ -355,6 +423,8 @@ pub struct Sealed {
 /// last are full and wait for their entries to be written before they are sealed).
 #[derive(Debug)]
 pub struct KeyIndex {
+    /// What every file of the index hashes keys with.
+    pub key: HashKey,
     pub slots: u32,
     pub max_entries: u32,
     pub sealed: Vec<Sealed>,
@@ -367,8 +437,9 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
-    pub fn new(slots: u32, max_entries: u32) -> KeyIndex {
+    pub fn new(key: HashKey, slots: u32, max_entries: u32) -> KeyIndex {
         KeyIndex {
+            key,
             slots,
             max_entries,
             sealed: Vec::new(),
@@ -396,7 +467,7 @@ impl KeyIndex {
             .is_none_or(|f| f.count as usize + n > f.max_entries as usize);
         if roll {
             self.open
-                .push_back(OpenIndex::new(phys, self.slots, self.max_entries));
+                .push_back(OpenIndex::new(phys, self.key, self.slots, self.max_entries));
         }
         let f = self.open.back_mut().expect("an open file");
         for h in &hashes[..n] {
@@ -493,7 +564,7 @@ pub struct Loaded {
 /// recovered end), stopping at the first damaged one.
 pub fn load_open(path: &Path, h: &Header, end: u64) -> std::io::Result<Loaded> {
     let file = std::fs::File::open(path)?;
-    let mut ix = OpenIndex::new(h.first_phys, h.slots, h.max_entries);
+    let mut ix = OpenIndex::new(h.first_phys, h.key, h.slots, h.max_entries);
     let mut check = Validator {
         last: h.first_phys,
         n: 0,
@@ -674,6 +745,12 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
+    const K: HashKey = HashKey([7; HASH_KEY_LEN]);
+
+    fn key_hash(topic: &str, key: &str) -> u32 {
+        K.key_hash(topic, key)
+    }
+
     fn walk_memory(ix: &OpenIndex, w: &mut Walk) -> Option<u32> {
         let start = ix.head(w.hash);
         w.follow(start, |n| Ok::<_, ()>(ix.pending_entry(n)))
@@ -682,7 +759,7 @@ mod tests {
 
     #[test]
     fn a_chain_finds_every_entry_of_a_key_newest_first() {
-        let mut ix = OpenIndex::new(0, 4, 100);
+        let mut ix = OpenIndex::new(0, K, 4, 100);
         let (a, b) = (key_hash("T", "a"), key_hash("T", "b"));
         for i in 0..10u64 {
             ix.add(if i % 3 == 0 { a } else { b }, 10, i * 10, 1000 + i);
@@ -726,6 +803,15 @@ mod tests {
             key_hash("T", "ab"),
             "the separator keeps them apart"
         );
+        // Keyed: another key hashes differently, so hashes cannot be predicted without it.
+        let other = HashKey([8; HASH_KEY_LEN]);
+        assert_ne!(other.key_hash("T", "a"), key_hash("T", "a"));
+        assert_ne!(HashKey::random(), HashKey::random());
+        assert_eq!(
+            format!("{other:?}"),
+            "HashKey(..)",
+            "the secret stays out of logs"
+        );
         for slots in [1, 7, 1 << 20] {
             for h in [0, 1, u32::MAX / 2, u32::MAX] {
                 assert!(slot_of(h, slots) < slots as usize);
@@ -735,7 +821,7 @@ mod tests {
 
     #[test]
     fn persisted_entries_leave_memory_and_the_walk_asks_for_them() {
-        let mut ix = OpenIndex::new(100, 8, 100);
+        let mut ix = OpenIndex::new(100, K, 8, 100);
         let h = key_hash("T", "k");
         for i in 0..5u64 {
             ix.add(h, 7, 100 + i * 7, 5);
@@ -761,6 +847,7 @@ mod tests {
             covered: 9000,
             begin_ts: 1,
             end_ts: 2,
+            key: HashKey([3; HASH_KEY_LEN]),
         };
         let b = h.encode();
         assert_eq!(Header::decode(&b), Some(h));
@@ -787,7 +874,7 @@ mod tests {
     #[test]
     fn a_loaded_file_has_the_slots_built_by_adding() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ix = OpenIndex::new(0, 5, 50);
+        let mut ix = OpenIndex::new(0, K, 5, 50);
         for i in 0..30u64 {
             ix.add(key_hash("T", &format!("k{}", i % 7)), 1, i, i);
         }
@@ -810,7 +897,7 @@ mod tests {
     #[test]
     fn a_damaged_tail_of_entries_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ix = OpenIndex::new(10, 4, 50);
+        let mut ix = OpenIndex::new(10, K, 4, 50);
         for i in 0..6u64 {
             ix.add(key_hash("T", "k"), 5, 10 + i * 5, 0);
         }
@@ -851,7 +938,7 @@ mod tests {
 
     #[test]
     fn a_record_is_indexed_once_and_its_keys_stay_in_one_file() {
-        let mut ix = KeyIndex::new(4, 5);
+        let mut ix = KeyIndex::new(K, 4, 5);
         ix.add_record(&[1, 2], 10, 0, 1);
         ix.add_record(&[1, 2], 10, 0, 1);
         assert_eq!(
@@ -902,7 +989,7 @@ mod tests {
 
     #[test]
     fn a_walk_stops_at_its_bounds() {
-        let mut ix = OpenIndex::new(0, 1, 10_000);
+        let mut ix = OpenIndex::new(0, K, 1, 10_000);
         let h = key_hash("T", "k");
         for i in 0..5_000u64 {
             ix.add(h, 1, i, 0);
@@ -919,7 +1006,7 @@ mod tests {
         assert!(w.truncated);
         let mut w = Walk::new(h, 0, u64::MAX);
         w.hops_left = 5_000;
-        walk_memory(&OpenIndex::new(0, 1, 10), &mut w);
+        walk_memory(&OpenIndex::new(0, K, 1, 10), &mut w);
         assert!(!w.truncated, "an empty chain is complete");
     }
 }

@@ -19,8 +19,14 @@ pub struct Scanned {
     pub key_hashes: Vec<u32>,
 }
 
-/// What dispatching the record `v`, of `n` bytes at log offset `pos`, needs.
-pub fn scanned(v: &record::RecordView<'_>, pos: u64, n: u32, index: bool) -> Scanned {
+/// What dispatching the record `v`, of `n` bytes at log offset `pos`, needs; its keys hashed
+/// under `index`'s key when the shard keeps a key index.
+pub fn scanned(
+    v: &record::RecordView<'_>,
+    pos: u64,
+    n: u32,
+    index: Option<&indexfile::HashKey>,
+) -> Scanned {
     Scanned {
         phys: pos,
         size: n,
@@ -33,10 +39,10 @@ pub fn scanned(v: &record::RecordView<'_>, pos: u64, n: u32, index: bool) -> Sca
         store_timestamp: v.store_timestamp,
         key_hashes: {
             let mut h = Vec::new();
-            if index {
-                let t = indexfile::topic_hash(v.topic);
+            if let Some(key) = index {
+                let t = key.topic(v.topic);
                 let uniq = v.property(orbitmq_proto::msgid::UNIQ_KEY);
-                indexfile::indexed_keys(v.keys, uniq, |k| h.push(indexfile::key_hash_from(t, k)));
+                indexfile::indexed_keys(v.keys, uniq, |k| h.push(t.key(k)));
             }
             h
         },
@@ -66,7 +72,7 @@ pub fn scan(
     buf_pos: u64,
     seg_end: u64,
     buf_reaches_eof: bool,
-    index: bool,
+    index: Option<&indexfile::HashKey>,
     out: &mut Vec<Scanned>,
 ) -> (u64, Stop) {
     let mut at = 0usize;
@@ -226,6 +232,8 @@ mod tests {
         v
     }
 
+    const K: indexfile::HashKey = indexfile::HashKey([1; indexfile::HASH_KEY_LEN]);
+
     fn log_of(n: usize, seg_end: usize) -> (Vec<u8>, Vec<u64>) {
         let mut buf = Vec::new();
         let mut starts = Vec::new();
@@ -242,7 +250,7 @@ mod tests {
     fn finds_every_record_and_stops_at_zeros() {
         let (buf, starts) = log_of(5, 4096);
         let mut out = Vec::new();
-        let (at, stop) = scan(&buf, 0, 4096, true, true, &mut out);
+        let (at, stop) = scan(&buf, 0, 4096, true, Some(&K), &mut out);
         assert_eq!(stop, Stop::Empty);
         assert_eq!(out.len(), 5);
         assert_eq!(out.iter().map(|s| s.phys).collect::<Vec<_>>(), starts);
@@ -255,7 +263,7 @@ mod tests {
         let (mut buf, starts) = log_of(5, 4096);
         buf[starts[3] as usize + 40] ^= 1;
         let mut out = Vec::new();
-        let (at, stop) = scan(&buf, 0, 4096, true, true, &mut out);
+        let (at, stop) = scan(&buf, 0, 4096, true, Some(&K), &mut out);
         assert!(matches!(stop, Stop::Invalid(_)));
         assert_eq!(at, starts[3]);
         assert_eq!(out.len(), 3);
@@ -269,7 +277,7 @@ mod tests {
         let at = (starts[1] as usize) + rec(0, 0, b"body").len();
         buf[at..at + stale.len()].copy_from_slice(&stale);
         let mut out = Vec::new();
-        let (cut, stop) = scan(&buf, 0, 4096, true, true, &mut out);
+        let (cut, stop) = scan(&buf, 0, 4096, true, Some(&K), &mut out);
         assert!(matches!(stop, Stop::Invalid(ref s) if s.contains("stale")));
         assert_eq!((cut, out.len()), (at as u64, 2));
     }
@@ -281,7 +289,7 @@ mod tests {
         encode_blank(&mut buf[end..], (4096 - end) as u32);
         let mut out = Vec::new();
         assert_eq!(
-            scan(&buf, 0, 4096, true, true, &mut out),
+            scan(&buf, 0, 4096, true, Some(&K), &mut out),
             (4096, Stop::SegmentEnd)
         );
     }
@@ -291,10 +299,10 @@ mod tests {
         let (buf, starts) = log_of(3, 8192);
         let mut out = Vec::new();
         let cut_inside = starts[2] as usize + 10;
-        let (at, stop) = scan(&buf[..cut_inside], 0, 8192, false, true, &mut out);
+        let (at, stop) = scan(&buf[..cut_inside], 0, 8192, false, Some(&K), &mut out);
         assert_eq!((at, stop), (starts[2], Stop::NeedMore));
         // The same short bytes at the end of the file are a torn tail.
-        let (_, stop) = scan(&buf[..cut_inside], 0, 8192, true, true, &mut out);
+        let (_, stop) = scan(&buf[..cut_inside], 0, 8192, true, Some(&K), &mut out);
         assert!(matches!(stop, Stop::Invalid(_)));
     }
 

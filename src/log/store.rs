@@ -28,7 +28,7 @@ use super::config::{FlushMode, StoreConfig, IO_ALIGN, MAX_WRITE_BYTES};
 use super::cq::{self, ConsumeQueue, CqEntry, CQ_ENTRY_LEN};
 use super::error::{gio, Result, StoreError};
 use super::fsutil;
-use super::indexfile::{self, KeyIndex, OpenIndex, Walk};
+use super::indexfile::{self, HashKey, KeyIndex, OpenIndex, Walk};
 use super::offsets::ConsumerOffsets;
 use super::recovery::{self, Checkpoint, Scanned, Stop};
 use super::retention::{self, SegmentInfo};
@@ -572,7 +572,7 @@ impl Store {
                     offsets,
                     index: cfg
                         .index
-                        .map(|c| KeyIndex::new(c.hash_slots, c.max_entries)),
+                        .map(|c| KeyIndex::new(HashKey::random(), c.hash_slots, c.max_entries)),
                 }),
                 cfg,
                 staged: Event::default(),
@@ -930,7 +930,7 @@ impl Store {
                 pos,
                 seg_end,
                 eof,
-                self.inner.cfg.index.is_some(),
+                self.index_key().as_ref(),
                 &mut found,
             );
             for s in found.drain(..) {
@@ -1358,7 +1358,7 @@ impl Store {
             ..
         } = st;
         let batch: &mut Batch = staging.reserve(total)?;
-        let topic_hash = index.as_ref().map(|_| indexfile::topic_hash(&first.topic));
+        let topic_hash = index.as_ref().map(|ix| ix.key.topic(&first.topic));
         let topic: Rc<str> = match topics.get_key_value(first.topic.as_str()) {
             Some((k, _)) => k.clone(),
             None => first.topic.as_str().into(),
@@ -1379,14 +1379,14 @@ impl Store {
             assert_eq!(n, *len, "encoded length matches the reservation");
             cq.next_assign += 1;
             let mut keys = 0;
-            if let Some(t) = topic_hash {
+            if let Some(t) = &topic_hash {
                 let uniq = m
                     .properties
                     .iter()
                     .find(|(k, _)| k == orbitmq_proto::msgid::UNIQ_KEY)
                     .map(|(_, v)| v.as_str());
                 indexfile::indexed_keys(&m.keys, uniq, |k| {
-                    batch.key_hashes.push(indexfile::key_hash_from(t, k));
+                    batch.key_hashes.push(t.key(k));
                     keys += 1;
                 });
             }
@@ -1443,7 +1443,7 @@ impl Store {
         data: &[u8],
     ) -> Result<Option<super::commitlog::BatchDone>> {
         let seg_size = self.inner.cfg.segment_size;
-        let index = self.inner.cfg.index.is_some();
+        let index = self.index_key();
         let mut pos = 0usize;
         let mut last_done = None;
         while pos < data.len() {
@@ -1462,7 +1462,7 @@ impl Store {
                     // Its topic names ConsumeQueue directories.
                     orbitmq_proto::limits::validate_topic(v.topic)
                         .map_err(|e| bad(format!("topic {:?}: {e}", v.topic)))?;
-                    Some(recovery::scanned(&v, here, n, index))
+                    Some(recovery::scanned(&v, here, n, index.as_ref()))
                 }
                 Ok(record::Peek::Blank(n)) if pos + BLANK_RECORD_MIN_LEN == data.len() => {
                     // A segment closes early only by less than one run of records.
@@ -2767,6 +2767,11 @@ fn index_rewrite(path: &Path, pos: u64, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 impl Store {
+    /// The key the shard's index hashes keys with (`None` without an index).
+    fn index_key(&self) -> Option<HashKey> {
+        self.inner.st.borrow().index.as_ref().map(|ix| ix.key)
+    }
+
     /// Loads the key index files at recovery: sealed ones by their headers, open ones with
     /// their entries (their slots are rebuilt). A damaged file and the files after it are
     /// removed (derived data: the rescan rebuilds them). Returns the log offset the files
@@ -2777,14 +2782,22 @@ impl Store {
         };
         let dir = self.index_dir();
         let names = list_numbered(&dir)?;
-        let mut ix = KeyIndex::new(cfg.hash_slots, cfg.max_entries);
+        // The files' hash key, taken from the first; a new one for an index with no files.
+        let fresh = self.index_key().expect("an index");
+        let mut key = None;
+        let mut ix = KeyIndex::new(fresh, cfg.hash_slots, cfg.max_entries);
         let mut covered = 0;
         let mut doomed = Vec::new();
         for (i, first) in names.iter().enumerate() {
             let path = dir.join(indexfile::file_name(*first));
+            // A file hashed under another key than the first one's is damaged too.
             let header = indexfile::read_header(&path)
                 .map_err(io_err(format!("reading {}", path.display())))?
-                .filter(|h| h.first_phys == *first && h.first_phys >= covered);
+                .filter(|h| {
+                    h.first_phys == *first
+                        && h.first_phys >= covered
+                        && key.is_none_or(|k| h.key == k)
+                });
             // Files are sealed in order, each synced before the next is written: a sealed
             // file after an unsealed one means the earlier state was lost (a power loss);
             // from the unsealed one on, all are rebuilt.
@@ -2802,6 +2815,7 @@ impl Store {
                 doomed.extend_from_slice(&names[from..]);
                 break;
             };
+            key = Some(h.key);
             if h.sealed {
                 ix.sealed.push(indexfile::Sealed {
                     first_phys: h.first_phys,
@@ -2835,6 +2849,11 @@ impl Store {
         }
         ix.covered = covered;
         ix.indexed_upto = covered;
+        ix.key = if ix.sealed.is_empty() && ix.open.is_empty() {
+            fresh
+        } else {
+            key.expect("a file was kept")
+        };
         let gone = ix.prune_below(log_min);
         self.inner.st.borrow_mut().index = Some(ix);
         self.delete_index_files(gone).await?;
@@ -2896,7 +2915,7 @@ impl Store {
                 let mut st = self.inner.st.borrow_mut();
                 let ix = st.index.as_mut().expect("index");
                 ix.open.push_back(
-                    f.unwrap_or_else(|| OpenIndex::new(first, ix.slots, ix.max_entries)),
+                    f.unwrap_or_else(|| OpenIndex::new(first, ix.key, ix.slots, ix.max_entries)),
                 );
             }
         }
@@ -2967,7 +2986,7 @@ impl Store {
             // carries that in its header.
             if ix.open.is_empty() && durable > ix.covered {
                 ix.open
-                    .push_back(OpenIndex::new(durable, ix.slots, ix.max_entries));
+                    .push_back(OpenIndex::new(durable, ix.key, ix.slots, ix.max_entries));
             }
         }
         loop {
@@ -3122,7 +3141,7 @@ impl Store {
             let Some(ix) = st.index.as_ref() else {
                 return Err(StoreError::IndexDisabled);
             };
-            let mut walk = Walk::new(indexfile::key_hash(topic, key), begin_ms, end_ms);
+            let mut walk = Walk::new(ix.key.key_hash(topic, key), begin_ms, end_ms);
             let files = ix.plan_query(&mut walk, &self.index_dir());
             (walk, files)
         };
