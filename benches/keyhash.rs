@@ -13,7 +13,7 @@ const KEYS: [&str; 2] = ["order-20261126-000042", "7F0000010A2B18B4AAC2334F12340
 fn keyhash(c: &mut Criterion) {
     let mut g = c.benchmark_group("index key hash, 2 keys a message");
     g.throughput(Throughput::Elements(1));
-    let key = HashKey::random();
+    let key = HashKey::random().expect("a random key");
     g.bench_function("siphash13 keyed", |b| {
         b.iter(|| {
             let t = key.topic(std::hint::black_box(TOPIC));

@@ -83,24 +83,24 @@ impl std::fmt::Debug for HashKey {
 }
 
 impl HashKey {
-    /// A new random key from the kernel's generator.
-    pub fn random() -> HashKey {
+    /// A new random key from the kernel's generator (getrandom(2) fails only where the
+    /// system call is not allowed, or before the kernel's generator is seeded).
+    pub fn random() -> std::io::Result<HashKey> {
         let mut k = [0u8; HASH_KEY_LEN];
         let mut got = 0;
         while got < k.len() {
             // SAFETY: writes at most the rest of `k`, which outlives the call.
             let n = unsafe { libc::getrandom(k[got..].as_mut_ptr().cast(), k.len() - got, 0) };
-            match n {
-                n if n > 0 => got += n as usize,
-                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-                // getrandom(2) fails only without a seeded kernel generator: no secure key.
-                _ => panic!(
-                    "getrandom failed: {}: cannot make the key index's hash key",
-                    std::io::Error::last_os_error()
-                ),
+            if n > 0 {
+                got += n as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
             }
         }
-        HashKey(k)
+        Ok(HashKey(k))
     }
 
     /// The hash a key is indexed under: its topic and the key, as RocketMQ's `topic#key`.
@@ -806,7 +806,7 @@ mod tests {
         // Keyed: another key hashes differently, so hashes cannot be predicted without it.
         let other = HashKey([8; HASH_KEY_LEN]);
         assert_ne!(other.key_hash("T", "a"), key_hash("T", "a"));
-        assert_ne!(HashKey::random(), HashKey::random());
+        assert_ne!(HashKey::random().unwrap(), HashKey::random().unwrap());
         assert_eq!(
             format!("{other:?}"),
             "HashKey(..)",

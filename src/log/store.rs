@@ -570,9 +570,16 @@ impl Store {
                     last_store_ts: 0,
                     last_record: None,
                     offsets,
-                    index: cfg
-                        .index
-                        .map(|c| KeyIndex::new(HashKey::random(), c.hash_slots, c.max_entries)),
+                    index: match cfg.index {
+                        Some(c) => Some(KeyIndex::new(
+                            HashKey::random().map_err(|e| {
+                                StoreError::io("making the key index's hash key", e)
+                            })?,
+                            c.hash_slots,
+                            c.max_entries,
+                        )),
+                        None => None,
+                    },
                 }),
                 cfg,
                 staged: Event::default(),
