@@ -3,12 +3,13 @@
 //! with the same keys, tags, unique key and user properties, so a consumer that deduplicates
 //! by unique key sees one message. The DLQ is a log: a resent letter stays listed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
-use orbitmq_client::{Client, ClientError, MessageExt, PullStatus, PullTarget, SubExpr};
+use orbitmq_client::{Client, ClientError, MessageExt, PullStatus, PullTarget, QueueInfo, SubExpr};
 use orbitmq_proto::codes::request;
 use orbitmq_proto::header::{self, MessageMeta, SendRequest, SendResponse, TopicListResponse};
 use orbitmq_proto::limits::MAX_PULL_MESSAGES;
@@ -134,42 +135,102 @@ pub fn resend_meta(m: &MessageExt, born_timestamp: u64) -> MessageMeta {
 
 use orbitmq_proto::now_ms;
 
-/// Every dead letter of `group`, broker by broker, in queue order.
-async fn letters(c: &Client, group: &str) -> Result<Vec<MessageExt>, String> {
-    let topic = sys::dlq_topic(group);
-    // Only brokers that made the DLQ register it: asking for its route otherwise would get
-    // the auto-creating brokers' default route, and reading it would create the topic.
-    let f = c
-        .call_name_server(
-            request::GET_ALL_TOPIC_LIST_FROM_NAMESERVER,
-            Bytes::new(),
-            "",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let known =
-        header::decode::<TopicListResponse>(&f.header).map_err(|e| format!("topic list: {e}"))?;
-    if !known.topics.contains(&topic) {
-        return Ok(Vec::new());
+/// The dead letters of a group read one pull at a time, broker by broker, in queue order: a
+/// command holds at most one pull's letters (bodies included) at once, however many there are.
+struct Pages<'a> {
+    c: &'a Client,
+    group: &'a str,
+    all: Arc<SubExpr>,
+    /// The DLQ's readable queues (none when no broker made the DLQ).
+    queues: Vec<QueueInfo>,
+    /// Reads no queue past this offset (the end a first pass saw), if set.
+    until: Option<Vec<u64>>,
+    /// Where each queue's reading ended.
+    ends: Vec<u64>,
+    /// The queue being read, its next offset, the end to read to, and letters read from it.
+    at: usize,
+    cursor: Option<(u64, u64, usize)>,
+}
+
+impl<'a> Pages<'a> {
+    async fn open(c: &'a Client, group: &'a str) -> Result<Pages<'a>, String> {
+        let topic = sys::dlq_topic(group);
+        // Only brokers that made the DLQ register it: asking for its route otherwise would get
+        // the auto-creating brokers' default route, and reading it would create the topic.
+        let f = c
+            .call_name_server(
+                request::GET_ALL_TOPIC_LIST_FROM_NAMESERVER,
+                Bytes::new(),
+                "",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let known = header::decode::<TopicListResponse>(&f.header)
+            .map_err(|e| format!("topic list: {e}"))?;
+        let queues = if known.topics.contains(&topic) {
+            let route = c.topic_route(&topic).await.map_err(|e| e.to_string())?;
+            route.readable().into_iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Pages {
+            c,
+            group,
+            all: Arc::new(SubExpr::parse("*").map_err(|e| e.to_string())?),
+            queues,
+            until: None,
+            ends: Vec::new(),
+            at: 0,
+            cursor: None,
+        })
     }
-    let route = c.topic_route(&topic).await.map_err(|e| e.to_string())?;
-    let all = Arc::new(SubExpr::parse("*").map_err(|e| e.to_string())?);
-    let mut out = Vec::new();
-    for q in route.readable() {
-        let max = c.max_offset(&q.mq).await.map_err(|e| e.to_string())?;
-        let mut offset = c.min_offset(&q.mq).await.map_err(|e| e.to_string())?;
-        let mut read = 0usize;
-        while offset < max && read < MAX_DLQ_LETTERS {
+
+    /// The same letters again (a second pass, after this one ended): the same queues, each
+    /// read to where this pass ended, so letters dead-lettered meanwhile are not included.
+    fn again(&self) -> Pages<'a> {
+        Pages {
+            c: self.c,
+            group: self.group,
+            all: self.all.clone(),
+            queues: self.queues.clone(),
+            until: Some(self.ends.clone()),
+            ends: Vec::new(),
+            at: 0,
+            cursor: None,
+        }
+    }
+
+    /// The next pull's letters; `None` once every queue is read.
+    async fn next(&mut self) -> Result<Option<Vec<MessageExt>>, String> {
+        let c = self.c;
+        while let Some(q) = self.queues.get(self.at) {
+            let (offset, end, read) = match self.cursor {
+                Some(cur) => cur,
+                None => {
+                    let mut end = c.max_offset(&q.mq).await.map_err(|e| e.to_string())?;
+                    if let Some(until) = &self.until {
+                        end = end.min(until[self.at]);
+                    }
+                    let start = c.min_offset(&q.mq).await.map_err(|e| e.to_string())?;
+                    (start, end, 0)
+                }
+            };
+            if offset >= end || read >= MAX_DLQ_LETTERS {
+                self.ends.push(offset);
+                self.at += 1;
+                self.cursor = None;
+                continue;
+            }
             let target = PullTarget {
                 queue: q.clone(),
                 offset,
                 max_msgs: MAX_PULL_MESSAGES,
-                expr: all.clone(),
+                expr: self.all.clone(),
             };
             let r = c
                 .pull(
                     &q.endpoint,
-                    group,
+                    self.group,
                     &[target],
                     DLQ_PULL_BYTES,
                     Duration::ZERO,
@@ -181,15 +242,28 @@ async fn letters(c: &Client, group: &str) -> Result<Vec<MessageExt>, String> {
             };
             match r.status {
                 PullStatus::Found | PullStatus::OffsetMoved if r.next_offset > offset => {}
-                PullStatus::NoNewMessages => break,
+                PullStatus::NoNewMessages => {
+                    self.cursor = Some((offset, offset, read));
+                    continue;
+                }
                 other => return Err(format!("reading {}: {other:?}", q.mq)),
             }
-            read += r.messages.len();
-            out.extend(r.messages);
-            offset = r.next_offset;
+            // A second pass stops where the first did, mid-pull too.
+            let mut letters = r.messages;
+            letters.retain(|m| m.queue_offset < end);
+            let next = r.next_offset.min(end);
+            self.cursor = Some((next, end, read + letters.len()));
+            if !letters.is_empty() {
+                return Ok(Some(letters));
+            }
         }
+        Ok(None)
     }
-    Ok(out)
+}
+
+/// Where a letter sits: one letter per (broker, queue, offset).
+fn place_of(m: &MessageExt) -> (String, u32, u64) {
+    (m.broker_name.clone(), m.queue_id, m.queue_offset)
 }
 
 /// Sends one dead letter to a writable queue of its original topic (the `n`th, round robin).
@@ -249,11 +323,15 @@ async fn list(a: DlqList) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let r = async {
-        let ls = letters(&c, &a.group).await?;
-        for m in &ls {
-            println!("{}", describe(m));
+        let mut pages = Pages::open(&c, &a.group).await?;
+        let mut n = 0;
+        while let Some(ls) = pages.next().await? {
+            for m in &ls {
+                println!("{}", describe(m));
+            }
+            n += ls.len();
         }
-        println!("group={} dead_letters={}", a.group, ls.len());
+        println!("group={} dead_letters={n}", a.group);
         Ok(())
     }
     .await;
@@ -266,45 +344,74 @@ async fn resend(a: DlqResend) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     let r = async {
-        let ls = letters(&c, &a.group).await?;
-        let chosen = unique_letters(match &a.msg_id {
-            Some(id) => ls.iter().filter(|m| matches_id(m, id)).collect(),
-            None => ls.iter().collect(),
-        });
-        if let Some(id) = &a.msg_id {
-            if chosen.is_empty() {
-                return Err(format!(
-                    "no dead letter of group {} has the message id, original message id or unique key {id} ({} dead letters; see `orbitmq admin dlq list --group {}`)",
-                    a.group,
-                    ls.len(),
-                    a.group
-                ));
-            }
-        }
+        let mut pages = Pages::open(&c, &a.group).await?;
         // Each letter is tried; a failure is reported and the rest still go.
-        let mut failed = 0;
-        for (n, m) in chosen.iter().enumerate() {
-            match resend_one(&c, m, n).await {
-                Ok((queue, r)) => {
-                    let new_id = r.results.first().map_or("-", |x| x.msg_id.as_str());
-                    println!(
-                        "resent msg_id={} topic={} uniq_key={} queue={queue} new_msg_id={new_id}",
-                        m.msg_id,
-                        original_topic(m).unwrap_or("-"),
-                        m.uniq_key.as_deref().unwrap_or("-"),
-                    );
+        let (mut sent, mut failed) = (0usize, 0usize);
+        let mut resend_each = async |m: &MessageExt| match resend_one(&c, m, sent + failed).await
+        {
+            Ok((queue, r)) => {
+                sent += 1;
+                let new_id = r.results.first().map_or("-", |x| x.msg_id.as_str());
+                println!(
+                    "resent msg_id={} topic={} uniq_key={} queue={queue} new_msg_id={new_id}",
+                    m.msg_id,
+                    original_topic(m).unwrap_or("-"),
+                    m.uniq_key.as_deref().unwrap_or("-"),
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("failed msg_id={} error={e}", m.msg_id);
+            }
+        };
+        match &a.msg_id {
+            // The letters it names (a few: a message dead-lettered more than once).
+            Some(id) => {
+                let (mut named, mut seen) = (Vec::new(), 0usize);
+                while let Some(ls) = pages.next().await? {
+                    seen += ls.len();
+                    named.extend(ls.into_iter().filter(|m| matches_id(m, id)));
                 }
-                Err(e) => {
-                    failed += 1;
-                    println!("failed msg_id={} error={e}", m.msg_id);
+                let chosen = unique_letters(named.iter().collect());
+                if chosen.is_empty() {
+                    return Err(format!(
+                        "no dead letter of group {} has the message id, original message id or unique key {id} ({seen} dead letters; see `orbitmq admin dlq list --group {}`)",
+                        a.group, a.group
+                    ));
+                }
+                for m in chosen {
+                    resend_each(m).await;
+                }
+            }
+            // Two passes, so no body is held: the newest letter of each unique key, then
+            // each letter that is one (or has no unique key) is sent as it is read again.
+            None => {
+                let mut newest: HashMap<String, (u64, (String, u32, u64))> = HashMap::new();
+                while let Some(ls) = pages.next().await? {
+                    for m in ls {
+                        if let Some(k) = m.uniq_key.clone() {
+                            let e = newest.entry(k).or_insert((m.store_timestamp, place_of(&m)));
+                            if e.0 <= m.store_timestamp {
+                                *e = (m.store_timestamp, place_of(&m));
+                            }
+                        }
+                    }
+                }
+                let mut again = pages.again();
+                while let Some(ls) = again.next().await? {
+                    for m in &ls {
+                        let chosen = m
+                            .uniq_key
+                            .as_deref()
+                            .is_none_or(|k| newest.get(k).is_some_and(|e| e.1 == place_of(m)));
+                        if chosen {
+                            resend_each(m).await;
+                        }
+                    }
                 }
             }
         }
-        println!(
-            "group={} resent={} failed={failed}",
-            a.group,
-            chosen.len() - failed
-        );
+        println!("group={} resent={sent} failed={failed}", a.group);
         if failed > 0 {
             return Err(format!("{failed} dead letters were not resent"));
         }
