@@ -13,8 +13,7 @@ use crate::error::{ClientError, Result};
 pub const SUB_ALL: &str = "*";
 /// Separator of tags in an expression.
 pub const TAG_SEPARATOR: &str = "||";
-/// Longest subscription expression.
-pub const MAX_SUB_EXPR_LEN: usize = 4096;
+pub use orbitmq_proto::limits::MAX_SUB_EXPR_LEN;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubExpr {

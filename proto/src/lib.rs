@@ -7,6 +7,7 @@ pub mod header;
 pub mod limits;
 pub mod msgid;
 pub mod record;
+pub mod sql;
 pub mod sys;
 
 /// Wall-clock milliseconds since the Unix epoch: born, store and delivery times (0 if the

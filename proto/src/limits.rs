@@ -40,6 +40,8 @@ pub const MAX_QUERY_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_GROUP_LEN: usize = 255;
 /// Most queues one topic may have on one broker.
 pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
+/// Longest subscription expression (tags or SQL92) of a heartbeat or a pulled queue.
+pub const MAX_SUB_EXPR_LEN: usize = 4096;
 /// Most topics one broker holds: every registration with the name servers carries all of
 /// them, and a name server takes no more than this from one broker.
 pub const MAX_TOPICS_PER_BROKER: usize = 20_000;

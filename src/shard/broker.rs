@@ -71,8 +71,7 @@ pub struct BrokerShared {
 pub const MAX_HEARTBEAT_GROUPS: usize = 1024;
 /// Subscriptions one heartbeat may carry per consumer group.
 pub const MAX_SUBSCRIPTIONS_PER_GROUP: usize = 1024;
-/// Longest tag expression of a heartbeat's subscription or of a pulled queue.
-pub const MAX_SUB_EXPR_LEN: usize = 4096;
+pub use orbitmq_proto::limits::MAX_SUB_EXPR_LEN;
 /// Queues whose directories one blocking job makes when a topic is created.
 const PREPARE_QUEUES_PER_JOB: usize = 64;
 
