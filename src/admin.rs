@@ -700,7 +700,13 @@ async fn consumer_show(a: ConsumerArgs) -> Result<(), String> {
                     let subs: Vec<String> = m
                         .subscriptions
                         .iter()
-                        .map(|s| format!("{}({})", s.topic, s.expr))
+                        .map(|s| {
+                            format!(
+                                "{}({})",
+                                s.topic,
+                                orbitmq_proto::sql::display(s.expr_type, &s.expr)
+                            )
+                        })
                         .collect();
                     println!(
                         "cluster={cluster} broker={} group={} member={} subscriptions={}",

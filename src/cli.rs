@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use orbitmq_client::{
     ClientConfig, ConsumeFromWhere, ConsumerOptions, LitePullConsumer, Message, MessageQueue,
-    Producer, TlsOptions,
+    Producer, SubExpr, TlsOptions,
 };
 
 /// How long `consume` waits in one poll.
@@ -58,6 +58,9 @@ pub struct SendArgs {
     /// Deliver this many ms from now.
     #[arg(long)]
     pub deliver_in_ms: Option<u64>,
+    /// A user property `NAME=VALUE` (repeatable), as SQL92 filters read them.
+    #[arg(long = "prop", value_parser = parse_property)]
+    pub props: Vec<(String, String)>,
     #[arg(long)]
     pub body: String,
 }
@@ -71,8 +74,12 @@ pub struct ConsumeArgs {
     #[arg(long)]
     pub group: String,
     /// Tag expression: `*`, `TagA`, `TagA || TagB`.
-    #[arg(long, default_value = "*")]
+    #[arg(long, default_value = "*", conflicts_with = "sql")]
     pub tag: String,
+    /// An SQL92 filter on the messages' properties instead of tags:
+    /// `"a BETWEEN 1 AND 3 AND TAGS = 'TagA'"`.
+    #[arg(long)]
+    pub sql: Option<String>,
     /// Exit after this many messages.
     #[arg(long)]
     pub count: Option<u64>,
@@ -91,6 +98,14 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the client runtime: {e}"))
 }
 
+/// `NAME=VALUE` of `orbitmq send --prop`.
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
 pub fn send(a: SendArgs) -> Result<(), String> {
     runtime()?.block_on(async move {
         let producer = Producer::new(SEND_GROUP, a.client.config())
@@ -105,6 +120,9 @@ pub fn send(a: SendArgs) -> Result<(), String> {
         }
         if let Some(d) = a.delay_level {
             m = m.with_delay_level(d);
+        }
+        for (k, v) in &a.props {
+            m = m.with_property(k, v);
         }
         let now = orbitmq_proto::now_ms();
         if let Some(at) = a
@@ -150,7 +168,12 @@ pub fn consume(a: ConsumeArgs) -> Result<(), String> {
         let c = LitePullConsumer::with_options(&a.group, a.client.config(), options)
             .await
             .map_err(|e| e.to_string())?;
-        c.subscribe(&a.topic, &a.tag)
+        let selector = match &a.sql {
+            Some(sql) => SubExpr::sql(sql),
+            None => SubExpr::parse(&a.tag),
+        }
+        .map_err(|e| e.to_string())?;
+        c.subscribe_with(&a.topic, selector)
             .await
             .map_err(|e| e.to_string())?;
         let idle = Duration::from_secs(a.timeout_secs);

@@ -69,6 +69,8 @@ pub struct BrokerConfig {
     pub broker_role: BrokerRole,
     pub retention: RetentionPolicy,
     pub auto_create_topic: bool,
+    /// `enablePropertyFilter`: serve SQL92 filter subscriptions (on unless set false).
+    pub property_filter: bool,
     pub default_topic_queue_nums: u32,
     pub shards: Option<u32>,
     pub cores: Option<String>,
@@ -111,6 +113,7 @@ impl Default for BrokerConfig {
             broker_role: BrokerRole::AsyncMaster,
             retention: RetentionPolicy::default(),
             auto_create_topic: true,
+            property_filter: true,
             default_topic_queue_nums: crate::nameserver::topics::DEFAULT_TOPIC_QUEUE_NUMS,
             shards: None,
             cores: None,
@@ -248,6 +251,7 @@ impl BrokerConfig {
                     c.retention.disk_force_clean_ratio = pct as f64 / 100.0;
                 }
                 "autoCreateTopicEnable" => c.auto_create_topic = parse_bool(v).map_err(bad)?,
+                "enablePropertyFilter" => c.property_filter = parse_bool(v).map_err(bad)?,
                 "messageIndexEnable" => index_enable = Some(parse_bool(v).map_err(bad)?),
                 "transactionCheckInterval" => {
                     let ms: u64 = parse_num(v).map_err(bad)?;

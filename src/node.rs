@@ -357,6 +357,7 @@ fn serve_broker(a: BrokerArgs, standalone: Option<SocketAddr>) -> Result<(), Str
     net.ha = conf.ha.clone();
     // With a cluster CA, replication is served only to peers with its certificate.
     net.ha_needs_cert = conf.tls_ca_file.is_some();
+    net.property_filter = conf.property_filter;
     if slave {
         net.master_tls = Some(
             match (&verify_ca, insecure) {

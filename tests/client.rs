@@ -594,6 +594,7 @@ async fn wrong_shard_answers_name_the_owner() {
         offset: 0,
         max_msgs: 32,
         sub_expr: "*".into(),
+        expr_type: orbitmq_proto::sql::EXPR_TYPE_TAG,
     };
     let h = header::encode(&PullRequest {
         group: "shards-g".into(),
@@ -1247,6 +1248,7 @@ async fn pulls_of_queues_of_maximal_messages_stay_under_the_frame_limit() {
         offset: 0,
         max_msgs: 32,
         sub_expr: sub_expr.into(),
+        expr_type: orbitmq_proto::sql::EXPR_TYPE_TAG,
     };
     let pull = |queues: Vec<PullQueue>| {
         header::encode(&PullRequest {

@@ -56,7 +56,8 @@ struct Groups {
     producers: BTreeSet<String>,
     consumers: BTreeSet<String>,
     /// Consumer group -> topic -> tag expression, sent with heartbeats.
-    subscriptions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Per group, per topic: the expression and its type.
+    subscriptions: BTreeMap<String, BTreeMap<String, (String, u8)>>,
 }
 
 struct Inner {
@@ -243,7 +244,7 @@ impl Client {
 
     /// Records a subscription of a consumer group: heartbeats tell the brokers, which check
     /// that the members of a group agree.
-    pub(crate) fn set_subscription(&self, group: &str, topic: &str, expr: &str) {
+    pub(crate) fn set_subscription(&self, group: &str, topic: &str, expr: &SubExpr) {
         self.inner
             .groups
             .lock()
@@ -251,7 +252,7 @@ impl Client {
             .subscriptions
             .entry(group.to_owned())
             .or_default()
-            .insert(topic.to_owned(), expr.to_owned());
+            .insert(topic.to_owned(), (expr.to_string(), expr.expr_type()));
     }
 
     pub(crate) fn remove_subscription(&self, group: &str, topic: &str) {
@@ -683,6 +684,7 @@ impl Client {
                     offset: t.offset,
                     max_msgs: t.max_msgs,
                     sub_expr: t.expr.to_string(),
+                    expr_type: t.expr.expr_type(),
                 })
                 .collect(),
             max_bytes: max_bytes.min(MAX_PULL_BYTES as u32),
@@ -788,9 +790,10 @@ impl Client {
                     group: group.clone(),
                     subscriptions: subs
                         .iter()
-                        .map(|(topic, expr)| SubscriptionData {
+                        .map(|(topic, (expr, expr_type))| SubscriptionData {
                             topic: topic.clone(),
                             expr: expr.clone(),
+                            expr_type: *expr_type,
                         })
                         .collect(),
                 })

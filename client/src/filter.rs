@@ -1,11 +1,13 @@
-//! Subscription expressions: `*` (every message) or `TagA || TagB` (messages whose tag is one
-//! of these). The broker filters by tag hash; the client re-checks the exact string, since
-//! two tags can share a hash.
+//! Subscription expressions: `*` (every message), `TagA || TagB` (messages whose tag is one
+//! of these), or an SQL92 filter on the messages' properties. The broker filters (tags by
+//! hash); the client checks again (the exact tag string, since two tags can share a hash).
 
 use std::collections::BTreeSet;
 use std::fmt;
 
 use orbitmq_proto::limits::MAX_TAGS_LEN;
+use orbitmq_proto::record::RecordView;
+use orbitmq_proto::sql::{SqlFilter, EXPR_TYPE_SQL92, EXPR_TYPE_TAG, TAGS_PROPERTY};
 
 use crate::error::{ClientError, Result};
 
@@ -15,10 +17,13 @@ pub const SUB_ALL: &str = "*";
 pub const TAG_SEPARATOR: &str = "||";
 pub use orbitmq_proto::limits::MAX_SUB_EXPR_LEN;
 
+/// What a consumer subscribes to of a topic (RocketMQ's `MessageSelector`): every message,
+/// some tags, or the messages an SQL92 filter on their properties matches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SubExpr {
     All,
     Tags(BTreeSet<String>),
+    Sql(SqlFilter),
 }
 
 impl SubExpr {
@@ -57,11 +62,41 @@ impl SubExpr {
         Ok(SubExpr::Tags(tags))
     }
 
-    /// Whether a message with these tags matches (exact string comparison).
+    /// An SQL92 filter on the messages' properties (`TAGS` is the tag), as RocketMQ's
+    /// `MessageSelector.bySql`: `a BETWEEN 1 AND 3 AND TAGS = 'TagA'`. The broker filters
+    /// (unless its `enablePropertyFilter` is false: then the pull is refused).
+    pub fn sql(expr: &str) -> Result<SubExpr> {
+        SqlFilter::parse(expr)
+            .map(SubExpr::Sql)
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))
+    }
+
+    /// Whether a message with these tags matches (exact string comparison); an SQL92
+    /// filter needs the properties: [`Self::matches_record`].
     pub fn matches(&self, tags: &str) -> bool {
         match self {
             SubExpr::All => true,
             SubExpr::Tags(set) => set.contains(tags),
+            SubExpr::Sql(f) => {
+                f.matches(|k| (k == TAGS_PROPERTY && !tags.is_empty()).then_some(tags))
+            }
+        }
+    }
+
+    /// Whether a stored message matches.
+    pub fn matches_record(&self, r: &RecordView<'_>) -> bool {
+        match self {
+            SubExpr::Sql(f) => f.matches_record(r),
+            other => other.matches(r.tags),
+        }
+    }
+
+    /// `orbitmq_proto::sql::EXPR_TYPE_TAG` or `EXPR_TYPE_SQL92`, as pulls and heartbeats
+    /// carry it.
+    pub fn expr_type(&self) -> u8 {
+        match self {
+            SubExpr::Sql(_) => EXPR_TYPE_SQL92,
+            _ => EXPR_TYPE_TAG,
         }
     }
 
@@ -70,11 +105,13 @@ impl SubExpr {
     }
 }
 
-/// The normalized form sent to the broker: `*` or `A || B` (sorted, deduplicated).
+/// The normalized form sent to the broker: `*` or `A || B` (sorted, deduplicated), or the
+/// SQL92 filter's text.
 impl fmt::Display for SubExpr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SubExpr::All => f.write_str(SUB_ALL),
+            SubExpr::Sql(s) => write!(f, "{s}"),
             SubExpr::Tags(set) => {
                 for (i, t) in set.iter().enumerate() {
                     if i > 0 {

@@ -181,8 +181,14 @@ impl LitePullConsumer {
     /// share of the readable queues among the group's members, by the options' strategy,
     /// rebalanced every `rebalance_interval` and at a broker's notice (checked in `poll`).
     pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
+        self.subscribe_with(topic, SubExpr::parse(expr)?).await
+    }
+
+    /// As [`Self::subscribe`], with any selector: tags, or an SQL92 filter
+    /// ([`SubExpr::sql`]).
+    pub async fn subscribe_with(&self, topic: &str, expr: SubExpr) -> Result<()> {
         self.check_open()?;
-        let expr = Arc::new(SubExpr::parse(expr)?);
+        let expr = Arc::new(expr);
         orbitmq_proto::limits::validate_topic(topic)
             .map_err(|e| ClientError::InvalidArgument(format!("topic: {e}")))?;
         {
@@ -195,7 +201,7 @@ impl LitePullConsumer {
             s.mode = Mode::Subscribe;
             self.inner
                 .client
-                .set_subscription(&self.inner.group, topic, &expr.to_string());
+                .set_subscription(&self.inner.group, topic, &expr);
             s.subs.insert(topic.to_owned(), expr);
             s.last_rebalance = None;
         }

@@ -136,7 +136,7 @@ pub(crate) fn decode_pull_response(
                 ));
             }
             last_offset = Some(off);
-            if t.expr.matches(view.tags) {
+            if t.expr.matches_record(&view) {
                 messages.push(MessageExt::from_record(
                     &view,
                     &chunk,

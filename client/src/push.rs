@@ -170,12 +170,18 @@ impl PushConsumer {
     /// consumer's share of the topic's readable queues among the group's members (by the
     /// options' strategy; rebalanced every `rebalance_interval` and at a broker's notice).
     pub async fn subscribe(&self, topic: &str, expr: &str) -> Result<()> {
+        self.subscribe_with(topic, SubExpr::parse(expr)?).await
+    }
+
+    /// As [`Self::subscribe`], with any selector: tags, or an SQL92 filter
+    /// ([`SubExpr::sql`]).
+    pub async fn subscribe_with(&self, topic: &str, expr: SubExpr) -> Result<()> {
         orbitmq_proto::limits::validate_topic(topic)
             .map_err(|e| ClientError::InvalidArgument(format!("topic: {e}")))?;
-        let expr = Arc::new(SubExpr::parse(expr)?);
+        let expr = Arc::new(expr);
         self.inner
             .client
-            .set_subscription(&self.inner.group, topic, &expr.to_string());
+            .set_subscription(&self.inner.group, topic, &expr);
         self.inner
             .subs
             .lock()
@@ -308,7 +314,7 @@ impl PushConsumer {
         let expr = Arc::new(SubExpr::parse("*")?);
         self.inner
             .client
-            .set_subscription(&self.inner.group, &retry, &expr.to_string());
+            .set_subscription(&self.inner.group, &retry, &expr);
         self.inner
             .subs
             .lock()

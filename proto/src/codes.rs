@@ -115,6 +115,8 @@ pub mod response {
     pub const PULL_RETRY_IMMEDIATELY: u16 = 20;
     pub const PULL_OFFSET_MOVED: u16 = 21;
     pub const QUERY_NOT_FOUND: u16 = 22;
+    /// A subscription's expression is not valid, or its type is not served here.
+    pub const SUBSCRIPTION_PARSE_FAILED: u16 = 23;
     /// The queue lives on another shard: the header names its endpoint.
     pub const WRONG_SHARD: u16 = 40;
 
@@ -134,6 +136,7 @@ pub mod response {
             TOPIC_NOT_EXIST => "TOPIC_NOT_EXIST",
             PULL_NOT_FOUND => "PULL_NOT_FOUND",
             PULL_RETRY_IMMEDIATELY => "PULL_RETRY_IMMEDIATELY",
+            SUBSCRIPTION_PARSE_FAILED => "SUBSCRIPTION_PARSE_FAILED",
             PULL_OFFSET_MOVED => "PULL_OFFSET_MOVED",
             QUERY_NOT_FOUND => "QUERY_NOT_FOUND",
             WRONG_SHARD => "WRONG_SHARD",

@@ -85,8 +85,10 @@ pub struct PullQueue {
     pub queue_id: u32,
     pub offset: u64,
     pub max_msgs: u32,
-    /// Tag expression: `*`, `TagA`, `TagA || TagB`.
+    /// Tag expression (`*`, `TagA`, `TagA || TagB`) or SQL92 filter, by `expr_type`.
     pub sub_expr: String,
+    /// `sql::EXPR_TYPE_TAG` or `sql::EXPR_TYPE_SQL92`.
+    pub expr_type: u8,
 }
 
 /// PULL_MESSAGE: one or more queues of one shard; parks up to `suspend_ms` when none has
@@ -157,6 +159,8 @@ pub struct HeartbeatRequest {
 pub struct SubscriptionData {
     pub topic: String,
     pub expr: String,
+    /// `sql::EXPR_TYPE_TAG` or `sql::EXPR_TYPE_SQL92`.
+    pub expr_type: u8,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]

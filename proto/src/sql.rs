@@ -17,6 +17,19 @@ use std::cmp::Ordering;
 
 use crate::limits::MAX_SUB_EXPR_LEN;
 
+/// A subscription's expression type (RocketMQ's `ExpressionType`): tags (`*`, `A || B`).
+pub const EXPR_TYPE_TAG: u8 = 0;
+/// A subscription's expression type: an SQL92 filter ([`SqlFilter`]).
+pub const EXPR_TYPE_SQL92: u8 = 1;
+
+/// How a subscription is shown: the tag expression, or `SQL92 <filter>`.
+pub fn display(expr_type: u8, expr: &str) -> String {
+    match expr_type {
+        EXPR_TYPE_SQL92 => format!("SQL92 {expr}"),
+        _ => expr.to_owned(),
+    }
+}
+
 /// Deepest nesting of parentheses and `NOT`s a filter may have (the parser recurses).
 pub const MAX_SQL_DEPTH: usize = 64;
 /// The property that stands for the message's tag.
@@ -131,12 +144,21 @@ enum Cond {
     Or(Box<Cond>, Box<Cond>),
 }
 
-/// A parsed filter; [`SqlFilter::matches`] evaluates it.
-#[derive(Clone, Debug, PartialEq)]
+/// A parsed filter; [`SqlFilter::matches`] evaluates it. Two filters are equal when their
+/// texts are.
+#[derive(Clone, Debug)]
 pub struct SqlFilter {
     source: String,
     cond: Cond,
 }
+
+impl PartialEq for SqlFilter {
+    fn eq(&self, other: &SqlFilter) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for SqlFilter {}
 
 impl std::fmt::Display for SqlFilter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,6 +195,14 @@ impl SqlFilter {
         Ok(SqlFilter {
             source: expr.trim().to_owned(),
             cond,
+        })
+    }
+
+    /// Whether a stored message matches (its properties, and its tag as [`TAGS_PROPERTY`]).
+    pub fn matches_record(&self, r: &crate::record::RecordView<'_>) -> bool {
+        self.matches(|k| match k {
+            TAGS_PROPERTY => Some(r.tags).filter(|t| !t.is_empty()),
+            _ => r.property(k),
         })
     }
 

@@ -25,6 +25,7 @@ use orbitmq_proto::limits::{
 };
 use orbitmq_proto::msgid::OffsetId;
 use orbitmq_proto::record::{self, Message};
+use orbitmq_proto::sql::{SqlFilter, EXPR_TYPE_SQL92, EXPR_TYPE_TAG};
 use orbitmq_proto::sys;
 use tracing::debug;
 
@@ -60,6 +61,8 @@ pub struct BrokerShared {
     pub ha: crate::repl::HaConfig,
     /// Replication only for peers with a certificate of the cluster CA (`tlsCaFile` is set).
     pub ha_needs_cert: bool,
+    /// `enablePropertyFilter`: SQL92 subscriptions are served.
+    pub property_filter: bool,
     /// A slave's master: its shard endpoints, once found (see `crate::repl::sync`).
     pub master: Mutex<Option<Vec<String>>>,
     /// When a slave's copier last had an answer from its master's log (ms since the epoch):
@@ -417,6 +420,7 @@ impl ShardHandler {
             offset: u64,
             max_msgs: usize,
             tags: Option<Vec<u64>>,
+            sql: Option<SqlFilter>,
             result: Option<PullQueueResult>,
         }
         if let Some(q) = h
@@ -448,6 +452,29 @@ impl ShardHandler {
         }
         let mut qs: Vec<Q> = Vec::with_capacity(h.queues.len());
         for q in h.queues {
+            let sql = match q.expr_type {
+                EXPR_TYPE_TAG => None,
+                EXPR_TYPE_SQL92 if !self.shared.property_filter => {
+                    return error_frame(
+                        id,
+                        response::SUBSCRIPTION_PARSE_FAILED,
+                        "this broker does not filter by SQL92 (enablePropertyFilter = false)",
+                    )
+                }
+                EXPR_TYPE_SQL92 => match SqlFilter::parse(&q.sub_expr) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        return error_frame(id, response::SUBSCRIPTION_PARSE_FAILED, e.to_string())
+                    }
+                },
+                other => {
+                    return error_frame(
+                        id,
+                        response::BAD_REQUEST,
+                        format!("unknown expression type {other} for {}", q.topic),
+                    )
+                }
+            };
             let mut result = None;
             if let Err(f) = self.check_queue(id, &q.topic, q.queue_id, PERM_READ) {
                 let redirect = header::decode::<header::ErrorResponse>(&f.header)
@@ -466,7 +493,12 @@ impl ShardHandler {
                 });
             }
             qs.push(Q {
-                tags: tag_hashes(&q.sub_expr),
+                tags: if sql.is_some() {
+                    None
+                } else {
+                    tag_hashes(&q.sub_expr)
+                },
+                sql,
                 max_msgs: q.max_msgs.clamp(1, MAX_PULL_MESSAGES) as usize,
                 topic: q.topic,
                 queue_id: q.queue_id,
@@ -513,10 +545,19 @@ impl ShardHandler {
                         )
                         .await
                 };
-                let r = match read {
+                let mut r = match read {
                     Ok(r) => r,
                     Err(e) => return error_frame(id, store_error_code(&e), e.to_string()),
                 };
+                // An SQL92 filter reads the records' properties: those that do not match are
+                // passed over as a tag miss is (the offset moves on past them).
+                if let (Some(f), ReadStatus::Found) = (&q.sql, r.status) {
+                    r.records
+                        .retain(|b| record::decode(b).is_ok_and(|v| f.matches_record(&v)));
+                    if r.records.is_empty() {
+                        r.status = ReadStatus::NoNewMessage;
+                    }
+                }
                 let status = match r.status {
                     ReadStatus::Found => response::SUCCESS,
                     ReadStatus::NoNewMessage => response::PULL_NOT_FOUND,
@@ -717,7 +758,11 @@ impl ShardHandler {
                         client_id,
                         subscriptions: subs
                             .into_iter()
-                            .map(|(topic, expr)| SubscriptionData { topic, expr })
+                            .map(|(topic, expr_type, expr)| SubscriptionData {
+                                topic,
+                                expr,
+                                expr_type,
+                            })
                             .collect(),
                     })
                     .collect();
@@ -889,16 +934,18 @@ impl ShardHandler {
         if subs.groups.len() > MAX_HEARTBEAT_GROUPS
             || subs.groups.iter().any(|g| {
                 g.subscriptions.len() > MAX_SUBSCRIPTIONS_PER_GROUP
-                    || g.subscriptions
-                        .iter()
-                        .any(|s| s.topic.len() > MAX_GROUP_LEN || s.expr.len() > MAX_SUB_EXPR_LEN)
+                    || g.subscriptions.iter().any(|s| {
+                        s.topic.len() > MAX_GROUP_LEN
+                            || s.expr.len() > MAX_SUB_EXPR_LEN
+                            || !matches!(s.expr_type, EXPR_TYPE_TAG | EXPR_TYPE_SQL92)
+                    })
             })
         {
             return error_frame(
                 id,
                 response::BAD_REQUEST,
                 format!(
-                    "a heartbeat carries at most {MAX_SUBSCRIPTIONS_PER_GROUP} subscriptions a group, expressions of at most {MAX_SUB_EXPR_LEN} bytes"
+                    "a heartbeat carries at most {MAX_SUBSCRIPTIONS_PER_GROUP} subscriptions a group, expressions of at most {MAX_SUB_EXPR_LEN} bytes, of type tags (0) or SQL92 (1)"
                 ),
             );
         }
@@ -929,7 +976,7 @@ impl ShardHandler {
                     let list = g
                         .subscriptions
                         .into_iter()
-                        .map(|s| (s.topic, s.expr))
+                        .map(|s| (s.topic, s.expr_type, s.expr))
                         .collect();
                     clients.set_subscriptions(&h.client_id, &g.group, list);
                 }

@@ -74,7 +74,8 @@ impl Groups {
 }
 
 /// A subscription: topic and tag expression.
-pub type Sub = (String, String);
+/// A subscription: topic, expression type (`orbitmq_proto::sql::EXPR_TYPE_*`), expression.
+pub type Sub = (String, u8, String);
 
 /// Producers and consumers per group.
 #[derive(Debug)]
@@ -99,7 +100,7 @@ pub fn subscription_conflicts(members: &[(String, Vec<Sub>)]) -> Vec<String> {
         // it, a lite pull consumer does not): it is no conflict.
         let subs: Vec<&Sub> = subs
             .iter()
-            .filter(|(t, _)| !t.starts_with(orbitmq_proto::sys::RETRY_GROUP_TOPIC_PREFIX))
+            .filter(|(t, _, _)| !t.starts_with(orbitmq_proto::sys::RETRY_GROUP_TOPIC_PREFIX))
             .collect();
         if !subs.is_empty() {
             by_set.entry(subs).or_default().push(client);
@@ -111,7 +112,10 @@ pub fn subscription_conflicts(members: &[(String, Vec<Sub>)]) -> Vec<String> {
     by_set
         .into_iter()
         .map(|(subs, clients)| {
-            let subs: Vec<String> = subs.iter().map(|(t, e)| format!("{t}({e})")).collect();
+            let subs: Vec<String> = subs
+                .iter()
+                .map(|(t, ty, e)| format!("{t}({})", orbitmq_proto::sql::display(*ty, e)))
+                .collect();
             format!("{} subscribe to {}", clients.join(", "), subs.join(", "))
         })
         .collect()
@@ -255,6 +259,7 @@ impl ClientRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use orbitmq_proto::sql::{EXPR_TYPE_SQL92, EXPR_TYPE_TAG};
 
     #[test]
     fn consumers_per_group_expire_when_silent() {
@@ -286,7 +291,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = ClientRegistry::new(Duration::from_secs(120));
         let g = |s: &str| vec![s.to_string()];
-        let sub = |t: &str, e: &str| vec![(t.to_string(), e.to_string())];
+        let sub = |t: &str, e: &str| vec![(t.to_string(), EXPR_TYPE_TAG, e.to_string())];
         for c in ["c1", "c2", "c3"] {
             r.heartbeat(c, &[], &g("G"), t0);
         }
@@ -306,12 +311,19 @@ mod tests {
             c,
             vec!["c1, c2 subscribe to T(*)", "c3 subscribe to T(TagA)"]
         );
+        // The same text as SQL92 is another subscription.
+        r.set_subscriptions("c3", "G", vec![("T".into(), EXPR_TYPE_SQL92, "*".into())]);
+        let c = subscription_conflicts(&r.members("G", t0));
+        assert_eq!(
+            c,
+            vec!["c1, c2 subscribe to T(*)", "c3 subscribe to T(SQL92 *)"]
+        );
         r.unregister("c3");
         assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
         assert!(!r.subs["G"].contains_key("c3"), "pruned");
         // A push consumer also subscribes the group's retry topic; that is no conflict.
         let mut with_retry = sub("T", "*");
-        with_retry.push(("%RETRY%G".into(), "*".into()));
+        with_retry.push(("%RETRY%G".into(), EXPR_TYPE_TAG, "*".into()));
         r.set_subscriptions("c2", "G", with_retry);
         assert!(subscription_conflicts(&r.members("G", t0)).is_empty());
     }

@@ -200,6 +200,8 @@ pub struct NetConfig {
     pub master_tls: Option<quinn::ClientConfig>,
     /// Replication (HA_PULL, HA_OFFSETS) only for peers with a certificate of the cluster CA.
     pub ha_needs_cert: bool,
+    /// `enablePropertyFilter`.
+    pub property_filter: bool,
 }
 
 impl NetConfig {
@@ -217,6 +219,7 @@ impl NetConfig {
             ha: crate::repl::HaConfig::default(),
             master_tls: None,
             ha_needs_cert: false,
+            property_filter: true,
         }
     }
 }
@@ -419,6 +422,7 @@ impl ShardSet {
                 role: n.role,
                 ha: n.ha.clone(),
                 ha_needs_cert: n.ha_needs_cert,
+                property_filter: n.property_filter,
                 master: Mutex::new(None),
                 copied_at_ms: std::sync::atomic::AtomicU64::new(0),
                 clients: Mutex::new(clients::ClientRegistry::new(n.client_expiry)),
