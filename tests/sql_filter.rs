@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{from_first, poll_n, run, run_ok, Broker, BrokerSpec};
 use orbitmq_client::{
-    Client, ClientError, LitePullConsumer, Message, Producer, PullTarget, QueueInfo, SubExpr,
+    Client, ClientError, LitePullConsumer, Message, Producer, PullStatus, PullTarget, QueueInfo,
+    SubExpr,
 };
 use orbitmq_proto::codes::{request, response};
 use orbitmq_proto::frame::Frame;
@@ -123,20 +124,22 @@ async fn an_sql92_subscription_gets_exactly_the_matching_messages_in_order() {
     let client = Client::new(b.config()).await.unwrap();
     let route = client.topic_route(TOPIC).await.unwrap();
     let q = &route.queues[0];
-    for (expr, expr_type, code, why) in [
-        (
-            "n >",
-            1,
-            response::SUBSCRIPTION_PARSE_FAILED,
-            "expected a property or a constant",
-        ),
-        ("*", 7, response::BAD_REQUEST, "unknown expression type 7"),
-    ] {
-        let f = raw_pull(&client, q, expr, expr_type).await;
-        assert_eq!(f.code, code, "{expr}");
-        let message = header::decode::<ErrorResponse>(&f.header).unwrap().message;
-        assert!(message.contains(why), "{message}");
-    }
+    // A filter that does not parse: that queue answers SUBSCRIPTION_PARSE_FAILED with the
+    // reason (the pull's other queues would be served).
+    let f = raw_pull(&client, q, "n >", EXPR_TYPE_SQL92).await;
+    assert_eq!(f.code, response::SUCCESS);
+    let r = &header::decode::<PullResponse>(&f.header).unwrap().queues[0];
+    assert_eq!(r.status, response::SUBSCRIPTION_PARSE_FAILED);
+    assert!(
+        r.reason.contains("expected a property or a constant"),
+        "{}",
+        r.reason
+    );
+    // An unknown expression type is a malformed request.
+    let f = raw_pull(&client, q, "*", 7).await;
+    assert_eq!(f.code, response::BAD_REQUEST);
+    let message = header::decode::<ErrorResponse>(&f.header).unwrap().message;
+    assert!(message.contains("unknown expression type 7"), "{message}");
     // The broker filters (the client checks again, so only the raw answer shows it): of all
     // queues, one record matches.
     let mut returned = 0;
@@ -201,38 +204,53 @@ async fn a_broker_with_enable_property_filter_false_refuses_sql92() {
     let b = BrokerSpec::new(&dir.path().join("data"), "async")
         .conf(&conf)
         .start();
+    let client = Client::new(b.config()).await.unwrap();
     let p = Producer::new("sql-pg", b.config()).await.unwrap();
     p.send(message(1)).await.unwrap();
-    p.shutdown().await;
-    let client = Client::new(b.config()).await.unwrap();
+    // Two queues of one shard, each with a message: one pulled with SQL92, one with tags,
+    // in one pull.
     let route = client.topic_route(TOPIC).await.unwrap();
-    let q = route.queues[0].clone();
-    let target = PullTarget {
+    let (a, c) = route
+        .queues
+        .iter()
+        .flat_map(|a| route.queues.iter().map(move |c| (a, c)))
+        .find(|(a, c)| a.endpoint == c.endpoint && a.mq != c.mq)
+        .expect("two queues of one shard");
+    for q in [a, c] {
+        p.send_to_queue(message(2), &q.mq).await.unwrap();
+    }
+    p.shutdown().await;
+    let target = |q: &QueueInfo, expr: SubExpr| PullTarget {
         queue: q.clone(),
         offset: 0,
         max_msgs: 32,
-        expr: Arc::new(SubExpr::sql("n > 0").unwrap()),
+        expr: Arc::new(expr),
     };
-    let e = client
-        .pull(&q.endpoint, "sql-off", &[target], 1 << 20, Duration::ZERO)
+    let got = client
+        .pull(
+            &a.endpoint,
+            "sql-off",
+            &[
+                target(a, SubExpr::sql("n > 0").unwrap()),
+                target(c, SubExpr::parse("*").unwrap()),
+            ],
+            1 << 20,
+            Duration::ZERO,
+        )
         .await
-        .unwrap_err();
-    assert!(
-        e.to_string().contains("SUBSCRIPTION_PARSE_FAILED")
-            && e.to_string().contains("enablePropertyFilter = false"),
-        "{e}"
+        .unwrap();
+    assert_eq!(
+        got[0].status,
+        PullStatus::Other(response::SUBSCRIPTION_PARSE_FAILED)
     );
-    // Tags still work there.
-    let target = PullTarget {
-        queue: q.clone(),
-        offset: 0,
-        max_msgs: 32,
-        expr: Arc::new(SubExpr::parse("*").unwrap()),
-    };
-    assert!(client
-        .pull(&q.endpoint, "sql-off", &[target], 1 << 20, Duration::ZERO)
-        .await
-        .is_ok());
+    assert!(
+        got[0].reason.contains("enablePropertyFilter = false"),
+        "{}",
+        got[0].reason
+    );
+    // The refused queue does not hold back the other.
+    assert_eq!(got[1].status, PullStatus::Found);
+    assert!(!got[1].messages.is_empty());
     client.shutdown().await;
     b.stop();
 }

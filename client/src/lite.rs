@@ -513,7 +513,8 @@ impl LitePullConsumer {
                 PullStatus::NoNewMessages | PullStatus::RetryImmediately => {}
                 PullStatus::WrongShard | PullStatus::TopicNotExist | PullStatus::Other(_) => {
                     // The broker answers at once while a queue is wrong: do not spin.
-                    tracing::warn!(queue = %r.mq, status = ?r.status, "pull of a queue failed");
+                    tracing::warn!(queue = %r.mq, status = ?r.status, reason = %r.reason,
+                        "pull of a queue failed");
                     failed = true;
                 }
             }
@@ -548,10 +549,26 @@ impl LitePullConsumer {
             };
             match tokio::time::timeout_at(wake, rx.recv()).await {
                 Ok(Some(done)) => {
-                    out.extend(self.apply(done)?);
-                    // Take whatever else already finished, then return what we have.
-                    while let Ok(done) = rx.try_recv() {
-                        out.extend(self.apply(done)?);
+                    // Take whatever else already finished, then return what we have. A
+                    // failed pull does not drop the others' messages: their positions have
+                    // moved past them, so they are returned (the error comes again with the
+                    // next try of that pull).
+                    let mut failed = None;
+                    let mut next = Some(done);
+                    while let Some(done) = next.take().or_else(|| rx.try_recv().ok()) {
+                        match self.apply(done) {
+                            Ok(m) => out.extend(m),
+                            Err(e) => {
+                                failed.get_or_insert(e);
+                            }
+                        }
+                    }
+                    if let Some(e) = failed {
+                        if out.is_empty() {
+                            return Err(e);
+                        }
+                        tracing::warn!(group = %self.inner.group, error = %e,
+                            "a pull failed; returning the other pulls' messages");
                     }
                     if !out.is_empty() {
                         break;

@@ -62,6 +62,8 @@ pub struct QueuePullResult {
     pub max_offset: u64,
     /// The messages that matched the subscription, in queue order.
     pub messages: Vec<MessageExt>,
+    /// The broker's reason for a failed status (may be empty).
+    pub reason: String,
     /// Records the broker returned that the exact-tag check dropped.
     pub filtered: u32,
 }
@@ -174,6 +176,7 @@ pub(crate) fn decode_pull_response(
             max_offset: q.max_offset,
             messages,
             filtered,
+            reason: q.reason,
         });
     }
     if pos != body.len() {
@@ -240,6 +243,7 @@ mod tests {
             count,
             bytes,
             redirect: String::new(),
+            reason: String::new(),
         }
     }
 

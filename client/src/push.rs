@@ -750,7 +750,8 @@ async fn pull_loop(inner: Arc<Inner>, endpoint: String) {
                     }
                     PullStatus::WrongShard | PullStatus::TopicNotExist => reroute = true,
                     PullStatus::Other(code) => {
-                        tracing::warn!(queue = %r.mq, code, "pull of a queue failed");
+                        tracing::warn!(queue = %r.mq, code, reason = %r.reason,
+                            "pull of a queue failed");
                     }
                     _ => {}
                 }

@@ -60,7 +60,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-/// Builds the rustls configuration: TLS 1.3 only, ALPN `orbitmq/1`, no early data (a
+/// Builds the rustls configuration: TLS 1.3 only, ALPN `orbitmq/2`, no early data (a
 /// replayed 0-RTT send would duplicate a message).
 pub fn rustls_config(opts: &TlsOptions) -> Result<rustls::ClientConfig> {
     let trust = resolve_trust(opts, std::env::var(TLS_CA_ENV).ok(), |p| p.is_file())?;

@@ -6,8 +6,8 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 use thiserror::Error;
 
-/// ALPN of the orbitmq protocol, version 1.
-pub const ALPN: &[u8] = b"orbitmq/1";
+/// ALPN of the orbitmq protocol, version 2 (pulls and heartbeats name their expression type).
+pub const ALPN: &[u8] = b"orbitmq/2";
 
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 #[error("invalid frame header: {0}")]
@@ -116,6 +116,8 @@ pub struct PullQueueResult {
     pub bytes: u32,
     /// For WRONG_SHARD: the endpoint of the shard that owns the queue.
     pub redirect: String,
+    /// Why, for a status other than SUCCESS and PULL_NOT_FOUND (may be empty).
+    pub reason: String,
 }
 
 #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

@@ -260,15 +260,22 @@ fn eval<'a>(c: &Cond, prop: &impl Fn(&str) -> Option<&'a str>) -> Option<bool> {
         }
         Cond::IsNull(name, negated) => Some(prop(name).is_none() != *negated),
         Cond::Not(c) => eval(c, prop).map(|b| !b),
-        Cond::And(a, b) => match (eval(a, prop), eval(b, prop)) {
-            (Some(false), _) | (_, Some(false)) => Some(false),
-            (Some(true), Some(true)) => Some(true),
-            _ => None,
+        // Short-circuits: the right side is not looked at once the left decides.
+        Cond::And(a, b) => match eval(a, prop) {
+            Some(false) => Some(false),
+            l => match (l, eval(b, prop)) {
+                (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
         },
-        Cond::Or(a, b) => match (eval(a, prop), eval(b, prop)) {
-            (Some(true), _) | (_, Some(true)) => Some(true),
-            (Some(false), Some(false)) => Some(false),
-            _ => None,
+        Cond::Or(a, b) => match eval(a, prop) {
+            Some(true) => Some(true),
+            l => match (l, eval(b, prop)) {
+                (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
         },
     }
 }

@@ -28,7 +28,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 
-/// ALPN protocol id of orbitmq's wire protocol, version 1 (`orbitmq/1`).
+/// ALPN protocol id of orbitmq's wire protocol, version 2 (`orbitmq/2`).
 pub use orbitmq_proto::header::ALPN;
 
 /// Idle timeout: quinn's default, and RocketMQ's 30 s heartbeat period.

@@ -452,20 +452,18 @@ impl ShardHandler {
         }
         let mut qs: Vec<Q> = Vec::with_capacity(h.queues.len());
         for q in h.queues {
-            let sql = match q.expr_type {
-                EXPR_TYPE_TAG => None,
-                EXPR_TYPE_SQL92 if !self.shared.property_filter => {
-                    return error_frame(
-                        id,
-                        response::SUBSCRIPTION_PARSE_FAILED,
-                        "this broker does not filter by SQL92 (enablePropertyFilter = false)",
-                    )
-                }
+            let (sql, refused) = match q.expr_type {
+                EXPR_TYPE_TAG => (None, None),
+                EXPR_TYPE_SQL92 if !self.shared.property_filter => (
+                    None,
+                    Some(
+                        "this broker does not filter by SQL92 (enablePropertyFilter = false)"
+                            .to_string(),
+                    ),
+                ),
                 EXPR_TYPE_SQL92 => match SqlFilter::parse(&q.sub_expr) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        return error_frame(id, response::SUBSCRIPTION_PARSE_FAILED, e.to_string())
-                    }
+                    Ok(f) => (Some(f), None),
+                    Err(e) => (None, Some(e.to_string())),
                 },
                 other => {
                     return error_frame(
@@ -475,23 +473,33 @@ impl ShardHandler {
                     )
                 }
             };
-            let mut result = None;
-            if let Err(f) = self.check_queue(id, &q.topic, q.queue_id, PERM_READ) {
-                let redirect = header::decode::<header::ErrorResponse>(&f.header)
-                    .map(|e| e.redirect)
+            let refusal = |status: u16, reason: String, redirect: String| PullQueueResult {
+                topic: q.topic.clone(),
+                queue_id: q.queue_id,
+                status,
+                next_offset: q.offset,
+                min_offset: 0,
+                max_offset: 0,
+                count: 0,
+                bytes: 0,
+                redirect,
+                reason,
+            };
+            // A refused queue answers for itself: the pull's other queues are served.
+            let result = if let Some(reason) = refused {
+                Some(refusal(
+                    response::SUBSCRIPTION_PARSE_FAILED,
+                    reason,
+                    String::new(),
+                ))
+            } else if let Err(f) = self.check_queue(id, &q.topic, q.queue_id, PERM_READ) {
+                let (message, redirect) = header::decode::<header::ErrorResponse>(&f.header)
+                    .map(|e| (e.message, e.redirect))
                     .unwrap_or_default();
-                result = Some(PullQueueResult {
-                    topic: q.topic.clone(),
-                    queue_id: q.queue_id,
-                    status: f.code,
-                    next_offset: q.offset,
-                    min_offset: 0,
-                    max_offset: 0,
-                    count: 0,
-                    bytes: 0,
-                    redirect,
-                });
-            }
+                Some(refusal(f.code, message, redirect))
+            } else {
+                None
+            };
             qs.push(Q {
                 tags: if sql.is_some() {
                     None
@@ -587,6 +595,7 @@ impl ShardHandler {
                     count: r.records.len() as u32,
                     bytes: bytes as u32,
                     redirect: String::new(),
+                    reason: String::new(),
                 });
                 // A read that skipped only filtered-out entries has more to look at now.
                 more |= status == response::PULL_NOT_FOUND && r.next_offset < r.max_offset;
@@ -616,6 +625,10 @@ impl ShardHandler {
                 // Park until an append is dispatched or the remaining timeout runs out.
                 let remaining = deadline - now;
                 futures_lite::future::or(dispatched, glommio::timer::sleep(remaining)).await;
+            } else {
+                // Reading on past filtered-out records (an SQL92 filter reads each one): let
+                // the shard's other work run in between.
+                glommio::yield_if_needed().await;
             }
             for q in qs.iter_mut() {
                 if q.result
