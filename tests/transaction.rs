@@ -284,27 +284,49 @@ async fn commit_rollback_and_check_back_decide_what_consumers_see() {
     b.stop();
 }
 
+/// A broker (sync flush, the topic made, `conf` besides `autoCreateTopicEnable = false`) that
+/// can be killed and started again on the same data, ports and name server.
+struct Restartable {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    conf: std::path::PathBuf,
+    listen: String,
+    namesrv: String,
+}
+
+impl Restartable {
+    fn new(conf: &str) -> Restartable {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("topics.conf"), format!("{TOPIC} 4 4 6\n")).unwrap();
+        let path = dir.path().join("broker.conf");
+        std::fs::write(&path, format!("autoCreateTopicEnable = false\n{conf}")).unwrap();
+        let (port, ns) = free_ports(2);
+        Restartable {
+            data,
+            conf: path,
+            listen: format!("127.0.0.1:{port}"),
+            namesrv: format!("127.0.0.1:{ns}"),
+            _dir: dir,
+        }
+    }
+
+    fn start(&self) -> common::Broker {
+        BrokerSpec::new(&self.data, "sync")
+            .conf(&self.conf)
+            .on(&self.listen, &self.namesrv)
+            .start()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_transaction_is_checked_back_after_a_crash() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("topics.conf"), format!("{TOPIC} 4 4 6\n")).unwrap();
-    let conf = dir.path().join("broker.conf");
     // Checks only after the restart: the timeout outlasts the first run.
-    std::fs::write(
-        &conf,
-        "autoCreateTopicEnable = false\ntransactionCheckInterval = 200\ntransactionTimeOut = 2000\n\
-         transactionCheckMax = 1000\n",
-    )
-    .unwrap();
-    let (port, ns) = free_ports(2);
-    let listen = format!("127.0.0.1:{port}");
-    let namesrv = format!("127.0.0.1:{ns}");
-    let b = BrokerSpec::new(&data, "sync")
-        .conf(&conf)
-        .on(&listen, &namesrv)
-        .start();
+    let r = Restartable::new(
+        "transactionCheckInterval = 200\ntransactionTimeOut = 2000\ntransactionCheckMax = 1000\n",
+    );
+    let b = r.start();
     let ledger = Arc::new(Ledger::default());
     ledger.set("open-1", Unknown, CommitMessage);
     ledger.set("open-2", Unknown, RollbackMessage);
@@ -322,10 +344,7 @@ async fn an_open_transaction_is_checked_back_after_a_crash() {
     // message and outcome durable; nothing else is flushed or recorded at the end.
     drop(b);
 
-    let b = BrokerSpec::new(&data, "sync")
-        .conf(&conf)
-        .on(&listen, &namesrv)
-        .start();
+    let b = r.start();
     let p = TransactionProducer::new("tx-pg", b.config(), ledger.clone())
         .await
         .unwrap();
@@ -350,6 +369,72 @@ async fn an_open_transaction_is_checked_back_after_a_crash() {
     assert!(ledger.checks("open-1") >= 1);
     assert!(ledger.checks("open-2") >= 1);
     assert_eq!(ledger.checks("done"), 0, "its outcome survived the restart");
+    c.shutdown().await.unwrap();
+    p.shutdown().await;
+    b.stop();
+}
+
+/// Check-backs count across a restart (each is an op record, as RocketMQ counts
+/// TRANSACTION_CHECK_TIMES): a half message never answered is rolled back after
+/// `transactionCheckMax` checks in all, not that many again after a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_count_across_a_restart() {
+    const CHECK_MAX: u32 = 4;
+    // Checks a second apart, so the producer after the restart is connected for most of them.
+    let r = Restartable::new(&format!(
+        "transactionCheckInterval = 1000\ntransactionTimeOut = 500\n\
+         transactionCheckMax = {CHECK_MAX}\n"
+    ));
+    let start = || r.start();
+    let b = start();
+    let ledger = Arc::new(Ledger::default());
+    ledger.set("unsure", Unknown, Unknown);
+    ledger.set("after-restart", CommitMessage, Unknown);
+    let p = TransactionProducer::new("tx-count", b.config(), ledger.clone())
+        .await
+        .unwrap();
+    p.send_message_in_transaction(Message::new(TOPIC, "unsure"))
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    while ledger.checks("unsure") < 2 {
+        assert!(t.elapsed() < Duration::from_secs(30), "never checked twice");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    p.shutdown().await;
+    drop(b); // SIGKILL
+    let before = ledger.checks("unsure");
+
+    let b = start();
+    let p = TransactionProducer::new("tx-count", b.config(), ledger.clone())
+        .await
+        .unwrap();
+    // Known to the broker once it sends (its heartbeats go to the topic's brokers).
+    p.send_message_in_transaction(Message::new(TOPIC, "after-restart"))
+        .await
+        .unwrap();
+    // Past the last check and its rollback: every check would have come by then.
+    tokio::time::sleep(Duration::from_millis(1000 * u64::from(CHECK_MAX) + 1500)).await;
+    let total = ledger.checks("unsure");
+    assert!(
+        total <= CHECK_MAX,
+        "{total} checks in all ({before} before the crash): at most transactionCheckMax"
+    );
+    let c = LitePullConsumer::with_options("tx-count-cg", b.config(), from_first())
+        .await
+        .unwrap();
+    c.subscribe(TOPIC, "*").await.unwrap();
+    let got = visible(&c, 1, Duration::from_secs(1)).await;
+    assert_eq!(
+        bodies(&got),
+        ["after-restart"],
+        "the unsure one was rolled back"
+    );
+    assert_eq!(
+        ledger.checks("unsure"),
+        total,
+        "no check after its rollback"
+    );
     c.shutdown().await.unwrap();
     p.shutdown().await;
     b.stop();

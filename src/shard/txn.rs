@@ -19,7 +19,7 @@ use crate::log::{ReadStatus, Store, StoreError};
 use crate::nameserver::topics::PERM_WRITE;
 use crate::net::server::{error_frame, ok_frame};
 use crate::shard::broker::{store_error_code, ShardHandler};
-use crate::txn::{self, Due, Outcome, Pending, Status, TxConfig, TxState};
+use crate::txn::{self, Due, Op, Outcome, Pending, Status, TxConfig, TxState};
 
 /// Copies of one unique key looked at to tell whether a commit is stored already.
 const COMMITTED_LOOKUP_MAX: usize = 16;
@@ -45,10 +45,10 @@ pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreErro
     let (half_from, op_from) = (start(TRANS_HALF_TOPIC), start(TRANS_OP_TOPIC));
     let mut s = TxState::starting_at(half_from, op_from);
     // Outcomes first, so a half message that ended is never taken for pending.
-    read_queue(store, TRANS_OP_TOPIC, op_from, |v| {
-        if let Some((half, outcome)) = txn::parse_op(v) {
-            s.ended(half, v.queue_offset, outcome);
-        }
+    read_queue(store, TRANS_OP_TOPIC, op_from, |v| match txn::parse_op(v) {
+        Some((half, Op::End(outcome))) => s.ended(half, v.queue_offset, outcome),
+        Some((half, Op::Checked)) => s.checked(half, v.queue_offset),
+        None => {}
     })
     .await?;
     read_queue(
@@ -347,7 +347,7 @@ impl ShardHandler {
     ) -> Result<(), StoreError> {
         let op = self
             .store
-            .append(&txn::op_message(half_queue_offset, outcome))
+            .append(&txn::op_message(half_queue_offset, Op::End(outcome)))
             .await?;
         let (half, ops) = {
             let mut s = self.txn.borrow_mut();
@@ -368,6 +368,33 @@ impl ShardHandler {
     /// rolled back.
     async fn check_round(&self, cfg: &TxConfig) {
         let due = self.txn.borrow_mut().due(now_ms(), cfg);
+        // The round's check-backs are recorded first, in one append, so a restart (or a
+        // promoted slave) counts them towards transactionCheckMax.
+        let halves: Vec<u64> = due
+            .iter()
+            .filter_map(|d| match d {
+                Due::Check {
+                    half_queue_offset, ..
+                } => Some(*half_queue_offset),
+                Due::Discard { .. } => None,
+            })
+            .collect();
+        if !halves.is_empty() {
+            let records: Vec<Message> = halves
+                .iter()
+                .map(|h| txn::op_message(*h, Op::Checked))
+                .collect();
+            match self.store.append_batch(&records).await {
+                Ok(r) => {
+                    let mut s = self.txn.borrow_mut();
+                    for (h, a) in halves.iter().zip(&r) {
+                        s.checked(*h, a.queue_offset);
+                    }
+                }
+                // The checks go out anyway: a restart would only count fewer of them.
+                Err(e) => warn!(error = %e, "check-back records not written"),
+            }
+        }
         for d in due {
             match d {
                 Due::Discard {

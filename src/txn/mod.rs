@@ -2,7 +2,8 @@
 //! transaction, then commits or rolls it back (END_TRANSACTION). Until then the message waits,
 //! invisible to consumers, in `RMQ_SYS_TRANS_HALF_TOPIC` (queue 0 of the shard that owns its
 //! real queue). Each outcome is an op record in `RMQ_SYS_TRANS_OP_HALF_TOPIC` (queue 0 of the
-//! same shard; body: the half message's queue offset; tag `c` or `r`). A half message with no
+//! same shard; body: the half message's queue offset; tag `c` or `r`), and so is each check-back
+//! (tag `k`), so the count survives a restart and reaches a slave. A half message with no
 //! outcome `transactionTimeOut` after it was stored is checked back with a producer of its group
 //! (CHECK_TRANSACTION_STATE), every `transactionCheckInterval`, and rolled back after
 //! `transactionCheckMax` checks.
@@ -29,6 +30,8 @@ pub const MAX_CHECK_MAX: u32 = 1000;
 /// Most half messages checked back in one round of a shard (the rest wait for the next): a
 /// client takes pushes into a channel of 4,096.
 pub const MAX_CHECKS_PER_ROUND: usize = 1_000;
+// A round's check-back records are one batch append.
+const _: () = assert!(MAX_CHECKS_PER_ROUND <= orbitmq_proto::limits::MAX_BATCH_MESSAGES);
 /// Most half messages rolled back in one round of a shard after their last check.
 pub const MAX_DISCARDS_PER_ROUND: usize = 10_000;
 /// Most half messages a shard keeps waiting for their outcome; past it a new one is refused
@@ -37,9 +40,11 @@ pub const MAX_PENDING: usize = 1_000_000;
 /// Outcomes remembered for a repeated END_TRANSACTION (a check-back's answer crossing the
 /// producer's own): the newest ones, by half queue offset.
 pub const MAX_REMEMBERED_OUTCOMES: usize = 65_536;
-/// Op record tags: the outcome.
+/// Op record tags: the outcome, or a check-back (counted, as RocketMQ counts
+/// `TRANSACTION_CHECK_TIMES`, towards `transactionCheckMax`).
 pub const TAG_COMMIT: &str = "c";
 pub const TAG_ROLLBACK: &str = "r";
+pub const TAG_CHECKED: &str = "k";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TxConfig {
@@ -158,26 +163,43 @@ pub fn committed(rec: &RecordView<'_>) -> Result<Message, TxError> {
     Ok(m)
 }
 
-/// The op record of an outcome.
-pub fn op_message(half_queue_offset: u64, outcome: Outcome) -> Message {
+/// What an op record says of a half message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    End(Outcome),
+    Checked,
+}
+
+impl Op {
+    fn tag(self) -> &'static str {
+        match self {
+            Op::End(o) => o.tag(),
+            Op::Checked => TAG_CHECKED,
+        }
+    }
+}
+
+/// The op record of an outcome or a check-back.
+pub fn op_message(half_queue_offset: u64, op: Op) -> Message {
     Message {
         topic: TRANS_OP_TOPIC.to_owned(),
         queue_id: 0,
-        tags: outcome.tag().to_owned(),
+        tags: op.tag().to_owned(),
         body: half_queue_offset.to_string().into_bytes().into(),
         ..Default::default()
     }
 }
 
-/// The outcome an op record holds; `None` for a record that is not one.
-pub fn parse_op(rec: &RecordView<'_>) -> Option<(u64, Outcome)> {
-    let outcome = match rec.tags {
-        TAG_COMMIT => Outcome::Commit,
-        TAG_ROLLBACK => Outcome::Rollback,
+/// What an op record holds; `None` for a record that is not one.
+pub fn parse_op(rec: &RecordView<'_>) -> Option<(u64, Op)> {
+    let op = match rec.tags {
+        TAG_COMMIT => Op::End(Outcome::Commit),
+        TAG_ROLLBACK => Op::End(Outcome::Rollback),
+        TAG_CHECKED => Op::Checked,
         _ => return None,
     };
     let off = std::str::from_utf8(rec.body).ok()?.parse().ok()?;
-    Some((off, outcome))
+    Some((off, op))
 }
 
 /// A half message waiting for its outcome.
@@ -243,6 +265,8 @@ pub struct TxState {
     /// Where the restart read the op queue from: the op floor of the half messages it finds
     /// pending (op records of later half messages that ended may lie anywhere after it).
     rebuild_op_floor: u64,
+    /// Check-backs a restart read, by half queue offset, until their half message is read.
+    rebuild_checks: BTreeMap<u64, u32>,
 }
 
 impl TxState {
@@ -257,6 +281,9 @@ impl TxState {
             self.next_op
         };
         p.copy_possible |= self.rebuilding;
+        if let Some(n) = self.rebuild_checks.remove(&half_queue_offset) {
+            p.checks = p.checks.max(n);
+        }
         if !self.ended.contains_key(&half_queue_offset) {
             self.pending.insert(half_queue_offset, p);
         }
@@ -268,6 +295,15 @@ impl TxState {
         self.pending.remove(&half_queue_offset);
         self.ended.entry(half_queue_offset).or_insert(outcome);
         self.prune();
+    }
+
+    /// An op record at `op_queue_offset` says the half message at `half_queue_offset` was
+    /// checked back once more (live, [`Self::due`] counted it already).
+    pub fn checked(&mut self, half_queue_offset: u64, op_queue_offset: u64) {
+        self.next_op = self.next_op.max(op_queue_offset + 1);
+        if self.rebuilding {
+            *self.rebuild_checks.entry(half_queue_offset).or_default() += 1;
+        }
     }
 
     pub fn status(&self, half_queue_offset: u64) -> Status {
@@ -397,6 +433,8 @@ impl TxState {
     /// After a restart's reads: the remembered outcomes are capped again.
     pub fn settle(&mut self) {
         self.rebuilding = false;
+        // Counts of half messages that had ended (or lie below the progress).
+        self.rebuild_checks.clear();
         self.prune();
     }
 }
@@ -480,12 +518,16 @@ mod tests {
 
     #[test]
     fn op_records_round_trip() {
-        for o in [Outcome::Commit, Outcome::Rollback] {
+        for o in [
+            Op::End(Outcome::Commit),
+            Op::End(Outcome::Rollback),
+            Op::Checked,
+        ] {
             let m = op_message(42, o);
             let b = stored(&m, 0);
             assert_eq!(parse_op(&record::decode(&b).unwrap()), Some((42, o)));
         }
-        let mut m = op_message(42, Outcome::Commit);
+        let mut m = op_message(42, Op::End(Outcome::Commit));
         m.body = "x".into();
         assert_eq!(parse_op(&record::decode(&stored(&m, 0)).unwrap()), None);
     }
@@ -604,6 +646,35 @@ mod tests {
         );
         assert_eq!(s.status(2), Status::Old);
         assert_eq!((s.half_progress(), s.op_progress()), (5, 10));
+        // Check-backs read before their half message count for it, once it is read; those
+        // of half messages that ended are dropped.
+        let mut s = TxState::starting_at(0, 0);
+        for (op, half) in [(0, 1), (1, 1), (2, 2), (3, 3)] {
+            s.checked(half, op);
+        }
+        s.ended(2, 4, Outcome::Rollback);
+        for h in 1..=2 {
+            s.prepared(h, pending(h, 0));
+        }
+        s.settle();
+        assert_eq!(s.pending_at(1).unwrap().checks, 2);
+        assert_eq!(s.status(2), Status::Ended(Outcome::Rollback));
+        assert!(
+            s.rebuild_checks.is_empty(),
+            "nothing kept after the rebuild"
+        );
+        let cfg = TxConfig {
+            check_max: 3,
+            ..TxConfig::default()
+        };
+        let due = s.due(u64::MAX, &cfg);
+        assert!(
+            matches!(due[..], [Due::Check { n: 3, .. }]),
+            "the third and last check: {due:?}"
+        );
+        // Live, a check-back record moves only the op progress (due() counted it).
+        s.checked(1, 9);
+        assert_eq!(s.pending_at(1).unwrap().checks, 3);
         // More outcomes than are remembered live: while rebuilding, none is forgotten, so
         // no ended half message is taken for pending.
         let mut s = TxState::starting_at(0, 0);
