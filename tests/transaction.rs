@@ -388,14 +388,26 @@ async fn check_backs_count_across_a_restart() {
     let start = || r.start();
     let b = start();
     let ledger = Arc::new(Ledger::default());
+    for body in ["before", "after", "after-restart"] {
+        ledger.set(body, CommitMessage, Unknown);
+    }
     ledger.set("unsure", Unknown, Unknown);
-    ledger.set("after-restart", CommitMessage, Unknown);
     let p = TransactionProducer::new("tx-count", b.config(), ledger.clone())
         .await
         .unwrap();
-    p.send_message_in_transaction(Message::new(TOPIC, "unsure"))
-        .await
-        .unwrap();
+    // Transactions that end around it move the op queue's progress past 0 (the restart reads
+    // the op queue from the progress).
+    let mut unsure = None;
+    for body in ["before", "unsure", "after"] {
+        let r = p
+            .send_message_in_transaction(Message::new(TOPIC, body))
+            .await
+            .unwrap();
+        if body == "unsure" {
+            unsure = Some(r.send);
+        }
+    }
+    let unsure = unsure.unwrap();
     let t = std::time::Instant::now();
     while ledger.checks("unsure") < 2 {
         assert!(t.elapsed() < Duration::from_secs(30), "never checked twice");
@@ -424,17 +436,28 @@ async fn check_backs_count_across_a_restart() {
         .await
         .unwrap();
     c.subscribe(TOPIC, "*").await.unwrap();
-    let got = visible(&c, 1, Duration::from_secs(1)).await;
-    assert_eq!(
-        bodies(&got),
-        ["after-restart"],
-        "the unsure one was rolled back"
-    );
+    let got = visible(&c, 3, Duration::from_secs(1)).await;
+    assert_eq!(bodies(&got), ["after", "after-restart", "before"]);
     assert_eq!(
         ledger.checks("unsure"),
         total,
         "no check after its rollback"
     );
+    // It was rolled back: a commit now is refused.
+    let client = Client::new(b.config()).await.unwrap();
+    let route = client.topic_route(TOPIC).await.unwrap();
+    let f = end_request(
+        &client,
+        &route.find(&unsure.queue).unwrap().endpoint,
+        "tx-count",
+        OffsetId::decode(&unsure.msg_id).unwrap().offset,
+        unsure.queue_offset,
+        true,
+    )
+    .await;
+    assert_eq!(f.code, response::BAD_REQUEST);
+    assert!(error_of(&f).contains("Rollback"), "{}", error_of(&f));
+    client.shutdown().await;
     c.shutdown().await.unwrap();
     p.shutdown().await;
     b.stop();

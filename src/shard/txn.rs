@@ -368,8 +368,8 @@ impl ShardHandler {
     /// rolled back.
     async fn check_round(&self, cfg: &TxConfig) {
         let due = self.txn.borrow_mut().due(now_ms(), cfg);
-        // The round's check-backs are recorded first, in one append, so a restart (or a
-        // promoted slave) counts them towards transactionCheckMax.
+        // The round's check-backs are recorded first, a batch append at a time, so a restart
+        // (or a promoted slave) counts them towards transactionCheckMax.
         let halves: Vec<u64> = due
             .iter()
             .filter_map(|d| match d {
@@ -379,15 +379,15 @@ impl ShardHandler {
                 Due::Discard { .. } => None,
             })
             .collect();
-        if !halves.is_empty() {
-            let records: Vec<Message> = halves
+        for chunk in halves.chunks(txn::CHECK_RECORDS_PER_APPEND) {
+            let records: Vec<Message> = chunk
                 .iter()
                 .map(|h| txn::op_message(*h, Op::Checked))
                 .collect();
             match self.store.append_batch(&records).await {
                 Ok(r) => {
                     let mut s = self.txn.borrow_mut();
-                    for (h, a) in halves.iter().zip(&r) {
+                    for (h, a) in chunk.iter().zip(&r) {
                         s.checked(*h, a.queue_offset);
                     }
                 }

@@ -30,8 +30,9 @@ pub const MAX_CHECK_MAX: u32 = 1000;
 /// Most half messages checked back in one round of a shard (the rest wait for the next): a
 /// client takes pushes into a channel of 4,096.
 pub const MAX_CHECKS_PER_ROUND: usize = 1_000;
-// A round's check-back records are one batch append.
-const _: () = assert!(MAX_CHECKS_PER_ROUND <= orbitmq_proto::limits::MAX_BATCH_MESSAGES);
+/// Check-back op records appended at a time (about 130 bytes each: a batch stays far below
+/// the smallest CommitLog segment a batch must fit in).
+pub const CHECK_RECORDS_PER_APPEND: usize = 64;
 /// Most half messages rolled back in one round of a shard after their last check.
 pub const MAX_DISCARDS_PER_ROUND: usize = 10_000;
 /// Most half messages a shard keeps waiting for their outcome; past it a new one is refused
