@@ -35,12 +35,17 @@ const REBUILD_READ_BYTES: usize = 8 << 20;
 /// Reads a shard's transactions back at a start: the half queue from where every earlier
 /// half message had its outcome, and the op queue from where its records start to matter.
 pub async fn rebuild(store: &Store, cfg: &TxConfig) -> Result<TxState, StoreError> {
-    let start = |topic: &str| {
-        let min = store.queue_bounds(topic, 0).map_or(0, |b| b.0);
-        store
+    // Within the queue's bounds: a slave promoted to master may hold its master's progress
+    // for records it never copied (reading from past its end would skip the op records it
+    // writes from there on).
+    let start = |topic: &str| match store.queue_bounds(topic, 0) {
+        // (No clamp(): it panics on bounds out of order, whatever they are.)
+        Some((min, max)) => store
             .query_offset(TRANS_GROUP, topic, 0)
             .unwrap_or(0)
-            .max(min)
+            .min(max)
+            .max(min),
+        None => 0,
     };
     let (half_from, op_from) = (start(TRANS_HALF_TOPIC), start(TRANS_OP_TOPIC));
     let mut s = TxState::starting_at(half_from, op_from);
