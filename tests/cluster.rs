@@ -122,22 +122,12 @@ fn assert_first_cq_file_on(root: &Path, broker: &str, q: u32, shard: u32) {
 
 /// A free UDP port `p` with `p + 1` free too (a broker's two shards).
 fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < u16::MAX && std::net::UdpSocket::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no two consecutive free ports");
+    common::free_ports(2).0
 }
 
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Two free UDP ports for two name servers (picked together: never the same one).
+fn free_port_two() -> (u16, u16) {
+    common::free_ports(1)
 }
 
 /// A cluster CA and a certificate per node name, as `orbitmq cert` makes them.
@@ -318,7 +308,7 @@ async fn brokers_fail_over_and_name_servers_are_stateless() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let certs = Certs::new(root, &["ns1", "ns2", "broker-a", "broker-b"]);
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = free_port_two();
     let ns_list = format!("127.0.0.1:{p1};127.0.0.1:{p2}");
     let mut ns1 = start_namesrv(root, &certs, "ns1", p1, Some(BROKER_EXPIRY));
     let _ns2 = start_namesrv(root, &certs, "ns2", p2, Some(BROKER_EXPIRY));
@@ -604,7 +594,7 @@ async fn send_processes_spread_and_survive_a_killed_broker() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let certs = Certs::new(root, &["ns1", "ns2", "broker-a", "broker-b"]);
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = free_port_two();
     let ns_list = format!("127.0.0.1:{p1};127.0.0.1:{p2}");
     let _ns1 = start_namesrv(root, &certs, "ns1", p1, None);
     let _ns2 = start_namesrv(root, &certs, "ns2", p2, None);

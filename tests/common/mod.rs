@@ -245,27 +245,47 @@ pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
     reply_rx.recv().expect("spawner replies")
 }
 
+/// Where test ports are picked: below the kernel's ephemeral range (32768-60999 by default),
+/// so a client socket bound to port 0 (every QUIC client, the brokers' own) cannot take a
+/// port between its release here and the broker's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port of [`TEST_PORTS`] picked at random (the clock and a counter), with the `count - 1`
+/// after it, all free now.
+fn free_run(count: u16) -> u16 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    for _ in 0..1000 {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+            ^ std::process::id().rotate_left(16)
+            ^ NEXT
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .wrapping_mul(2_654_435_761);
+        let span = u32::from(TEST_PORTS.end - TEST_PORTS.start - count);
+        let p = TEST_PORTS.start + (seed.wrapping_mul(2_654_435_761) % span) as u16;
+        let held: Vec<_> = (0..count)
+            .map_while(|k| std::net::UdpSocket::bind(("127.0.0.1", p + k)).ok())
+            .collect();
+        if held.len() == count as usize {
+            return p;
+        }
+    }
+    panic!("no {count} consecutive free ports in {TEST_PORTS:?}");
+}
+
 /// `count` consecutive free UDP ports on 127.0.0.1 (shard k listens on the first + k), and
 /// another free port for the name server. The ports are released before the broker binds
-/// them: a small race, acceptable on loopback.
+/// them; they lie outside the ephemeral range, so only another test's pick could race.
 pub fn free_ports(count: u16) -> (u16, u16) {
-    'search: for _ in 0..100 {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p.checked_add(count).is_none() {
-            continue;
+    let p = free_run(count);
+    loop {
+        let n = free_run(1);
+        if !(p..p + count).contains(&n) {
+            return (p, n);
         }
-        let mut held = Vec::new();
-        for k in 1..count {
-            match std::net::UdpSocket::bind(("127.0.0.1", p + k)) {
-                Ok(s) => held.push(s),
-                Err(_) => continue 'search,
-            }
-        }
-        let n = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        return (p, n.local_addr().unwrap().port());
     }
-    panic!("no {count} consecutive free ports");
 }
 
 pub fn from_first() -> ConsumerOptions {
