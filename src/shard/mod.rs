@@ -302,7 +302,16 @@ async fn run_shard(
             return Err(why);
         }
     };
-    let bound = endpoint.local_addr().map_err(|e| e.to_string())?;
+    let bound = match endpoint.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            // Reported like a failed bind: the start waits for every shard's report.
+            let why = format!("no local address for {addr}: {e}");
+            let _ = ready.send((k, Err(why.clone())));
+            let _ = store.close().await;
+            return Err(why);
+        }
+    };
     // A slave writes nothing of its own: no delayed deliveries, no transaction check-backs;
     // its log is the master's copy.
     let slave = net.role == crate::config::BrokerRole::Slave;
@@ -465,6 +474,8 @@ impl ShardSet {
             match ready_rx.recv() {
                 Ok((k, Ok(addr))) => endpoints[k as usize] = addr,
                 Ok((shard, Err(why))) => {
+                    // Logged now: stopping the other shards comes first and could take long.
+                    error!(shard, error = %why, "a shard failed to start: stopping the others");
                     set.stop_and_join();
                     return Err(ShardError::Store { shard, why });
                 }
