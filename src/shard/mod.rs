@@ -41,6 +41,10 @@ pub const MAX_IO_MEMORY: u64 = 8 << 20;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 /// How often a shard checks for the stop request.
 const STOP_POLL: Duration = Duration::from_millis(50);
+/// How long the shards may take to stop (close their stores) before the process gives up on
+/// those still running: a stuck shard must not turn a failed start or a shutdown into a hang.
+/// Whatever they had acknowledged is written already; recovery treats the rest as a crash.
+pub const STOP_DEADLINE: Duration = Duration::from_secs(30);
 /// Threads of a shard's blocking pool (fsyncs, renames, unlinks; see `fsutil::off_shard`),
 /// unpinned: glommio's default is one, pinned to the shard's own core, so a slow unlink would
 /// hold up the checkpoint behind it and compete with the shard for its core.
@@ -510,15 +514,40 @@ impl ShardSet {
 
     fn stop_and_join(&mut self) -> Option<String> {
         self.stop.store(true, Ordering::Relaxed);
+        let n = self.handles.len();
+        let (tx, rx) = mpsc::channel();
+        for (k, h) in self.handles.drain(..).enumerate() {
+            let tx = tx.clone();
+            // Joined on threads of their own, so a stuck one is waited for only until the
+            // deadline.
+            std::thread::spawn(move || {
+                let r = match h.join() {
+                    Ok(r) => r,
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = tx.send((k, r));
+            });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + STOP_DEADLINE;
         let mut first = None;
-        for h in self.handles.drain(..) {
-            let r = match h.join() {
-                Ok(Ok(())) => continue,
-                Ok(Err(e)) => e,
-                Err(e) => e.to_string(),
-            };
-            error!(error = %r, "shard stopped with an error");
-            first.get_or_insert(r);
+        for done in 0..n {
+            match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(r))) => {
+                    error!(shard, error = %r, "shard stopped with an error");
+                    first.get_or_insert(r);
+                }
+                Err(_) => {
+                    let r = format!(
+                        "{} of {n} shards did not stop within {STOP_DEADLINE:?}",
+                        n - done
+                    );
+                    error!("{r}");
+                    first.get_or_insert(r);
+                    break;
+                }
+            }
         }
         first
     }
