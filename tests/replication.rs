@@ -25,7 +25,9 @@ use orbitmq_client::{
     MessageExt, Producer, SendStatus, TlsOptions, TransactionListener, TransactionProducer,
 };
 use orbitmq_proto::codes::{request, response};
-use orbitmq_proto::header::{self, ErrorResponse, HaPullRequest, MessageMeta, SendRequest};
+use orbitmq_proto::header::{
+    self, ErrorResponse, HaPullRequest, MessageMeta, OffsetResponse, QueueRequest, SendRequest,
+};
 use orbitmq_proto::msgid::OffsetId;
 
 const TOPIC: &str = "Replicated";
@@ -95,6 +97,24 @@ fn start_broker(root: &Path, name: &str, conf: &str) -> (std::process::Child, St
         .unwrap_or_else(|| panic!("no broker= in {line:?}"))
         .to_owned();
     (child, shard0)
+}
+
+/// A group's committed offset of a queue of [`TOPIC`] as the broker shard at `endpoint` holds
+/// it (`None`: none, or no answer).
+async fn committed_at(client: &Client, endpoint: &str, group: &str, queue_id: u32) -> Option<u64> {
+    let h = header::encode(&QueueRequest {
+        group: group.into(),
+        topic: TOPIC.into(),
+        queue_id,
+    });
+    let f = client
+        .request(endpoint, request::QUERY_CONSUMER_OFFSET, h, Bytes::new())
+        .await
+        .ok()?;
+    (f.code == response::SUCCESS)
+        .then(|| header::decode::<OffsetResponse>(&f.header).ok())
+        .flatten()
+        .map(|r| r.offset)
 }
 
 /// Messages of delay level 1 delivered, by the schedule progress files of a data directory's
@@ -513,17 +533,32 @@ async fn a_sync_master_waits_for_its_slave_and_the_slave_serves_reads_when_the_m
     later_cg.subscribe(DELAYED, "*").await.unwrap();
     assert_eq!(poll_n(&later_cg, 3).await.len(), 3);
     later_cg.shutdown().await.unwrap();
-    // The slave copies the master's committed offsets and delivery progress every 5 s, both
-    // in one answer: once its progress says the 3 were delivered, it has the group's commit
-    // (made before them) too.
+    // Each slave shard copies its master shard's committed offsets and delivery progress
+    // every 5 s: wait until the slave holds repl-cg's final offsets on every queue and the
+    // progress of the 3 deliveries.
+    let probe = Client::new(config.clone()).await.unwrap();
+    let route = probe.topic_route(TOPIC).await.unwrap();
+    let port = |ep: &str| ep.rsplit(':').next().unwrap().parse::<u16>().unwrap();
     let start = Instant::now();
-    while delivered_level_1(&root.join("slave-data")) != 3 {
+    loop {
+        let mut same = delivered_level_1(&root.join("slave-data")) == 3;
+        for q in &route.queues {
+            let shard = port(&q.endpoint) - port(&master_shard0);
+            let on_slave = format!("127.0.0.1:{}", port(&slave_shard0) + shard);
+            let theirs = committed_at(&probe, &q.endpoint, "repl-cg", q.mq.queue_id).await;
+            let ours = committed_at(&probe, &on_slave, "repl-cg", q.mq.queue_id).await;
+            same &= theirs.is_some() && theirs == ours;
+        }
+        if same {
+            break;
+        }
         assert!(
             start.elapsed() < SETTLE,
-            "the slave did not copy the delivery progress"
+            "the slave did not copy the offsets and the delivery progress"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    probe.shutdown().await;
 
     // The master dies. The name server drops it and routes the topic to the slave,
     // read-only: every stored message is read from the slave, in order, at its offsets.
