@@ -271,6 +271,19 @@ async fn until_stopped(stop: &AtomicBool) {
     }
 }
 
+/// A shard that cannot start: reports why (the start waits for every shard's report), closes
+/// its store, and returns the reason.
+async fn failed_start(
+    k: u32,
+    ready: &mpsc::Sender<(u32, Result<Option<SocketAddr>, String>)>,
+    store: &Store,
+    why: String,
+) -> Result<(), String> {
+    let _ = ready.send((k, Err(why.clone())));
+    let _ = store.close().await;
+    Err(why)
+}
+
 /// One shard's life: open the store, bind its endpoint, serve until stopped, close.
 async fn run_shard(
     k: u32,
@@ -297,24 +310,16 @@ async fn run_shard(
         net.listen.port() + k as u16
     };
     let addr = SocketAddr::new(net.listen.ip(), port);
-    let endpoint = match crate::net::runtime::server_endpoint(addr, net.server.clone()) {
-        Ok(e) => e,
-        Err(e) => {
-            let why = format!("cannot listen on {addr}: {e}");
-            let _ = ready.send((k, Err(why.clone())));
-            let _ = store.close().await;
-            return Err(why);
-        }
-    };
-    let bound = match endpoint.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            // Reported like a failed bind: the start waits for every shard's report.
-            let why = format!("no local address for {addr}: {e}");
-            let _ = ready.send((k, Err(why.clone())));
-            let _ = store.close().await;
-            return Err(why);
-        }
+    let listening = crate::net::runtime::server_endpoint(addr, net.server.clone())
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        .and_then(|ep| {
+            ep.local_addr()
+                .map(|a| (ep, a))
+                .map_err(|e| format!("no local address for {addr}: {e}"))
+        });
+    let (endpoint, bound) = match listening {
+        Ok(l) => l,
+        Err(why) => return failed_start(k, &ready, &store, why).await,
     };
     // A slave writes nothing of its own: no delayed deliveries, no transaction check-backs;
     // its log is the master's copy.
@@ -326,12 +331,7 @@ async fn run_shard(
             .await
         {
             Ok(s) => Some(s),
-            Err(why) => {
-                let why = format!("scheduler: {why}");
-                let _ = ready.send((k, Err(why.clone())));
-                let _ = store.close().await;
-                return Err(why);
-            }
+            Err(why) => return failed_start(k, &ready, &store, format!("scheduler: {why}")).await,
         }
     };
     let txn = if slave {
@@ -340,13 +340,10 @@ async fn run_shard(
         match txn::rebuild(&store, &shared.txn).await {
             Ok(t) => t,
             Err(e) => {
-                let why = format!("transactions: {e}");
-                let _ = ready.send((k, Err(why.clone())));
                 if let Some(s) = scheduler {
                     let _ = s.stop().await;
                 }
-                let _ = store.close().await;
-                return Err(why);
+                return failed_start(k, &ready, &store, format!("transactions: {e}")).await;
             }
         }
     };
