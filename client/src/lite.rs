@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use crate::client::{Client, PullTarget};
 use crate::config::ClientConfig;
-use crate::consumer::{offset_store, start_offset, ConsumerOptions, MessageModel};
+use crate::consumer::{offset_store, pull_lane, start_offset, ConsumerOptions, MessageModel};
 use crate::error::{ClientError, Result};
 use crate::filter::SubExpr;
 use crate::local_offsets::OffsetStore;
@@ -25,13 +25,6 @@ use orbitmq_proto::limits::MAX_PULL_QUEUES;
 
 /// Wait before pulling again from an endpoint whose last pull failed.
 pub const LITE_PULL_ERROR_BACKOFF: Duration = Duration::from_millis(200);
-
-/// Pulls a consumer keeps in flight to one broker endpoint (shard), each for its share of
-/// the queues there (RocketMQ keeps one per queue). With one pull for all of them, the broker
-/// read a pull's records while the client waited, then the client decoded them while the
-/// broker waited: `orbitmq bench consume` of 300k messages went from 118k-121k msgs/s to
-/// 166k-183k with four and 255k-257k with eight (one per queue of a default topic).
-pub const LITE_PULLS_PER_ENDPOINT: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -51,7 +44,7 @@ struct State {
     mode: Mode,
     subs: BTreeMap<String, Arc<SubExpr>>,
     queues: BTreeMap<MessageQueue, LiteQueue>,
-    /// Pulls in flight, by `endpoint#group.chunk`, with the queues each covers.
+    /// Pulls in flight, by `endpoint#lane.chunk`, with the queues each covers.
     inflight: HashMap<String, (AbortHandle, Vec<MessageQueue>)>,
     /// Pulls (`endpoint#chunk`) that failed, and when to try them again.
     backoff: HashMap<String, Instant>,
@@ -99,20 +92,18 @@ impl Drop for Inner {
     }
 }
 
-/// Splits one endpoint's queues (in their order) into the pulls to keep in flight there: up
-/// to [`LITE_PULLS_PER_ENDPOINT`] groups, queue i in group i mod groups, each group in pulls
-/// of at most [`MAX_PULL_QUEUES`] queues. Keyed `endpoint#group.chunk`, stable while the
-/// queues are.
+/// Splits one endpoint's queues into the pulls to keep in flight there: one per lane
+/// ([`pull_lane`]), in pulls of at most [`MAX_PULL_QUEUES`] queues. Keyed
+/// `endpoint#lane.chunk`.
 fn pull_groups(endpoint: &str, targets: Vec<PullTarget>) -> Vec<(String, Vec<PullTarget>)> {
-    let groups = targets.len().clamp(1, LITE_PULLS_PER_ENDPOINT);
-    let mut by_group: Vec<Vec<PullTarget>> = (0..groups).map(|_| Vec::new()).collect();
-    for (i, t) in targets.into_iter().enumerate() {
-        by_group[i % groups].push(t);
+    let mut lanes: BTreeMap<u32, Vec<PullTarget>> = BTreeMap::new();
+    for t in targets {
+        lanes.entry(pull_lane(&t.queue.mq)).or_default().push(t);
     }
     let mut out = Vec::new();
-    for (g, group) in by_group.into_iter().enumerate() {
-        for (c, chunk) in group.chunks(MAX_PULL_QUEUES).enumerate() {
-            out.push((format!("{endpoint}#{g}.{c}"), chunk.to_vec()));
+    for (lane, queues) in lanes {
+        for (c, chunk) in queues.chunks(MAX_PULL_QUEUES).enumerate() {
+            out.push((format!("{endpoint}#{lane}.{c}"), chunk.to_vec()));
         }
     }
     out
@@ -464,7 +455,7 @@ impl LitePullConsumer {
         let now = Instant::now();
         let suspend = deadline.saturating_duration_since(now);
         let mut s = self.state();
-        // A queue is in one pull at a time, even if the queues moved between groups.
+        // A queue is in one pull at a time, even if it moved to another chunk of its lane.
         let busy: BTreeSet<MessageQueue> = s
             .inflight
             .values()
@@ -786,6 +777,7 @@ fn apply_reset(inner: &Inner, notice: &orbitmq_proto::header::ResetOffsetNotice)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumer::PULL_LANES_PER_ENDPOINT;
 
     fn targets(n: u32) -> Vec<PullTarget> {
         let all = Arc::new(SubExpr::parse("*").unwrap());
@@ -829,11 +821,11 @@ mod tests {
     }
 
     #[test]
-    fn many_queues_are_dealt_round_robin_into_the_groups() {
-        let n = (LITE_PULLS_PER_ENDPOINT * 2 + 1) as u32;
+    fn many_queues_are_dealt_into_lanes_by_queue_id() {
+        let n = PULL_LANES_PER_ENDPOINT * 2 + 1;
         let pulls = ids(&pull_groups("e", targets(n)));
-        assert_eq!(pulls.len(), LITE_PULLS_PER_ENDPOINT);
-        let step = LITE_PULLS_PER_ENDPOINT as u32;
+        assert_eq!(pulls.len(), PULL_LANES_PER_ENDPOINT as usize);
+        let step = PULL_LANES_PER_ENDPOINT;
         assert_eq!(pulls[0], ("e#0.0".to_string(), vec![0, step, 2 * step]));
         assert_eq!(pulls[1], ("e#1.0".to_string(), vec![1, step + 1]));
         // Every queue is in exactly one pull, with its own offset.
@@ -844,9 +836,9 @@ mod tests {
 
     #[test]
     fn a_group_over_the_queue_bound_is_split_into_chunks() {
-        let n = (LITE_PULLS_PER_ENDPOINT * (MAX_PULL_QUEUES + 1)) as u32;
+        let n = (PULL_LANES_PER_ENDPOINT as usize * (MAX_PULL_QUEUES + 1)) as u32;
         let pulls = pull_groups("e", targets(n));
-        assert_eq!(pulls.len(), 2 * LITE_PULLS_PER_ENDPOINT);
+        assert_eq!(pulls.len(), 2 * PULL_LANES_PER_ENDPOINT as usize);
         assert!(pulls.iter().all(|(_, p)| p.len() <= MAX_PULL_QUEUES));
         assert_eq!(pulls[0].0, "e#0.0");
         assert_eq!(pulls[1].0, "e#0.1");
