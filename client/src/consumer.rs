@@ -22,7 +22,8 @@ pub const DEFAULT_PULL_BATCH_SIZE: u32 = 32;
 /// waited: `orbitmq bench consume` of 300k messages went from 118k-121k msgs/s to 166k-183k
 /// with four and 255k-257k with eight (one per queue of a default topic). The push consumer
 /// keeps one pull loop per endpoint: its pulls already overlap the listener's work, and a loop
-/// per lane halved its rate (every finished message woke all eight loops' flow control).
+/// per lane halved its rate with `consume_batch_size` 1, where the per-call dispatch is the
+/// limit (README, Performance).
 pub const PULL_LANES_PER_ENDPOINT: u32 = 8;
 
 /// The lane of its endpoint a queue is pulled in: by queue id, so a queue keeps its lane
