@@ -41,8 +41,21 @@ use tempfile::TempDir;
 /// The topics of the shared broker, 8 queues each. Auto-creation is off: any other topic
 /// does not exist.
 const TOPICS: &[&str] = &[
-    "Spread", "Tags", "Batch", "Ordered", "OneWay", "Callback", "Errors", "Shards", "PushAll",
-    "Tls", "Failover", "Edge", "Big", "Budget",
+    "Spread",
+    "Tags",
+    "Batch",
+    "Ordered",
+    "OneWay",
+    "Callback",
+    "Errors",
+    "Shards",
+    "PushAll",
+    "Tls",
+    "Failover",
+    "Edge",
+    "Big",
+    "Budget",
+    "PushThreads",
 ];
 const QUEUES: u32 = 8;
 
@@ -629,6 +642,53 @@ async fn wrong_shard_answers_name_the_owner() {
         .unwrap();
     assert_eq!(r[0].status, PullStatus::WrongShard);
     c.shutdown().await;
+}
+
+/// A concurrent listener is called from `consume_threads` threads at once, no more, and every
+/// message gets one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_consumer_calls_its_listener_from_consume_threads_at_once() {
+    const N: usize = 24;
+    const THREADS: usize = 3;
+    let s = shared();
+    let b = &s.broker;
+    let p = Producer::new("push-threads-pg", b.config()).await.unwrap();
+    for i in 0..N {
+        p.send(Message::new("PushThreads", format!("t{i}")))
+            .await
+            .unwrap();
+    }
+    let mut opts = from_first();
+    opts.consume_threads = THREADS;
+    let c = PushConsumer::with_options("push-threads", b.config(), opts)
+        .await
+        .unwrap();
+    c.subscribe("PushThreads", "*").await.unwrap();
+    let now = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let seen: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+    {
+        let (now, most, seen) = (now.clone(), most.clone(), seen.clone());
+        c.register_listener(move |msgs| {
+            let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(n, Ordering::SeqCst);
+            // Long enough that the other threads' calls overlap this one.
+            std::thread::sleep(Duration::from_millis(200));
+            for m in msgs {
+                let body = String::from_utf8(m.body.to_vec()).unwrap();
+                *seen.lock().unwrap().entry(body).or_default() += 1;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            ConsumeStatus::ConsumeSuccess
+        });
+    }
+    c.start().await.unwrap();
+    wait_until("every message consumed", || seen.lock().unwrap().len() == N).await;
+    c.shutdown().await.unwrap();
+    assert_eq!(most.load(Ordering::SeqCst), THREADS);
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.values().all(|&n| n == 1), "{seen:?}");
+    p.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,15 +15,13 @@ use crate::route::MessageQueue;
 /// RocketMQ's `pullBatchSize`: messages one pull asks for per queue.
 pub const DEFAULT_PULL_BATCH_SIZE: u32 = 32;
 
-/// Pulls a lite pull consumer keeps in flight to one broker endpoint (shard) at most: its
-/// queues there are split into this many lanes by queue id ([`pull_lane`]), each pulled on its
-/// own (RocketMQ keeps a pull per queue). With one pull for all of them, the broker read a
-/// pull's records while the client waited, then the client decoded them while the broker
-/// waited: `orbitmq bench consume` of 300k messages went from 118k-121k msgs/s to 166k-183k
-/// with four and 255k-257k with eight (one per queue of a default topic). The push consumer
-/// keeps one pull loop per endpoint: its pulls already overlap the listener's work, and a loop
-/// per lane halved its rate with `consume_batch_size` 1, where the per-call dispatch is the
-/// limit (README, Performance).
+/// Pulls a consumer keeps in flight to one broker endpoint (shard) at most: its queues there
+/// are split into this many lanes by queue id ([`pull_lane`]), each pulled on its own (the
+/// lite consumer's pulls, the push consumer's pull loops; RocketMQ keeps a pull per queue).
+/// With one pull for all of them, the broker read a pull's records while the client waited,
+/// then the client decoded them while the broker waited: `orbitmq bench consume` of 300k
+/// messages went from 118k-121k msgs/s to 166k-183k with four and 255k-257k with eight (one
+/// per queue of a default topic).
 pub const PULL_LANES_PER_ENDPOINT: u32 = 8;
 
 /// The lane of its endpoint a queue is pulled in: by queue id, so a queue keeps its lane
