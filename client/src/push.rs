@@ -74,6 +74,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     /// The concurrent listener's threads, from `start`.
     pool: std::sync::OnceLock<ListenerPool>,
+    /// The pool's watchdog ([`watch_calls`]): stopped after shutdown's wait for the calls.
+    watchdog: Mutex<Option<JoinHandle<()>>>,
     /// Listener work alive: calls queued for or running on the listener threads (until the
     /// call returns or the watchdog takes its batch), batches being sent back or waiting to be
     /// consumed again, and the orderly path's calls.
@@ -157,6 +159,7 @@ impl PushConsumer {
                 background: Mutex::new(Vec::new()),
                 permits,
                 pool: std::sync::OnceLock::new(),
+                watchdog: Mutex::new(None),
                 resyncing: tokio::sync::Mutex::new(()),
                 active: AtomicUsize::new(0),
                 idle: Notify::new(),
@@ -423,6 +426,10 @@ impl PushConsumer {
             tracing::warn!(group = %self.inner.group,
                 "listener calls still running at shutdown; their messages stay uncommitted");
         }
+        // Stopped only now: a call past its timeout during the wait above was sent back.
+        if let Some(w) = self.inner.watchdog.lock().expect("watchdog lock").take() {
+            w.abort();
+        }
         let res = if was_running {
             commit_all(&self.inner).await
         } else {
@@ -456,6 +463,9 @@ impl Drop for PushConsumer {
             for h in b.drain(..) {
                 h.abort();
             }
+        }
+        if let Some(w) = self.inner.watchdog.lock().ok().and_then(|mut w| w.take()) {
+            w.abort();
         }
     }
 }
@@ -888,7 +898,11 @@ fn start_listener_pool(inner: &Arc<Inner>) -> Result<()> {
             .name(format!("consume-{i}"))
             .spawn(move || {
                 while let Ok(call) = rx.recv() {
-                    run_call(&weak, call);
+                    // The listener's panics are caught inside; this keeps the thread for
+                    // the next call should anything else in a call panic.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_call(&weak, call)
+                    }));
                 }
             })
             .map_err(|e| ClientError::InvalidArgument(format!("listener thread: {e}")))?;
@@ -902,17 +916,16 @@ fn start_listener_pool(inner: &Arc<Inner>) -> Result<()> {
         return Err(ClientError::InvalidArgument("already started".into()));
     }
     let watchdog = tokio::spawn(watch_calls(inner.clone()));
-    inner
-        .background
-        .lock()
-        .expect("background lock")
-        .push(watchdog);
+    *inner.watchdog.lock().expect("watchdog lock") = Some(watchdog);
     Ok(())
 }
 
 /// Hands a batch (all of one queue) to the listener threads.
 fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64) {
-    let Some(pool) = inner.pool.get() else { return };
+    let Some(pool) = inner.pool.get() else {
+        debug_assert!(false, "a concurrent consumer delivers only once started");
+        return;
+    };
     inner.active.fetch_add(1, Ordering::AcqRel);
     if pool.tx.send(Call { batch, epoch }).is_err() {
         // No thread left (the consumer is going away): the batch stays uncommitted.
