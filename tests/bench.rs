@@ -205,6 +205,27 @@ fn bench_producers_with_requests_in_flight_send_exactly_the_requested_messages()
     assert!(stderr.contains("--inflight must be 1..=1024"), "{stderr}");
 }
 
+/// `bench consume` reads back exactly what it sent first, with lite pull consumers and with
+/// push consumers.
+#[test]
+fn bench_consume_reads_back_every_message_with_either_consumer() {
+    for (push, kind) in [(false, "lite pull"), (true, "push")] {
+        let mut args = vec!["consume", "--messages", "3000", "--size", "100", "--json"];
+        if push {
+            args.push("--push");
+        }
+        let (status, stdout, stderr) = collect(spawn_bench(&args), BENCH_TIMEOUT);
+        let v = last_json(&stdout, &stderr);
+        assert!(status.success(), "exit {status}; stderr:\n{stderr}");
+        assert_eq!(v["kind"], "consume", "{v}");
+        assert_eq!(v["messages"], 3000, "{v}");
+        assert_eq!(v["bytes"], 3000 * 100, "{v}");
+        assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+        assert_eq!(v["stopped"], serde_json::Value::Null, "{v}");
+        assert_eq!(v["settings"]["consumer"], kind, "{v}");
+    }
+}
+
 /// Sum of the max offsets of the topic's queues: messages the broker stored.
 fn stored(rt: &tokio::runtime::Runtime, config: ClientConfig) -> u64 {
     rt.block_on(async move {

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orbitmq_client::{
-    ClientConfig, ConsumeFromWhere, ConsumerOptions, LitePullConsumer, MessageExt, MessageQueue,
+    ClientConfig, ConsumeFromWhere, ConsumeStatus, ConsumerOptions, LitePullConsumer, MessageExt,
+    MessageQueue, PushConsumer,
 };
 use orbitmq_proto::limits::MAX_PULL_MESSAGES;
 use tokio::time::Instant;
@@ -15,6 +16,11 @@ use super::{
     error_code, now_us, BenchError, ConsumeArgs, FromWhere, Live, Progress, Report,
     MAX_CONSECUTIVE_FAILURES, PREFILL_BATCH, PREFILL_PRODUCERS, SHUTDOWN_TIMEOUT,
 };
+
+/// `bench consume`'s default group.
+pub const DEFAULT_GROUP: &str = "bench-consumer";
+/// How often a push run looks at the count its listeners keep.
+pub const PUSH_CHECK_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Messages one pull asks for per queue: more than the client's default (32) so a pull
 /// of a shard's queues carries a few hundred KiB, fewer round trips per message.
@@ -241,6 +247,74 @@ where
     end - start
 }
 
+/// Push consumers of the plan's topic whose listeners count what they get, until
+/// `plan.messages` arrived, the deadline, or [`IDLE_TIMEOUT`] without a message. Returns the
+/// time from their start to the last message.
+async fn run_push(
+    plan: &Plan,
+    config: ClientConfig,
+    live: Arc<Live>,
+) -> Result<Duration, BenchError> {
+    let options = ConsumerOptions {
+        consume_from_where: match plan.from {
+            FromWhere::First => ConsumeFromWhere::FirstOffset,
+            FromWhere::Last => ConsumeFromWhere::LastOffset,
+        },
+        pull_batch_size: plan.pull_batch,
+        ..ConsumerOptions::default()
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let mut consumers = Vec::with_capacity(plan.consumers as usize);
+    for _ in 0..plan.consumers {
+        let c = PushConsumer::with_options(&plan.group, config.clone(), options.clone()).await?;
+        c.subscribe(&plan.topic, "*").await?;
+        let (live, received) = (live.clone(), received.clone());
+        c.register_listener(move |msgs| {
+            let bytes = msgs.iter().map(|m| m.body.len() as u64).sum();
+            live.stats().record_messages(msgs.len() as u64, bytes);
+            received.fetch_add(msgs.len() as u64, Ordering::AcqRel);
+            ConsumeStatus::ConsumeSuccess
+        });
+        consumers.push(c);
+    }
+    let start = Instant::now();
+    for c in &consumers {
+        c.start().await?;
+    }
+    let (mut seen, mut last) = (0, start);
+    loop {
+        tokio::time::sleep(PUSH_CHECK_INTERVAL).await;
+        let got = received.load(Ordering::Acquire);
+        let now = Instant::now();
+        if got != seen {
+            (seen, last) = (got, now);
+        }
+        if got >= plan.messages || live.is_done() {
+            break;
+        }
+        if now >= plan.deadline {
+            live.stop("the run reached its --deadline".into());
+            break;
+        }
+        if now - last >= IDLE_TIMEOUT {
+            live.stop(format!(
+                "no message for {IDLE_TIMEOUT:?}: {got} of {} received",
+                plan.messages
+            ));
+            break;
+        }
+    }
+    for c in consumers {
+        if tokio::time::timeout(SHUTDOWN_TIMEOUT, c.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("push consumer shutdown timed out");
+        }
+    }
+    Ok(last - start)
+}
+
 /// `orbitmq bench consume`. On an embedded broker (`prefill`) it first sends the messages
 /// it will read.
 pub async fn run(
@@ -249,9 +323,14 @@ pub async fn run(
     deadline: Instant,
     prefill: bool,
 ) -> Result<Report, BenchError> {
+    let group = if a.push && a.group == DEFAULT_GROUP {
+        format!("bench-push-{}", now_us())
+    } else {
+        a.group.clone()
+    };
     let plan = Plan {
         topic: a.common.topic.clone(),
-        group: a.group.clone(),
+        group,
         messages: a.messages,
         consumers: a.consumers,
         from: a.from,
@@ -293,20 +372,33 @@ pub async fn run(
         }
     }
     let live = Live::new();
-    let ready = prepare(&plan, config).await?;
-    let queues = ready.queues;
-    let progress = Progress::start("consume", live.clone());
-    let elapsed = run_consumers(ready, &plan, live.clone(), |_| false).await;
-    drop(progress);
+    let (elapsed, queues, latency_of) = if a.push {
+        let progress = Progress::start("consume", live.clone());
+        let elapsed = run_push(&plan, config, live.clone()).await?;
+        drop(progress);
+        (elapsed, "all".to_string(), "not measured (push listener)")
+    } else {
+        let ready = prepare(&plan, config).await?;
+        let queues = ready.queues;
+        let progress = Progress::start("consume", live.clone());
+        let elapsed = run_consumers(ready, &plan, live.clone(), |_| false).await;
+        drop(progress);
+        (
+            elapsed,
+            queues.to_string(),
+            "per poll that returned messages",
+        )
+    };
     let stats = live.stats().clone();
     let mut r = Report::new("consume", plan.messages, &stats, elapsed);
-    r.latency_of = "per poll that returned messages".into();
+    r.latency_of = latency_of.into();
     r.stopped = live.stopped();
     r.settings = vec![
         ("topic", plan.topic.clone()),
         ("group", plan.group.clone()),
+        ("consumer", if a.push { "push" } else { "lite pull" }.into()),
         ("consumers", plan.consumers.to_string()),
-        ("queues", queues.to_string()),
+        ("queues", queues),
         ("pull_batch", plan.pull_batch.to_string()),
         (
             "from",

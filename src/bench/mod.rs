@@ -184,15 +184,20 @@ pub struct ProduceArgs {
 pub struct ConsumeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Consumer group (positions are not committed, so runs repeat).
-    #[arg(long, default_value = "bench-consumer")]
+    /// Consumer group (lite pull consumers commit nothing, so runs repeat; push consumers
+    /// commit, so with this default each `--push` run takes a group of its own).
+    #[arg(long, default_value = consume::DEFAULT_GROUP)]
     pub group: String,
     /// Messages to receive in all.
     #[arg(long, default_value_t = DEFAULT_MESSAGES)]
     pub messages: u64,
-    /// Lite pull consumers, each with its own client; the queues are split among them.
+    /// Consumers, each with its own client; the queues are split among them.
     #[arg(long, default_value_t = 1)]
     pub consumers: u32,
+    /// Push consumers (a concurrent listener that counts what it gets, one message a call as
+    /// RocketMQ's default) instead of lite pull consumers.
+    #[arg(long)]
+    pub push: bool,
     /// Where a queue starts when the group has no committed offset.
     #[arg(long, value_enum, default_value_t = FromWhere::First)]
     pub from: FromWhere,
