@@ -29,6 +29,7 @@ pub const PULL_LANES_PER_ENDPOINT: u32 = 8;
 pub fn pull_lane(mq: &MessageQueue) -> u32 {
     mq.queue_id % PULL_LANES_PER_ENDPOINT
 }
+
 /// Bytes one pull response may carry.
 pub const DEFAULT_PULL_MAX_BYTES: u32 = 4 * 1024 * 1024;
 /// How long the broker holds a pull with nothing to return (RocketMQ: 15 s).

@@ -46,7 +46,7 @@ struct State {
     queues: BTreeMap<MessageQueue, LiteQueue>,
     /// Pulls in flight, by `endpoint#lane.chunk`, with the queues each covers.
     inflight: HashMap<String, (AbortHandle, Vec<MessageQueue>)>,
-    /// Pulls (`endpoint#chunk`) that failed, and when to try them again.
+    /// Pulls (`endpoint#lane.chunk`) that failed, and when to try them again.
     backoff: HashMap<String, Instant>,
     last_commit: Instant,
     /// When the subscribed topics were last rebalanced (`None`: never).

@@ -401,10 +401,7 @@ fn kick(inner: &Arc<Inner>, mq: &MessageQueue, oq: &Arc<OrderlyQueue>) {
         }
         s.task = true;
     }
-    inner
-        .active
-        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let guard = ActiveGuard(inner.clone());
+    let guard = ActiveGuard::enter(inner);
     tokio::spawn(consume_queue(inner.clone(), mq.clone(), oq.clone(), guard));
 }
 

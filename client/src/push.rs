@@ -109,6 +109,14 @@ pub struct PushConsumer {
 /// Counts a consume task as alive until dropped.
 struct ActiveGuard(Arc<Inner>);
 
+impl ActiveGuard {
+    /// Counts one more piece of listener work, until the guard is dropped.
+    fn enter(inner: &Arc<Inner>) -> ActiveGuard {
+        inner.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(inner.clone())
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -935,8 +943,7 @@ fn spawn_consume(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64) {
 
 /// Hands a batch to the listener threads after `delay` (a local redelivery).
 fn consume_later(inner: &Arc<Inner>, batch: Vec<MessageExt>, epoch: u64, delay: Duration) {
-    inner.active.fetch_add(1, Ordering::AcqRel);
-    let guard = ActiveGuard(inner.clone());
+    let guard = ActiveGuard::enter(inner);
     let inner = inner.clone();
     tokio::spawn(async move {
         let _guard = guard;
@@ -1055,8 +1062,7 @@ fn spawn_reconsume(
     epoch: u64,
     batch: Vec<MessageExt>,
 ) {
-    inner.active.fetch_add(1, Ordering::AcqRel);
-    let guard = ActiveGuard(inner.clone());
+    let guard = ActiveGuard::enter(inner);
     pool.runtime
         .spawn(reconsume(inner.clone(), mq, epoch, batch, guard));
 }

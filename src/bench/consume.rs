@@ -55,6 +55,28 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Where a queue starts when the group has no committed offset.
+    fn consume_from(&self) -> ConsumeFromWhere {
+        match self.from {
+            FromWhere::First => ConsumeFromWhere::FirstOffset,
+            FromWhere::Last => ConsumeFromWhere::LastOffset,
+        }
+    }
+
+    /// Why a run stops early at `now`, `idle` after its last message with `got` received:
+    /// the deadline, or [`IDLE_TIMEOUT`] without a message.
+    fn time_up(&self, now: Instant, idle: Duration, got: u64) -> Option<String> {
+        if now >= self.deadline {
+            return Some("the run reached its --deadline".into());
+        }
+        (idle >= IDLE_TIMEOUT).then(|| {
+            format!(
+                "no message for {IDLE_TIMEOUT:?}: {got} of {} received",
+                self.messages
+            )
+        })
+    }
+
     pub fn check(&self) -> Result<(), BenchError> {
         if self.consumers == 0 {
             return Err(BenchError::Invalid("--consumers must be at least 1".into()));
@@ -79,10 +101,7 @@ pub struct Ready {
 pub async fn prepare(plan: &Plan, config: ClientConfig) -> Result<Ready, BenchError> {
     plan.check()?;
     let options = ConsumerOptions {
-        consume_from_where: match plan.from {
-            FromWhere::First => ConsumeFromWhere::FirstOffset,
-            FromWhere::Last => ConsumeFromWhere::LastOffset,
-        },
+        consume_from_where: plan.consume_from(),
         pull_batch_size: plan.pull_batch,
         // Runs must repeat: the bench never moves the group's committed offsets.
         auto_commit: false,
@@ -186,18 +205,11 @@ where
                     break;
                 }
                 let now = Instant::now();
-                if now >= plan.deadline {
-                    live.stop("the run reached its --deadline".into());
-                    break;
-                }
                 let idle = (now - start).saturating_sub(Duration::from_millis(
                     last_ms.load(Ordering::Acquire),
                 ));
-                if idle >= IDLE_TIMEOUT {
-                    live.stop(format!(
-                        "no message for {IDLE_TIMEOUT:?}: {got} of {} received",
-                        plan.messages
-                    ));
+                if let Some(why) = plan.time_up(now, idle, got) {
+                    live.stop(why);
                     break;
                 }
                 let t0 = Instant::now();
@@ -256,10 +268,7 @@ async fn run_push(
     live: Arc<Live>,
 ) -> Result<Duration, BenchError> {
     let options = ConsumerOptions {
-        consume_from_where: match plan.from {
-            FromWhere::First => ConsumeFromWhere::FirstOffset,
-            FromWhere::Last => ConsumeFromWhere::LastOffset,
-        },
+        consume_from_where: plan.consume_from(),
         pull_batch_size: plan.pull_batch,
         ..ConsumerOptions::default()
     };
@@ -292,15 +301,8 @@ async fn run_push(
         if got >= plan.messages || live.is_done() {
             break;
         }
-        if now >= plan.deadline {
-            live.stop("the run reached its --deadline".into());
-            break;
-        }
-        if now - last >= IDLE_TIMEOUT {
-            live.stop(format!(
-                "no message for {IDLE_TIMEOUT:?}: {got} of {} received",
-                plan.messages
-            ));
+        if let Some(why) = plan.time_up(now, now - last, got) {
+            live.stop(why);
             break;
         }
     }
